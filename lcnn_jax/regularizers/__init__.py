@@ -1,0 +1,38 @@
+"""Training-time regularizers: pure ``(init, loss)`` pairs added to the cross-entropy.
+
+See :mod:`lcnn_jax.regularizers.base` for the interface. Build one by name with :func:`make_regularizer`
+(what the config's ``regularizers`` section does), or call a constructor directly.
+"""
+from __future__ import annotations
+
+import importlib
+
+from lcnn_jax.regularizers.base import Regularizer, empty_state
+
+# name -> "module:constructor"; imported lazily so a config error never pays for every import.
+REGULARIZERS = {
+    "datagrad": "lcnn_jax.regularizers.gradient:datagrad",
+    "jacreg": "lcnn_jax.regularizers.gradient:jacreg",
+    "spectreg": "lcnn_jax.regularizers.gradient:spectreg",
+    "confidence_penalty": "lcnn_jax.regularizers.gradient:confidence_penalty",
+    "derivative": "lcnn_jax.regularizers.derivative:derivative",
+    "weight_l2": "lcnn_jax.regularizers.weight:weight_l2",
+}
+
+
+def make_regularizer(name: str, dataset_info=None, **kwargs) -> Regularizer:
+    """Construct a regularizer by name. ``dataset_info`` supplies data-derived arguments: the derivative
+    penalty's ``resolution`` (the data's intensity quantum) unless given explicitly."""
+    if name not in REGULARIZERS:
+        raise ValueError(f"Unknown regularizer {name!r}; choose among {sorted(REGULARIZERS)}.")
+    module, _, attr = REGULARIZERS[name].partition(":")
+    ctor = getattr(importlib.import_module(module), attr)
+    if name == "derivative" and "resolution" not in kwargs and dataset_info is not None:
+        kwargs["resolution"] = dataset_info.resolution
+    try:
+        return ctor(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"Bad arguments for regularizer {name!r}: {e}") from e
+
+
+__all__ = ["Regularizer", "REGULARIZERS", "empty_state", "make_regularizer"]

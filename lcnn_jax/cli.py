@@ -1,0 +1,83 @@
+"""The ``lcnn-jax`` command: a thin layer over the library (nothing in the library reads flags).
+
+    lcnn-jax train --config experiments/configs/quickstart.py --workdir runs/quickstart [--config.a.b=value ...]
+
+Exit codes: 0 success; 2 bad usage, config or dataset (one-paragraph message, no traceback); 3 training diverged.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--config.a.b=value`` (or ``--config.a.b value``) overrides from ordinary arguments."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise SystemExit(_usage_error(f"{arg} needs a value (--config.key=value)."))
+                body, i = f"{body}={argv[i + 1]}", i + 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _usage_error(message: str) -> int:
+    print(f"lcnn-jax: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lcnn-jax", description="Smoothness regularizers and measures in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model from a config file",
+                       epilog="Override any config key with --config.KEY=VALUE, e.g. --config.train.num_epochs=2")
+    t.add_argument("--config", required=True, help="Python file with get_config() (optionally path.py:arg)")
+    t.add_argument("--workdir", required=True, help="directory for checkpoints, metrics log and results")
+    return p
+
+
+def _load(args, overrides):
+    from lcnn_jax.configs import apply_overrides, load_config
+
+    return apply_overrides(load_config(args.config), overrides)
+
+
+def _summary(results: dict, workdir: str) -> str:
+    return (f"done: {results['steps']} steps in {results['wall_time_s']:.1f} s on {results['num_devices']} "
+            f"{results['devices']} device(s)\n"
+            f"  train accuracy {results['train_accuracy']:.4f}  loss {results['train_loss']:.4f}\n"
+            f"  test  accuracy {results['test_accuracy']:.4f}  loss {results['test_loss']:.4f}\n"
+            f"  results: {workdir}/results.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+
+    from lcnn_jax.data import DatasetError
+    from lcnn_jax.training import ConfigError, TrainingDiverged
+
+    try:
+        if args.command == "train":
+            from lcnn_jax.training import fit
+
+            results = fit(_load(args, overrides), args.workdir)
+            print(_summary(results, args.workdir))
+    except (ConfigError, DatasetError) as e:
+        return _usage_error(str(e))
+    except TrainingDiverged as e:
+        print(f"lcnn-jax: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Configs as data: the default training config, loading ``get_config()`` files, ``--config.a.b=value``
+overrides, and validation with messages that name the key and the fix.
+
+An experiment config file defines ``get_config(arg=None)`` returning an ``ml_collections.ConfigDict``,
+usually :func:`default_config` with a few fields changed (the big_vision / Flax-examples convention)::
+
+    # experiments/configs/my_run.py
+    from lcnn_jax.configs import default_config
+
+    def get_config(arg=None):
+        config = default_config()
+        config.model.name = "lenet"
+        return config
+
+A file can take an argument after a colon: ``--config experiments/configs/ablate.py:datagrad``.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+from lcnn_jax.training import ConfigError
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the training loop reads, with its default. See the README for what each one means."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(
+        name="mnist5k",  # mnist5k | mnist | fashion_mnist | cifar10 | cifar100
+        data_dir=ml_collections.FieldReference(None, field_type=str),
+        download=False,  # let TFDS download + prepare (needs network and the tfds-prepare extra)
+        augment=False,  # random crop (pad 4) + horizontal flip, for CIFAR
+        train_size=ml_collections.FieldReference(None, field_type=int),  # stratified subset of the train split
+        subset_seed=0,
+    ))
+    c.model = ml_collections.ConfigDict(dict(name="small_cnn", kwargs=ml_collections.ConfigDict()))
+    c.optim = ml_collections.ConfigDict(dict(
+        name="sgd", learning_rate=0.05, momentum=0.9, nesterov=False, weight_decay=0.0,
+        wd_exclude=("log_beta", "log_gamma"),
+        schedule="cosine", boundaries=(0.75, 0.875), decay_factor=0.1, warmup_steps=0,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=64,
+        num_epochs=10,
+        num_steps=ml_collections.FieldReference(None, field_type=int),  # overrides num_epochs when set
+        log_every=50,
+        eval_every=0,  # 0: evaluate only at the end
+        eval_batch_size=500,
+        checkpoint_every=500,
+        keep_checkpoints=2,
+        progress=True,
+    ))
+    # name -> kwargs of lcnn_jax.regularizers.make_regularizer, e.g. {"datagrad": {"coeff": 1e-3}}
+    c.regularizers = ml_collections.ConfigDict()
+    return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load ``get_config()`` from a Python file; ``"path.py:arg"`` passes ``arg`` to it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {path!r} not found. Pass a Python file that defines get_config(), "
+                          f"e.g. --config experiments/configs/quickstart.py")
+    mod_spec = importlib.util.spec_from_file_location(f"_lcnn_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file is a user error, not a crash
+        raise ConfigError(f"Could not execute config file {path!r}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"Config file {path!r} defines no get_config() function.")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as `sgd`
+
+
+OPEN_SECTIONS = ("regularizers", "model.kwargs")  # free-form dictionaries: new keys are allowed there
+
+
+def _is_open(path: str) -> bool:
+    return any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Apply ``["a.b=value", ...]`` in place. Values are Python literals (``0.1``, ``(64, 64)``, ``None``,
+    ``{'coeff': 0.01}``) or bare strings. An unknown key or a value of the wrong type raises ConfigError,
+    except inside ``regularizers`` and ``model.kwargs``, which are open dictionaries."""
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"Override {item!r} is not of the form key=value "
+                              f"(e.g. --config.optim.learning_rate=0.1).")
+        value = _parse_value(text)
+        parts = key.split(".")
+        node = config
+        for i, name in enumerate(parts):
+            here = ".".join(parts[:i + 1])
+            if name not in node and not _is_open(here):
+                raise ConfigError(f"Unknown config key {key!r}: {here!r} does not exist. "
+                                  f"Known keys there: {sorted(node.keys())}.")
+            if i == len(parts) - 1:
+                break
+            if name not in node:
+                node[name] = ml_collections.ConfigDict()
+            node = node[name]
+        try:
+            node[parts[-1]] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"Bad value for {key!r}: {text!r} ({e}).") from e
+    return config
+
+
+def validate_config(config) -> None:
+    """Raise ConfigError naming every problem found in ``config`` (before any data is loaded)."""
+    from lcnn_jax import data as data_lib
+    from lcnn_jax import regularizers as regs
+    from lcnn_jax.nn import MODELS
+
+    problems = []
+    if config.data.name not in data_lib.DATASETS:
+        problems.append(f"data.name={config.data.name!r} is unknown; choose one of {list(data_lib.DATASETS)}.")
+    if config.model.name not in MODELS:
+        problems.append(f"model.name={config.model.name!r} is unknown; choose one of {list(MODELS)}.")
+    t, o = config.train, config.optim
+    if not isinstance(t.batch_size, int) or t.batch_size <= 0:
+        problems.append(f"train.batch_size={t.batch_size!r} must be a positive integer.")
+    if not t.get("num_steps") and (not isinstance(t.num_epochs, int) or t.num_epochs <= 0):
+        problems.append(f"train.num_epochs={t.num_epochs!r} must be a positive integer (or set train.num_steps).")
+    if t.get("num_steps") is not None and t.num_steps <= 0:
+        problems.append(f"train.num_steps={t.num_steps!r} must be positive.")
+    for k in ("log_every", "checkpoint_every", "eval_batch_size"):
+        if not isinstance(t.get(k), int) or t.get(k) <= 0:
+            problems.append(f"train.{k}={t.get(k)!r} must be a positive integer.")
+    if not isinstance(o.learning_rate, (int, float)) or not o.learning_rate > 0:
+        problems.append(f"optim.learning_rate={o.learning_rate!r} must be a positive number.")
+    if o.name not in ("sgd", "adam", "adamw"):
+        problems.append(f"optim.name={o.name!r} is unknown; use 'sgd', 'adam' or 'adamw'.")
+    if o.schedule not in ("constant", "piecewise", "cosine"):
+        problems.append(f"optim.schedule={o.schedule!r} is unknown; use 'constant', 'piecewise' or 'cosine'.")
+    if o.get("weight_decay", 0.0) < 0:
+        problems.append(f"optim.weight_decay={o.weight_decay!r} must be >= 0.")
+    for name in (config.get("regularizers") or {}).keys():
+        if name not in regs.REGULARIZERS:
+            problems.append(f"regularizers.{name} is unknown; choose among {sorted(regs.REGULARIZERS)}.")
+    if problems:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

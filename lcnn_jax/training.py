@@ -1,0 +1,552 @@
+"""Training: the train state, a data-parallel jitted step, evaluation, and a resumable fit loop.
+
+The step minimises ``mean CE + sum_r reg_r.loss(...)`` (see :mod:`lcnn_jax.regularizers.base`).
+
+Data parallelism uses ``jax.jit`` over a one-axis :class:`jax.sharding.Mesh` named ``"data"`` with every local
+device: the batch is sharded along its leading axis, the train state is replicated, and XLA inserts the
+gradient all-reduce. The same code runs on one CPU, on ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
+simulated devices, or on 8 GPUs. On several hosts, call :func:`maybe_initialize_distributed` first; each host then
+feeds its own slice of every global batch.
+
+Example::
+
+    from lcnn_jax import training
+    from experiments.configs import quickstart
+    results = training.fit(quickstart.get_config(), workdir="/tmp/run")
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lcnn_jax.regularizers.base import Regularizer
+from lcnn_jax.types import Array, Batch, PRNGKey, PyTree
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainState(train_state.TrainState):
+    """Flax ``TrainState`` plus the non-parameter model collections, regularizer states and a base key.
+
+    Attributes:
+      model_state: every mutable model collection (``batch_stats``, spectral-norm vectors, ...).
+      reg_state: one state per regularizer, in the order of the regularizer list.
+      rng: base key; step ``t`` uses ``jax.random.fold_in(rng, t)`` (so a resumed run draws the same keys).
+      diverged_at: -1, or the first step whose loss was not finite (the state is frozen from then on, so the host
+        can check this flag only at logging time without losing the last good parameters).
+    """
+
+    model_state: PyTree = struct.field(default_factory=dict)
+    reg_state: tuple = ()
+    rng: PRNGKey = None
+    diverged_at: Array = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def weight_decay_mask(params: PyTree, exclude: Sequence[str]) -> PyTree:
+    """True for leaves that get weight decay: those whose path contains none of the names in ``exclude``."""
+    exclude = tuple(exclude)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(name in exclude for name in _path_names(path)), params)
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Learning-rate schedule from ``optim_cfg``: ``constant``, ``piecewise`` or ``cosine`` (+ linear warm-up).
+
+    ``piecewise`` multiplies the rate by ``decay_factor`` at each fraction of training in ``boundaries``
+    (the LCNN recipe: x0.1 at 75 % and 87.5 %).
+    """
+    lr = float(optim_cfg.learning_rate)
+    name = optim_cfg.get("schedule", "constant")
+    warmup = int(optim_cfg.get("warmup_steps", 0))
+    if name == "constant":
+        sched = optax.constant_schedule(lr)
+    elif name == "piecewise":
+        bounds = {int(round(b * total_steps)): float(optim_cfg.get("decay_factor", 0.1))
+                  for b in optim_cfg.get("boundaries", (0.75, 0.875))}
+        sched = optax.piecewise_constant_schedule(lr, bounds)
+    elif name == "cosine":
+        sched = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
+    else:
+        raise ConfigError(f"optim.schedule={name!r} is unknown; use 'constant', 'piecewise' or 'cosine'.")
+    if warmup > 0:
+        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), sched], [warmup])
+    return sched
+
+
+def make_optimizer(optim_cfg, total_steps: int, params: PyTree) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax optimizer described by ``optim_cfg`` (SGD with momentum, Adam, AdamW) and its schedule.
+
+    Weight decay for ``sgd``/``adam`` is the coupled L2 form of PyTorch (``g + wd * theta`` before the update
+    rule), which is what the reference implementations train with; ``adamw`` decouples it. Leaves whose path
+    contains a name in ``optim_cfg.wd_exclude`` (default: LCNN's ``log_beta`` and ``log_gamma``) get no decay.
+    """
+    sched = make_schedule(optim_cfg, total_steps)
+    name = optim_cfg.get("name", "sgd")
+    wd = float(optim_cfg.get("weight_decay", 0.0))
+    mask = weight_decay_mask(params, optim_cfg.get("wd_exclude", ("log_beta", "log_gamma")))
+    if name == "sgd":
+        momentum = float(optim_cfg.get("momentum", 0.9))
+        core = optax.sgd(sched, momentum=momentum or None, nesterov=bool(optim_cfg.get("nesterov", False)))
+    elif name == "adam":
+        core = optax.adam(sched)
+    elif name == "adamw":
+        return optax.adamw(sched, weight_decay=wd, mask=mask), sched
+    else:
+        raise ConfigError(f"optim.name={name!r} is unknown; use 'sgd', 'adam' or 'adamw'.")
+    if wd > 0:
+        core = optax.chain(optax.add_decayed_weights(wd, mask), core)
+    return core, sched
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State, step and evaluation
+
+
+def create_train_state(model, tx: optax.GradientTransformation, regularizers: Sequence[Regularizer],
+                       key: PRNGKey, sample_batch: Batch) -> TrainState:
+    """Initialise model variables, optimizer and regularizer states from one (host-local) sample batch."""
+    k_init, k_reg, k_rng = jax.random.split(key, 3)
+    variables = model.init(k_init, jnp.asarray(sample_batch["image"]), train=False)
+    variables = dict(variables)
+    params = variables.pop("params")
+    reg_keys = jax.random.split(k_reg, max(len(regularizers), 1))
+    reg_state = tuple(r.init(k, params, sample_batch) for r, k in zip(regularizers, reg_keys))
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, model_state=variables,
+                             reg_state=reg_state, rng=k_rng, diverged_at=jnp.asarray(-1, jnp.int32))
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Mean softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model, regularizers: Sequence[Regularizer]) -> Callable[[TrainState, Batch], tuple]:
+    """Return ``step(state, batch) -> (state, metrics)``, pure and jittable (not yet jitted).
+
+    Metrics: ``loss`` (total), ``ce``, ``accuracy``, ``grad_norm`` and every regularizer's own metrics,
+    prefixed by its name. A non-finite loss freezes the state and records the step in ``diverged_at``.
+    """
+    regularizers = tuple(regularizers)
+
+    def loss_fn(params, state: TrainState, batch: Batch, key: PRNGKey):
+        mutable = list(state.model_state.keys())
+        variables = {"params": params, **state.model_state}
+        logits, new_model_state = model.apply(variables, batch["image"], train=True, mutable=mutable)
+        ce = cross_entropy(logits, batch["label"])
+
+        def apply_fn(p, xs):  # the model in training mode; mutated collections are discarded
+            return model.apply({"params": p, **state.model_state}, xs, train=True, mutable=mutable)[0]
+
+        total, metrics, new_reg_state = ce, {"ce": ce}, []
+        for i, (reg, rstate) in enumerate(zip(regularizers, state.reg_state)):
+            value, rstate, rmetrics = reg.loss(params, rstate, batch, jax.random.fold_in(key, i), apply_fn)
+            total = total + value
+            new_reg_state.append(rstate)
+            metrics.update({f"{reg.name}/{k}": v for k, v in rmetrics.items()})
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        metrics.update(accuracy=acc)
+        return total, (dict(new_model_state), tuple(new_reg_state), metrics)
+
+    def step(state: TrainState, batch: Batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, (model_state, reg_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state, batch, key)
+        new_state = state.apply_gradients(grads=grads, model_state=model_state, reg_state=reg_state)
+        ok = jnp.isfinite(loss) & (state.diverged_at < 0)
+        # Freeze on divergence: keep every leaf of the old state except the step counter and the flag.
+        frozen = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        frozen = frozen.replace(step=state.step + 1,
+                                diverged_at=jnp.where(ok | (state.diverged_at >= 0), state.diverged_at, state.step))
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+        return frozen, metrics
+
+    return step
+
+
+def make_eval_step(model) -> Callable[[TrainState, Batch], dict]:
+    """Return ``eval_step(state, batch) -> {"loss_sum", "correct", "count"}`` in eval mode; ``batch["mask"]``
+    (1 for real examples, 0 for padding) lets the last, partial batch be padded to a fixed shape."""
+
+    def eval_step(state: TrainState, batch: Batch):
+        logits = model.apply({"params": state.params, **state.model_state}, batch["image"], train=False)
+        mask = batch["mask"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return {"loss_sum": jnp.sum(ce * mask),
+                "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+                "count": jnp.sum(mask)}
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharding
+
+
+def maybe_initialize_distributed() -> None:
+    """Call ``jax.distributed.initialize()`` when the environment describes a multi-host job.
+
+    Recognised: ``JAX_COORDINATOR_ADDRESS`` (explicit), or a cluster JAX auto-detects (SLURM with several tasks,
+    Cloud TPU pods) when ``LCNN_JAX_DISTRIBUTED=1``. Single-host runs do nothing.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LCNN_JAX_DISTRIBUTED") == "1":
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh ``("data",)`` over ``devices`` (default: all devices of all hosts)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Place a host-local batch (numpy) on the mesh, sharded along the leading axis.
+
+    On several hosts each passes its own slice; the global array is assembled by
+    ``jax.make_array_from_process_local_data``.
+    """
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Place every leaf of ``tree`` on all devices of ``mesh`` (replicated)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def jit_train_step(step_fn, mesh: Mesh):
+    """``jax.jit`` the step with a replicated state (donated) and a batch sharded on the ``data`` axis."""
+    rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(step_fn, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def evaluate(state: TrainState, eval_step, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+             mesh: Mesh) -> dict:
+    """Accuracy and mean cross-entropy over a whole split; the last batch is padded and masked."""
+    n_dev = mesh.devices.size
+    batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for start in range(0, len(images), batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        pad = batch_size - len(x)
+        mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
+        if pad:
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+            y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        out = eval_step(state, shard_batch({"image": x, "label": y, "mask": mask}, mesh))
+        for k in totals:
+            totals[k] += float(out[k])
+    n = max(totals["count"], 1.0)
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n, "count": int(totals["count"])}
+
+
+def jit_eval_step(eval_fn, mesh: Mesh):
+    rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(eval_fn, in_shardings=(rep, dat), out_shardings=rep)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``, so readers never see half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+class MetricsLog:
+    """Append-only JSON-lines log (``metrics.jsonl``); on resume, records after the restored step are dropped
+    so the log of a resumed run reads like the log of an uninterrupted one."""
+
+    def __init__(self, path: str, resume_step: int | None):
+        self.path = path
+        if os.path.exists(path):
+            keep = []
+            if resume_step is not None:
+                with open(path) as fh:
+                    keep = [l for l in fh if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as fh:
+                fh.writelines(keep)
+            os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def read_metrics_log(workdir: str) -> list[dict]:
+    """All records of ``workdir/metrics.jsonl``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        return [json.loads(l) for l in fh if l.strip()]
+
+
+class Checkpointer:
+    """Thin wrapper over an orbax ``CheckpointManager`` in ``workdir/checkpoints`` (synchronous saves, so a
+    checkpoint on disk is complete before training goes on; orbax writes each step to a temporary directory and
+    renames it, so an interruption never leaves a half checkpoint)."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=opts)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState) -> None:
+        self.manager.save(int(step), args=self._ocp.args.StandardSave(state), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, state_like: TrainState, step: int | None = None) -> TrainState:
+        step = self.latest_step() if step is None else step
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state_like)
+        return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fit loop
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train", unit="step")
+
+
+def build_regularizers(reg_cfg, info) -> list[Regularizer]:
+    """Regularizers from ``config.regularizers`` (a dict ``name -> kwargs``), in key order."""
+    from lcnn_jax import regularizers as regs
+
+    out = []
+    for name, kwargs in (reg_cfg or {}).items():
+        kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
+        out.append(regs.make_regularizer(name, dataset_info=info, **kwargs))
+    return out
+
+
+def fit(config, workdir: str) -> dict:
+    """Train the model described by ``config`` and write everything to ``workdir``.
+
+    Files: ``config.json`` (resolved config), ``metrics.jsonl`` (every ``train.log_every`` steps: step, loss,
+    accuracy, grad_norm, learning_rate, wall_time_s, regularizer metrics; and ``eval/...`` records),
+    ``checkpoints/`` (orbax, every ``train.checkpoint_every`` steps and at the end) and ``results.json``.
+
+    Rerunning with the same ``workdir`` resumes from the last checkpoint and ends with the same metrics as an
+    uninterrupted run. Returns the results dict.
+
+    Raises:
+      ConfigError: a bad configuration value (message names the key).
+      lcnn_jax.data.DatasetError: the dataset cannot be found.
+      TrainingDiverged: the loss became non-finite (the last good checkpoint stays in ``workdir``).
+    """
+    from lcnn_jax import data as data_lib
+    from lcnn_jax.configs import validate_config
+
+    t_start = time.time()
+    validate_config(config)
+    maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    dcfg, tcfg = config.data, config.train
+    info = data_lib.dataset_info(dcfg.name)
+    train = data_lib.load_split(dcfg.name, "train", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
+    test = data_lib.load_split(dcfg.name, "test", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
+    if dcfg.get("train_size"):
+        train = data_lib.subset(train, int(dcfg.train_size), seed=int(dcfg.get("subset_seed", 0)))
+
+    mesh = data_mesh()
+    n_proc, pid = jax.process_count(), jax.process_index()
+    batch_size = int(tcfg.batch_size)
+    if batch_size % mesh.devices.size:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {mesh.devices.size} devices; "
+                          f"use a multiple of {mesh.devices.size}.")
+    if batch_size > len(train.images):
+        raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(train.images)} training examples.")
+    local_bs = batch_size // n_proc
+    steps_per_epoch = len(train.images) // batch_size
+    total_steps = int(tcfg.get("num_steps") or int(tcfg.num_epochs) * steps_per_epoch)
+
+    from lcnn_jax.nn import make_model
+
+    model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
+    regularizers = build_regularizers(config.get("regularizers"), info)
+    sample = {"image": train.images[:local_bs], "label": train.labels[:local_bs]}
+    key = jax.random.PRNGKey(int(config.seed))
+    abstract_params = jax.eval_shape(
+        lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), key)["params"]
+    tx, schedule = make_optimizer(config.optim, total_steps, abstract_params)
+    state = create_train_state(model, tx, regularizers, key, sample)
+
+    ckpt = Checkpointer(workdir, max_to_keep=int(tcfg.get("keep_checkpoints", 2)))
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        state = ckpt.restore(state, start_step)
+    state = replicate(state, mesh)
+    start = int(state.step)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start if start_step is not None else None)
+
+    augment = data_lib.augment_cifar if dcfg.get("augment", False) else None
+    step_fn = make_train_step(model, regularizers)
+    if augment is not None:
+        base_step = step_fn
+
+        def step_fn(st, b):  # augmentation inside the compiled step, keyed by the step
+            k = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 10_007)
+            return base_step(st, {**b, "image": augment(k, b["image"])})
+
+    train_step = jit_train_step(step_fn, mesh)
+    eval_step = jit_eval_step(make_eval_step(model), mesh)
+    ev_bs = int(tcfg.get("eval_batch_size", 500))
+
+    def run_eval(st, step):
+        res = {}
+        for name, split in (("train", train), ("test", test)):
+            r = evaluate(st, eval_step, split.images, split.labels, batch_size=ev_bs, mesh=mesh)
+            res.update({f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]})
+        log.write({"step": step, "kind": "eval", **res})
+        return res
+
+    def check_finite(st, step):
+        bad = int(st.diverged_at)
+        if bad >= 0:
+            last = ckpt.latest_step()
+            raise TrainingDiverged(
+                f"The training loss became NaN/inf at step {bad}. Training stopped; the last good checkpoint "
+                f"(step {last}) is kept in {os.path.join(workdir, 'checkpoints')}. Lower optim.learning_rate, "
+                f"the regularizer coefficients, or use gradient clipping, then rerun in a fresh --workdir.")
+
+    log_every = int(tcfg.get("log_every", 50))
+    eval_every = int(tcfg.get("eval_every", 0) or 0)
+    ckpt_every = int(tcfg.get("checkpoint_every", 500))
+    t_train = time.time()
+    elapsed_before = _previous_wall_time(workdir) if start else 0.0
+    bar = _progress(total_steps, start, bool(tcfg.get("progress", True)) and pid == 0)
+    step, metrics = start, None
+    try:
+        for epoch in itertools.count(start // steps_per_epoch):
+            if step >= total_steps:
+                break
+            it = data_lib.batches(train, batch_size, seed=int(config.seed), epoch=epoch, shuffle=True,
+                                  drop_remainder=True)
+            for b in itertools.islice(it, step - epoch * steps_per_epoch, None):
+                local = {k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in b.items()}
+                state, metrics = train_step(state, shard_batch(local, mesh))
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == total_steps:
+                    check_finite(state, step)
+                    rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    rec.update(step=step, epoch=epoch, learning_rate=float(schedule(step - 1)),
+                               wall_time_s=elapsed_before + time.time() - t_train)
+                    log.write(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}")
+                if eval_every and step % eval_every == 0 and step != total_steps:
+                    run_eval(state, step)
+                if step % ckpt_every == 0 or step == total_steps:
+                    check_finite(state, step)
+                    ckpt.save(step, state)
+                if step >= total_steps:
+                    break
+        check_finite(state, step)
+    finally:
+        bar.close()
+        ckpt.close()
+    train_time = elapsed_before + time.time() - t_train
+    final = run_eval(state, step)
+    results = {**final, "steps": step, "epochs": step / steps_per_epoch, "wall_time_s": train_time,
+               "total_time_s": time.time() - t_start, "num_devices": int(mesh.devices.size),
+               "num_train": len(train.images), "num_test": len(test.images),
+               "devices": str(jax.devices()[0].platform), "config": config.to_dict()}
+    if pid == 0:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+    return results
+
+
+def _previous_wall_time(workdir: str) -> float:
+    """Training wall time already spent before an interruption (from the log), so results report the total."""
+    try:
+        recs = [r for r in read_metrics_log(workdir) if "wall_time_s" in r]
+    except FileNotFoundError:
+        return 0.0
+    return float(recs[-1]["wall_time_s"]) if recs else 0.0
+
+
+def load_trained(workdir: str):
+    """Rebuild ``(config, model, state, dataset_info)`` from a finished or interrupted run's ``workdir``
+    (the latest checkpoint), for measurement."""
+    import ml_collections
+
+    from lcnn_jax import data as data_lib
+    from lcnn_jax.nn import make_model
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No trained run in {workdir!r} (config.json missing): run `lcnn-jax train "
+                                f"--config ... --workdir {workdir}` first.")
+    with open(path) as fh:
+        config = ml_collections.ConfigDict(json.load(fh))
+    info = data_lib.dataset_info(config.data.name)
+    model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
+    regularizers = build_regularizers(config.get("regularizers"), info)
+    shape = (1,) + tuple(info.image_shape)
+    sample = {"image": np.zeros(shape, np.float32), "label": np.zeros((1,), np.int32)}
+    key = jax.random.PRNGKey(int(config.seed))
+    abstract_params = jax.eval_shape(lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), key)["params"]
+    tx, _ = make_optimizer(config.optim, 1, abstract_params)
+    state = create_train_state(model, tx, regularizers, key, sample)
+    ckpt = Checkpointer(workdir)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: the run never saved one.")
+        state = ckpt.restore(state)
+    finally:
+        ckpt.close()
+    return config, model, state, info

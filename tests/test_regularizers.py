@@ -1,0 +1,372 @@
+"""Tests for the gradient-family, derivative and weight regularizers.
+
+Oracles are independent of the library's J^T r template: dense ``jax.jacfwd`` Jacobians, ``jax.grad`` of the
+per-example cross-entropy, NumPy entropies and closed forms, in float64 where precision matters.
+Models are tiny plain functions written here (no dependency on ``lcnn_jax.nn``).
+"""
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcnn_jax.regularizers.base import Regularizer
+from lcnn_jax.regularizers.derivative import derivative
+from lcnn_jax.regularizers.gradient import (
+    confidence_penalty,
+    datagrad,
+    jacobian_penalty,
+    jacreg,
+    spectreg,
+)
+from lcnn_jax.regularizers.weight import weight_l2
+
+IMAGE_SHAPE = (2, 3, 1)  # D = 6 input dimensions
+NUM_CLASSES = 4
+BATCH = 5
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def init_mlp(key, image_shape=IMAGE_SHAPE, hidden=7, num_classes=NUM_CLASSES, scale=1.5):
+    d = int(np.prod(image_shape))
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {
+        "w1": scale * jax.random.normal(k1, (d, hidden)) / np.sqrt(d),
+        "b1": 0.1 * jax.random.normal(k2, (hidden,)),
+        "w2": scale * jax.random.normal(k3, (hidden, num_classes)) / np.sqrt(hidden),
+        "b2": 0.1 * jax.random.normal(k4, (num_classes,)),
+    }
+
+
+def mlp_apply(params, xs):
+    """Batched tanh MLP on images: (B, H, W, C) -> (B, K) logits; examples are independent."""
+    h = xs.reshape(xs.shape[0], -1)
+    h = jnp.tanh(h @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"]
+
+
+def affine_apply(params, xs):
+    """An affine network: its derivative equals every secant exactly."""
+    return xs.reshape(xs.shape[0], -1) @ params["w1"] @ params["w2"] + params["b2"]
+
+
+def make_batch(key, image_shape=IMAGE_SHAPE, batch=BATCH, num_classes=NUM_CLASSES):
+    kx, ky = jax.random.split(key)
+    return {
+        "image": jax.random.uniform(kx, (batch,) + image_shape),
+        "label": jax.random.randint(ky, (batch,), 0, num_classes),
+    }
+
+
+def example_fn(apply_fn, params):
+    return lambda x: apply_fn(params, x[None])[0]
+
+
+def dense_jacobians(apply_fn, params, xs):
+    """(B, K, D) per-example input Jacobians from dense forward-mode autodiff."""
+    f = example_fn(apply_fn, params)
+    jac = jax.vmap(jax.jacfwd(f))(xs)
+    return jac.reshape(jac.shape[0], jac.shape[1], -1)
+
+
+def setup(key=0, image_shape=IMAGE_SHAPE, **kw):
+    kp, kb = jax.random.split(jax.random.PRNGKey(key))
+    return init_mlp(kp, image_shape=image_shape, **kw), make_batch(kb, image_shape=image_shape)
+
+
+def run(reg, params, batch, key=None, apply_fn=mlp_apply, coeff_state=None):
+    state = reg.init(jax.random.PRNGKey(1), params, batch) if coeff_state is None else coeff_state
+    key = jax.random.PRNGKey(2) if key is None else key
+    return reg.loss(params, state, batch, key, apply_fn)
+
+
+# ---------------------------------------------------------------------------------------------- DataGrad
+def per_example_ce(logits, y):
+    return jax.nn.logsumexp(logits) - logits[y]
+
+
+def datagrad_oracle(params, batch, apply_fn=mlp_apply):
+    """mean_i ||grad_x CE(f(x_i), y_i)||^2 through jax.grad of the per-example loss (no J^T r)."""
+    def ce_of_x(x, y):
+        return per_example_ce(example_fn(apply_fn, params)(x), y)
+
+    grads = jax.vmap(jax.grad(ce_of_x))(batch["image"], batch["label"])
+    return jnp.mean(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=-1))
+
+
+def test_datagrad_value_and_param_gradient_match_double_backprop(x64):
+    params, batch = setup()
+    reg = datagrad(0.5)
+    value, state, metrics = run(reg, params, batch)
+    expected = datagrad_oracle(params, batch)
+    np.testing.assert_allclose(metrics["datagrad"], expected, rtol=1e-10)
+    np.testing.assert_allclose(value, 0.5 * expected, rtol=1e-10)
+    assert float(state["coeff"]) == 0.5
+
+    key = jax.random.PRNGKey(3)
+    g_lib = jax.grad(lambda p: reg.loss(p, state, batch, key, mlp_apply)[0])(params)
+    g_ref = jax.grad(lambda p: 0.5 * datagrad_oracle(p, batch))(params)
+    for name in params:
+        np.testing.assert_allclose(g_lib[name], g_ref[name], rtol=1e-8, atol=1e-12)
+    # the softmax must not be frozen: freezing p changes the parameter gradient on this model
+    assert max(float(jnp.max(jnp.abs(g_ref[n]))) for n in params) > 1e-3
+
+
+def test_datagrad_needs_labels():
+    params, batch = setup()
+    reg = datagrad(1.0)
+    with pytest.raises(ValueError, match="label"):
+        run(reg, params, {"image": batch["image"]})
+
+
+# ---------------------------------------------------------------------------------------------- JacReg
+def frobenius_oracle(params, batch, apply_fn=mlp_apply):
+    jac = dense_jacobians(apply_fn, params, batch["image"])
+    return jnp.mean(jnp.sum(jac**2, axis=(1, 2)))
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse", "forward"])
+@pytest.mark.parametrize("image_shape", [IMAGE_SHAPE, (1, 2, 1)])  # D=6 > K=4 and D=2 < K=4
+def test_jacreg_equals_dense_frobenius(x64, mode, image_shape):
+    params, batch = setup(image_shape=image_shape)
+    value, _, metrics = run(jacreg(2.0, mode=mode), params, batch)
+    expected = frobenius_oracle(params, batch)
+    np.testing.assert_allclose(metrics["jacreg"], expected, rtol=1e-10)
+    np.testing.assert_allclose(value, 2.0 * expected, rtol=1e-10)
+
+
+def test_jacreg_param_gradient_matches_dense(x64):
+    params, batch = setup()
+    reg = jacreg(1.0)
+    state = reg.init(jax.random.PRNGKey(0), params, batch)
+    g_lib = jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(0), mlp_apply)[0])(params)
+    g_ref = jax.grad(lambda p: frobenius_oracle(p, batch))(params)
+    for name in params:
+        np.testing.assert_allclose(g_lib[name], g_ref[name], rtol=1e-8, atol=1e-12)
+
+
+def test_jacreg_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        jacreg(1.0, mode="sideways")
+
+
+# ---------------------------------------------------------------------------------------------- SpectReg
+def spectreg_draws(batch, params, n, seed=0):
+    reg = spectreg(1.0)
+    state = reg.init(jax.random.PRNGKey(0), params, batch)
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    draw = jax.jit(jax.vmap(lambda k: reg.loss(params, state, batch, k, mlp_apply)[2]["spectreg"]))
+    return np.asarray(draw(keys))
+
+
+def test_spectreg_is_unbiased_for_frobenius(x64):
+    params, batch = setup()
+    n = 4000
+    draws = spectreg_draws(batch, params, n)
+    exact = float(frobenius_oracle(params, batch))
+    stderr = draws.std(ddof=1) / np.sqrt(n)
+    assert draws.std() > 1e-3 * exact  # it really is random
+    assert abs(draws.mean() - exact) < 3 * stderr, (draws.mean(), exact, stderr)
+
+
+def test_spectreg_draws_fresh_directions_per_example(x64):
+    # B copies of one example: independent r per example divide the variance of the batch mean by B,
+    # one r shared by the batch would leave it unchanged.
+    params, batch = setup()
+    one = {k: v[:1] for k, v in batch.items()}
+    copies = {k: jnp.repeat(v[:1], 8, axis=0) for k, v in batch.items()}
+    var_one = spectreg_draws(one, params, 1000).var()
+    var_copies = spectreg_draws(copies, params, 1000, seed=1).var()
+    assert var_copies < 0.3 * var_one, (var_copies, var_one)
+
+
+def test_spectreg_same_key_same_value_new_key_new_value():
+    params, batch = setup()
+    reg = spectreg(1.0)
+    a = run(reg, params, batch, key=jax.random.PRNGKey(5))[0]
+    b = run(reg, params, batch, key=jax.random.PRNGKey(5))[0]
+    c = run(reg, params, batch, key=jax.random.PRNGKey(6))[0]
+    assert float(a) == float(b)
+    assert float(a) != float(c)
+
+
+# ---------------------------------------------------------------------------------------------- template
+def test_template_with_custom_cotangent_matches_dense(x64):
+    # r = fixed vector w for every example: penalty = mean ||J^T w||^2
+    params, batch = setup()
+    w = jnp.array([1.0, -2.0, 0.5, 3.0])
+    reg = jacobian_penalty(lambda key, logits, labels: jnp.broadcast_to(w, logits.shape)[None], 1.0,
+                           name="fixed_w")
+    _, _, metrics = run(reg, params, batch)
+    jac = dense_jacobians(mlp_apply, params, batch["image"])
+    expected = jnp.mean(jnp.sum(jnp.einsum("k,bkd->bd", w, jac) ** 2, axis=-1))
+    np.testing.assert_allclose(metrics["fixed_w"], expected, rtol=1e-10)
+
+
+def test_template_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        jacobian_penalty("hessreg", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- confidence
+def test_confidence_penalty_is_negative_mean_entropy(x64):
+    params, batch = setup()
+    value, _, metrics = run(confidence_penalty(0.25), params, batch)
+    logits = np.asarray(mlp_apply(params, batch["image"]), np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(axis=1).mean()
+    np.testing.assert_allclose(value, -0.25 * entropy, rtol=1e-12)
+    np.testing.assert_allclose(metrics["confidence_penalty"], -entropy, rtol=1e-12)
+
+
+def test_confidence_penalty_finite_gradient_on_saturated_softmax():
+    params, batch = setup()
+    big = jax.tree.map(lambda a: 300.0 * a, params)  # probabilities underflow to exactly 0
+    reg = confidence_penalty(1.0)
+    state = reg.init(jax.random.PRNGKey(0), big, batch)
+    value, grads = jax.value_and_grad(lambda p: reg.loss(p, state, batch, None, mlp_apply)[0])(big)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+# ---------------------------------------------------------------------------------------------- derivative
+RES = 1.0 / 255.0
+
+
+def test_derivative_signature_is_hyperparameter_free():
+    assert list(inspect.signature(derivative).parameters) == ["resolution"]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0 / 255, float("nan"), float("inf")])
+def test_derivative_rejects_bad_resolution(bad):
+    with pytest.raises(ValueError, match="resolution"):
+        derivative(bad)
+
+
+def test_derivative_is_zero_for_affine_and_positive_for_curved(x64):
+    params, batch = setup()
+    reg = derivative(RES)
+    flat, _, m_flat = run(reg, params, batch, apply_fn=affine_apply)
+    curved, _, m_curved = run(reg, params, batch, apply_fn=mlp_apply)
+    assert float(m_flat["derivative"]) < 1e-20
+    assert float(curved) > 1e-8
+    assert float(curved) == pytest.approx(float(m_curved["derivative"]))  # weight exactly 1
+    assert float(flat) == pytest.approx(float(m_flat["derivative"]), abs=1e-30)
+
+
+def test_derivative_matches_definition_with_recovered_direction(x64):
+    # Recover the perturbed inputs the regularizer evaluates (concrete outside of jit), check that the
+    # step is `resolution` along a unit direction, and recompute the penalty from a dense Jacobian.
+    params, batch = setup()
+    xs = batch["image"]
+    seen = []
+
+    def spy(p, inputs):
+        if not isinstance(inputs, jax.core.Tracer):
+            seen.append(np.asarray(inputs))
+        return mlp_apply(p, inputs)
+
+    _, _, metrics = run(derivative(RES), params, batch, apply_fn=spy)
+    perturbed = [a for a in seen if not np.allclose(a, xs, atol=0, rtol=0)]
+    assert len(perturbed) == 1
+    steps = (perturbed[0] - np.asarray(xs)).reshape(BATCH, -1)
+    np.testing.assert_allclose(np.linalg.norm(steps, axis=1), RES, rtol=1e-10)
+    u = steps / RES
+    assert np.abs(u @ u.T - np.eye(BATCH)).max() > 1e-3  # a different direction per example
+
+    jac = np.asarray(dense_jacobians(mlp_apply, params, xs))
+    t = np.einsum("bkd,bd->bk", jac, u)
+    s = (np.asarray(mlp_apply(params, perturbed[0])) - np.asarray(mlp_apply(params, xs))) / RES
+    expected = np.mean(((s - t) ** 2).sum(1) / ((t**2).sum(1) + (s**2).sum(1)))
+    np.testing.assert_allclose(metrics["derivative"], expected, rtol=1e-8)
+
+
+def test_derivative_closed_form_at_a_critical_point(x64):
+    # f(x) = (a ||x||^2, b ||x||^2) at x = 0: tangent t = 0 and secant s = delta (a, b) for every unit u,
+    # so the penalty is exactly ||s||^2 / ||s||^2 = 1.
+    def quad(params, xs):
+        sq = jnp.sum(xs.reshape(xs.shape[0], -1) ** 2, axis=-1)
+        return jnp.stack([params["a"] * sq, params["b"] * sq], axis=-1)
+
+    params = {"a": jnp.array(2.0), "b": jnp.array(-0.5)}
+    batch = {"image": jnp.zeros((3,) + IMAGE_SHAPE), "label": jnp.zeros((3,), jnp.int32)}
+    _, _, metrics = run(derivative(RES), params, batch, apply_fn=quad)
+    np.testing.assert_allclose(metrics["derivative"], 1.0, rtol=1e-8)
+
+
+def test_derivative_parameter_gradient_is_finite_float32():
+    params, batch = setup()
+    reg = derivative(RES)
+    state = reg.init(jax.random.PRNGKey(0), params, batch)
+    for apply_fn in (mlp_apply, affine_apply):
+        grads = jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(1), apply_fn)[0])(params)
+        assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+        assert any(np.any(g != 0) for g in jax.tree.leaves(grads)) or apply_fn is affine_apply
+
+
+# ---------------------------------------------------------------------------------------------- weight
+def test_weight_l2_value_gradient_and_mask(x64):
+    params, batch = setup()
+    value, _, metrics = run(weight_l2(0.5), params, batch)
+    total = sum(float(np.sum(np.asarray(v) ** 2)) for v in params.values())
+    np.testing.assert_allclose(value, 0.5 * total, rtol=1e-12)
+    np.testing.assert_allclose(metrics["weight_l2"], total, rtol=1e-12)
+
+    nested = {"Dense_0": {"kernel": params["w1"], "bias": params["b1"]},
+              "act": {"log_beta": jnp.array([0.3])}}
+    reg = weight_l2(0.5, include=lambda path, leaf: path[-1] not in ("bias", "log_beta"))
+    state = reg.init(jax.random.PRNGKey(0), nested, batch)
+    value, grads = jax.value_and_grad(lambda p: reg.loss(p, state, batch, None, mlp_apply)[0])(nested)
+    np.testing.assert_allclose(value, 0.5 * np.sum(np.asarray(params["w1"]) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(grads["Dense_0"]["kernel"], params["w1"], rtol=1e-12)  # d/dW 0.5||W||^2
+    assert np.all(grads["Dense_0"]["bias"] == 0) and np.all(grads["act"]["log_beta"] == 0)
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+ALL = {
+    "datagrad": lambda c: datagrad(c),
+    "jacreg": lambda c: jacreg(c),
+    "spectreg": lambda c: spectreg(c),
+    "confidence_penalty": lambda c: confidence_penalty(c),
+    "weight_l2": lambda c: weight_l2(c),
+    "derivative": lambda c: derivative(RES),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_coefficients_are_arrays_vmappable_and_do_not_retrace(name):
+    params, batch = setup()
+    reg = ALL[name](1.0)
+    assert isinstance(reg, Regularizer) and reg.name == name
+    state = reg.init(jax.random.PRNGKey(0), params, batch)
+    assert isinstance(state["coeff"], jax.Array) and state["coeff"].dtype == jnp.float32
+    key = jax.random.PRNGKey(4)
+
+    base, _, metrics = reg.loss(params, state, batch, key, mlp_apply)
+    assert set(metrics) >= {name}
+    assert float(metrics[name]) != 0.0
+
+    stacked = {**state, "coeff": jnp.array([0.0, 1.0, 2.0], jnp.float32)}
+    values = jax.vmap(lambda st: reg.loss(params, st, batch, key, mlp_apply)[0])(stacked)
+    np.testing.assert_allclose(values, [0.0, float(base), 2.0 * float(base)], rtol=1e-6)
+
+    traces = []
+
+    @jax.jit
+    def step(p, st, b, k):
+        traces.append(1)  # runs once per trace, not per call
+        return reg.loss(p, st, b, k, mlp_apply)[0]
+
+    v1 = step(params, state, batch, key)
+    v3 = step(params, {**state, "coeff": jnp.asarray(3.0, jnp.float32)}, batch, key)
+    assert len(traces) == 1
+    np.testing.assert_allclose(v3, 3.0 * v1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), [1.0, 2.0]])
+def test_bad_coefficients_are_rejected(bad):
+    for make in (datagrad, jacreg, spectreg, confidence_penalty, weight_l2):
+        with pytest.raises(ValueError, match="coeff"):
+            make(bad)
