@@ -367,7 +367,10 @@ def build_regularizers(reg_cfg, info) -> list[Regularizer]:
     out = []
     for name, kwargs in (reg_cfg or {}).items():
         kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
-        out.append(regs.make_regularizer(name, dataset_info=info, **kwargs))
+        try:
+            out.append(regs.make_regularizer(name, dataset_info=info, **kwargs))
+        except ValueError as e:
+            raise ConfigError(f"regularizers.{name}: {e}") from e
     return out
 
 
@@ -474,9 +477,8 @@ def fit(config, workdir: str) -> dict:
         for epoch in itertools.count(start // steps_per_epoch):
             if step >= total_steps:
                 break
-            it = data_lib.batches(train, batch_size, seed=int(config.seed), epoch=epoch, shuffle=True,
-                                  drop_remainder=True)
-            for b in itertools.islice(it, step - epoch * steps_per_epoch, None):
+            for b in data_lib.batches(train, batch_size, seed=int(config.seed), epoch=epoch, shuffle=True,
+                                      drop_remainder=True, start_batch=step - epoch * steps_per_epoch):
                 local = {k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in b.items()}
                 state, metrics = train_step(state, shard_batch(local, mesh))
                 step += 1
