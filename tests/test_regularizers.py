@@ -28,14 +28,15 @@ BATCH = 5
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
-def init_mlp(key, image_shape=IMAGE_SHAPE, hidden=7, num_classes=NUM_CLASSES, scale=1.5):
+def init_mlp(seed, image_shape=IMAGE_SHAPE, hidden=7, num_classes=NUM_CLASSES, scale=1.5):
+    # NumPy draws: no per-test XLA compilation of random ops; dtype follows the x64 setting
+    rng = np.random.default_rng(seed)
     d = int(np.prod(image_shape))
-    k1, k2, k3, k4 = jax.random.split(key, 4)
     return {
-        "w1": scale * jax.random.normal(k1, (d, hidden)) / np.sqrt(d),
-        "b1": 0.1 * jax.random.normal(k2, (hidden,)),
-        "w2": scale * jax.random.normal(k3, (hidden, num_classes)) / np.sqrt(hidden),
-        "b2": 0.1 * jax.random.normal(k4, (num_classes,)),
+        "w1": jnp.asarray(scale * rng.standard_normal((d, hidden)) / np.sqrt(d)),
+        "b1": jnp.asarray(0.1 * rng.standard_normal(hidden)),
+        "w2": jnp.asarray(scale * rng.standard_normal((hidden, num_classes)) / np.sqrt(hidden)),
+        "b2": jnp.asarray(0.1 * rng.standard_normal(num_classes)),
     }
 
 
@@ -51,11 +52,11 @@ def affine_apply(params, xs):
     return xs.reshape(xs.shape[0], -1) @ params["w1"] @ params["w2"] + params["b2"]
 
 
-def make_batch(key, image_shape=IMAGE_SHAPE, batch=BATCH, num_classes=NUM_CLASSES):
-    kx, ky = jax.random.split(key)
+def make_batch(seed, image_shape=IMAGE_SHAPE, batch=BATCH, num_classes=NUM_CLASSES):
+    rng = np.random.default_rng(seed)
     return {
-        "image": jax.random.uniform(kx, (batch,) + image_shape),
-        "label": jax.random.randint(ky, (batch,), 0, num_classes),
+        "image": jnp.asarray(rng.uniform(size=(batch,) + image_shape)),
+        "label": jnp.asarray(rng.integers(0, num_classes, size=batch), jnp.int32),
     }
 
 
@@ -70,15 +71,16 @@ def dense_jacobians(apply_fn, params, xs):
     return jac.reshape(jac.shape[0], jac.shape[1], -1)
 
 
-def setup(key=0, image_shape=IMAGE_SHAPE, **kw):
-    kp, kb = jax.random.split(jax.random.PRNGKey(key))
-    return init_mlp(kp, image_shape=image_shape, **kw), make_batch(kb, image_shape=image_shape)
+def setup(seed=0, image_shape=IMAGE_SHAPE, **kw):
+    return init_mlp(seed, image_shape=image_shape, **kw), make_batch(seed + 1000, image_shape=image_shape)
 
 
-def run(reg, params, batch, key=None, apply_fn=mlp_apply, coeff_state=None):
-    state = reg.init(jax.random.PRNGKey(1), params, batch) if coeff_state is None else coeff_state
+def run(reg, params, batch, key=None, apply_fn=mlp_apply, jit=True):
+    """One call of ``reg.loss`` (jitted: compiling once is much faster than op-by-op dispatch)."""
+    state = reg.init(jax.random.PRNGKey(1), params, batch)
     key = jax.random.PRNGKey(2) if key is None else key
-    return reg.loss(params, state, batch, key, apply_fn)
+    loss = lambda p, st, b, k: reg.loss(p, st, b, k, apply_fn)  # noqa: E731
+    return (jax.jit(loss) if jit else loss)(params, state, batch, key)
 
 
 # ---------------------------------------------------------------------------------------------- DataGrad
@@ -99,14 +101,14 @@ def test_datagrad_value_and_param_gradient_match_double_backprop(x64):
     params, batch = setup()
     reg = datagrad(0.5)
     value, state, metrics = run(reg, params, batch)
-    expected = datagrad_oracle(params, batch)
+    expected = jax.jit(datagrad_oracle)(params, batch)
     np.testing.assert_allclose(metrics["datagrad"], expected, rtol=1e-10)
     np.testing.assert_allclose(value, 0.5 * expected, rtol=1e-10)
     assert float(state["coeff"]) == 0.5
 
     key = jax.random.PRNGKey(3)
-    g_lib = jax.grad(lambda p: reg.loss(p, state, batch, key, mlp_apply)[0])(params)
-    g_ref = jax.grad(lambda p: 0.5 * datagrad_oracle(p, batch))(params)
+    g_lib = jax.jit(jax.grad(lambda p: reg.loss(p, state, batch, key, mlp_apply)[0]))(params)
+    g_ref = jax.jit(jax.grad(lambda p: 0.5 * datagrad_oracle(p, batch)))(params)
     for name in params:
         np.testing.assert_allclose(g_lib[name], g_ref[name], rtol=1e-8, atol=1e-12)
     # the softmax must not be frozen: freezing p changes the parameter gradient on this model
@@ -140,8 +142,8 @@ def test_jacreg_param_gradient_matches_dense(x64):
     params, batch = setup()
     reg = jacreg(1.0)
     state = reg.init(jax.random.PRNGKey(0), params, batch)
-    g_lib = jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(0), mlp_apply)[0])(params)
-    g_ref = jax.grad(lambda p: frobenius_oracle(p, batch))(params)
+    g_lib = jax.jit(jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(0), mlp_apply)[0]))(params)
+    g_ref = jax.jit(jax.grad(lambda p: frobenius_oracle(p, batch)))(params)
     for name in params:
         np.testing.assert_allclose(g_lib[name], g_ref[name], rtol=1e-8, atol=1e-12)
 
@@ -226,7 +228,7 @@ def test_confidence_penalty_finite_gradient_on_saturated_softmax():
     big = jax.tree.map(lambda a: 300.0 * a, params)  # probabilities underflow to exactly 0
     reg = confidence_penalty(1.0)
     state = reg.init(jax.random.PRNGKey(0), big, batch)
-    value, grads = jax.value_and_grad(lambda p: reg.loss(p, state, batch, None, mlp_apply)[0])(big)
+    value, grads = jax.jit(jax.value_and_grad(lambda p: reg.loss(p, state, batch, None, mlp_apply)[0]))(big)
     assert np.isfinite(float(value))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
@@ -268,7 +270,7 @@ def test_derivative_matches_definition_with_recovered_direction(x64):
             seen.append(np.asarray(inputs))
         return mlp_apply(p, inputs)
 
-    _, _, metrics = run(derivative(RES), params, batch, apply_fn=spy)
+    _, _, metrics = run(derivative(RES), params, batch, apply_fn=spy, jit=False)
     perturbed = [a for a in seen if not np.allclose(a, xs, atol=0, rtol=0)]
     assert len(perturbed) == 1
     steps = (perturbed[0] - np.asarray(xs)).reshape(BATCH, -1)
@@ -301,7 +303,7 @@ def test_derivative_parameter_gradient_is_finite_float32():
     reg = derivative(RES)
     state = reg.init(jax.random.PRNGKey(0), params, batch)
     for apply_fn in (mlp_apply, affine_apply):
-        grads = jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(1), apply_fn)[0])(params)
+        grads = jax.jit(jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(1), apply_fn)[0]))(params)
         assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
         assert any(np.any(g != 0) for g in jax.tree.leaves(grads)) or apply_fn is affine_apply
 
@@ -336,7 +338,9 @@ ALL = {
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
-def test_coefficients_are_arrays_vmappable_and_do_not_retrace(name):
+def test_coefficients_are_arrays_vmappable_and_do_not_retrace(x64, name):
+    # x64: in float32 the derivative penalty's secant is dominated by rounding (see the report), and vmapped and
+    # unvmapped compilations round differently; the contract tested here is the coefficient plumbing.
     params, batch = setup()
     reg = ALL[name](1.0)
     assert isinstance(reg, Regularizer) and reg.name == name
@@ -344,7 +348,7 @@ def test_coefficients_are_arrays_vmappable_and_do_not_retrace(name):
     assert isinstance(state["coeff"], jax.Array) and state["coeff"].dtype == jnp.float32
     key = jax.random.PRNGKey(4)
 
-    base, _, metrics = reg.loss(params, state, batch, key, mlp_apply)
+    base, _, metrics = jax.jit(lambda st: reg.loss(params, st, batch, key, mlp_apply))(state)
     assert set(metrics) >= {name}
     assert float(metrics[name]) != 0.0
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib
 
 from lcnn_jax.regularizers.base import Regularizer, empty_state
+from lcnn_jax.regularizers.derivative import derivative
+from lcnn_jax.regularizers.gradient import (confidence_penalty, datagrad, jacobian_penalty, jacreg,
+                                            penalty_regularizer, spectreg)
+from lcnn_jax.regularizers.weight import weight_l2
 
 # name -> "module:constructor"; imported lazily so a config error never pays for every import.
 REGULARIZERS = {
@@ -35,4 +39,5 @@ def make_regularizer(name: str, dataset_info=None, **kwargs) -> Regularizer:
         raise ValueError(f"Bad arguments for regularizer {name!r}: {e}") from e
 
 
-__all__ = ["Regularizer", "REGULARIZERS", "empty_state", "make_regularizer"]
+__all__ = ["Regularizer", "REGULARIZERS", "empty_state", "make_regularizer", "jacobian_penalty", "datagrad",
+           "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "weight_l2"]
