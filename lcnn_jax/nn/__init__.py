@@ -1,0 +1,10 @@
+"""Flax linen building blocks and models (see ``layers`` for the plug-in convention)."""
+from lcnn_jax.nn.layers import (ACTIVATIONS, NORMS, POOLS, Activation, BatchNorm, Conv, Dense, Identity,
+                                ModuleFactory, activation, normalization, pool2d, resolve_activation,
+                                resolve_norm, softplus_beta)
+from lcnn_jax.nn.models import (MLP, MODELS, VGG11, BasicBlock, LeNet, MSLeNet, ResNet, ResNet18, SmallCNN,
+                                make_model)
+
+__all__ = ["ACTIVATIONS", "NORMS", "POOLS", "Activation", "BatchNorm", "Conv", "Dense", "Identity", "ModuleFactory",
+           "activation", "normalization", "pool2d", "resolve_activation", "resolve_norm", "softplus_beta", "MLP",
+           "MODELS", "VGG11", "BasicBlock", "LeNet", "MSLeNet", "ResNet", "ResNet18", "SmallCNN", "make_model"]
