@@ -403,7 +403,10 @@ def fit(config, workdir: str) -> dict:
     train = data_lib.load_split(dcfg.name, "train", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
     test = data_lib.load_split(dcfg.name, "test", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
     if dcfg.get("train_size"):
-        train = data_lib.subset(train, int(dcfg.train_size), seed=int(dcfg.get("subset_seed", 0)))
+        try:
+            train = data_lib.subset(train, int(dcfg.train_size), seed=int(dcfg.get("subset_seed", 0)))
+        except ValueError as e:
+            raise ConfigError(f"data.train_size={dcfg.train_size}: {e}") from e
 
     mesh = data_mesh()
     n_proc, pid = jax.process_count(), jax.process_index()
