@@ -18,7 +18,8 @@ Example::
     x = jnp.ones((28, 28, 1)); v = jnp.zeros_like(x).at[0, 0, 0].set(1.0)
     hv = autodiff.input_hvp(loss, x, v)                       # H(x) v, one forward-over-reverse pass
     g, hvp = autodiff.linearized_input_hvp(loss, x)            # reuse one linearisation for many v
-    hvs = autodiff.per_example(autodiff.input_hvp_xy(lambda x, y: loss(x) * y))(xs, ys, vs)
+    xs, ys = jnp.ones((7, 3)), jnp.arange(7.0)
+    hvs = autodiff.batched_input_hvp(lambda x, y: y * loss(x), xs, ys, xs, batch_size=4)  # (7, 3)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcnn_jax.types import Array, PyTree
 
@@ -40,6 +42,9 @@ __all__ = [
     "per_example",
     "batched_input_hvp",
     "safe_norm",
+    "check_example_batch",
+    "check_labels",
+    "check_positive_int",
 ]
 
 
@@ -87,7 +92,9 @@ def param_hvp(loss_fn: Callable[[PyTree], Array], params: PyTree, v: PyTree) -> 
     return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
 
 
-def linearized_param_hvp(loss_fn: Callable[[PyTree], Array], params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+def linearized_param_hvp(
+    loss_fn: Callable[[PyTree], Array], params: PyTree
+) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
     """Return ``(grad, v -> H v)`` in parameter space from one ``jax.linearize`` of the gradient."""
     return jax.linearize(jax.grad(loss_fn), params)
 
@@ -99,10 +106,9 @@ def per_example(fn: Callable[..., Any], *, batch_size: int | None = None) -> Cal
     ``batch_size`` examples at a time with ``lax.map`` (sequential chunks, each vmapped; a batch
     that is not a multiple of ``batch_size`` is fine). Both are jittable.
     """
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
     if batch_size is None:
         return jax.vmap(fn)
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
 
     def mapped(*args):
         return jax.lax.map(lambda a: fn(*a), args, batch_size=int(batch_size))
@@ -122,3 +128,44 @@ def safe_norm(x: Array, axis: Any = None, keepdims: bool = False) -> Array:
     sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation shared by the measures, attacks and regularizers (static shape checks at public
+# boundaries; value checks only where the array is concrete, since traced values cannot be read).
+# ----------------------------------------------------------------------------------------------
+
+
+def check_example_batch(xs: Array, name: str = "xs") -> None:
+    """``xs`` must be a finite floating array of shape (batch, *example_shape), example_shape non-empty."""
+    shape = jnp.shape(xs)
+    if len(shape) < 2:
+        raise ValueError(
+            f"{name} must have shape (batch, *example_shape) with at least one example axis, got shape {shape}. "
+            f"For a single example add a batch axis ({name}[None]); for scalar examples add a trailing axis "
+            f"({name}[:, None])."
+        )
+    if shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {shape}); pass at least one example.")
+    if not jnp.issubdtype(jnp.result_type(xs), jnp.floating):
+        raise ValueError(f"{name} must be floating point, got dtype {jnp.result_type(xs)}; cast it (e.g. xs / 255.0).")
+    if not isinstance(xs, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(xs)))):
+        raise ValueError(f"{name} contains NaN or inf values; clean the inputs first.")
+
+
+def check_labels(xs: Array, ys: Array, name: str = "ys") -> None:
+    """``ys`` must have one entry per example of ``xs`` along the leading axis."""
+    if jnp.ndim(ys) < 1 or jnp.shape(ys)[0] != jnp.shape(xs)[0]:
+        raise ValueError(
+            f"xs and {name} must have the same leading (batch) length, "
+            f"got xs {jnp.shape(xs)} and {name} {jnp.shape(ys)}."
+        )
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+    """Return ``int(value)`` if it is a positive integer (or None when allowed), else raise ValueError."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
+    return int(value)

@@ -1,0 +1,225 @@
+"""Adversarial and random perturbations of image batches, and (robust) accuracy.
+
+``logits_fn(xs) -> logits`` is the model as a batched function of its inputs (B, ...) -> (B, K),
+e.g. ``lambda xs: model.apply(variables, xs)`` in eval mode; it must treat examples independently.
+Inputs live in the box ``clip = (0, 1)`` (pass ``clip=None`` to disable it); radii ``eps`` are in
+that scale. Attacks maximise the softmax cross-entropy at the true label ``ys`` (integers, (B,)).
+
+The attacks are pure and traceable (``lax.fori_loop``); jit them with ``logits_fn`` closed over.
+``robust_accuracy`` is a Python driver that jits the attack once and runs it over fixed-size chunks::
+
+    import functools, jax
+    from lcnn_jax import attacks
+
+    logits_fn = lambda xs: model.apply(variables, xs)
+    x_adv = attacks.pgd(logits_fn, xs, ys, norm="l2", eps=2.0, step_size=0.25, num_steps=100,
+                        key=jax.random.key(0))
+    attack = functools.partial(attacks.pgd, norm="linf", eps=8 / 255, step_size=2 / 255, num_steps=10)
+    acc = attacks.robust_accuracy(logits_fn, xs, ys, attack=attack, key=jax.random.key(0), batch_size=256)
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lcnn_jax.autodiff import check_example_batch, check_labels, check_positive_int, safe_norm
+from lcnn_jax.types import Array, PRNGKey
+
+__all__ = ["fgsm", "pgd", "gaussian_noise", "accuracy", "robust_accuracy", "cross_entropy"]
+
+LogitsFn = Callable[[Array], Array]
+Clip = Optional[Tuple[float, float]]
+
+
+def cross_entropy(logits: Array, ys: Array) -> Array:
+    """Per-example softmax cross-entropy ``logsumexp(z) - z_y``, shape (B,)."""
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, ys[:, None].astype(jnp.int32), -1)[:, 0]
+
+
+def _check_inputs(xs: Array, ys: Array) -> None:
+    check_example_batch(xs)
+    check_labels(xs, ys)
+    if jnp.ndim(ys) != 1 or not jnp.issubdtype(jnp.result_type(ys), jnp.integer):
+        raise ValueError(
+            f"ys must be integer class labels of shape (batch,), got {jnp.result_type(ys)} {jnp.shape(ys)}."
+        )
+
+
+def _check_nonneg(value, name: str) -> None:
+    # Traced values (e.g. eps swept under vmap) cannot be inspected; concrete ones are validated.
+    if isinstance(value, jax.core.Tracer):
+        return
+    arr = np.asarray(value)
+    if arr.ndim != 0 or not np.isfinite(arr) or arr < 0:
+        raise ValueError(f"{name} must be a finite non-negative scalar, got {value!r}.")
+
+
+def _check_clip(clip: Clip) -> None:
+    if clip is not None and (len(clip) != 2 or not clip[0] < clip[1]):
+        raise ValueError(f"clip must be None or a pair (low, high) with low < high, got {clip!r}.")
+
+
+def _box(x: Array, clip: Clip) -> Array:
+    return x if clip is None else jnp.clip(x, clip[0], clip[1])
+
+
+def _per_example(a: Array, like: Array) -> Array:
+    """Reshape a (B,) array to broadcast against (B, ...)."""
+    return a.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _input_grad(logits_fn: LogitsFn, xs: Array, ys: Array) -> Array:
+    # The gradient of the summed loss holds each example's own gradient (examples are independent).
+    return jax.grad(lambda x: jnp.sum(cross_entropy(logits_fn(x), ys)))(xs)
+
+
+def fgsm(logits_fn: LogitsFn, xs: Array, ys: Array, *, eps: float, clip: Clip = (0.0, 1.0)) -> Array:
+    """Fast gradient sign method: ``clip(x + eps * sign(grad_x CE(x, y)))``. Cost: one gradient."""
+    _check_inputs(xs, ys)
+    _check_nonneg(eps, "eps")
+    _check_clip(clip)
+    g = _input_grad(logits_fn, xs, ys)
+    return _box(xs + jnp.asarray(eps, xs.dtype) * jnp.sign(g), clip)
+
+
+def _project(x: Array, x0: Array, eps: Array, norm: str, clip: Clip) -> Array:
+    """Onto the eps-ball around x0, then the box. The box step keeps the point in the ball: x0 is in
+    the box, and clipping moves each coordinate towards it, so no |x_i - x0_i| grows."""
+    if norm == "linf":
+        x = jnp.clip(x, x0 - eps, x0 + eps)
+    else:
+        d = x - x0
+        n = safe_norm(d.reshape(d.shape[0], -1), axis=1)
+        factor = jnp.where(n > eps, eps / jnp.where(n > 0, n, 1.0), 1.0)
+        x = x0 + d * _per_example(factor, d)
+    return _box(x, clip)
+
+
+def pgd(
+    logits_fn: LogitsFn,
+    xs: Array,
+    ys: Array,
+    *,
+    norm: str = "linf",
+    eps: float,
+    step_size: float,
+    num_steps: int,
+    key: PRNGKey | None = None,
+    random_start: bool = True,
+    clip: Clip = (0.0, 1.0),
+    unroll: int | bool = 1,
+) -> Array:
+    """Projected gradient ascent on the cross-entropy within an eps-ball (Madry et al. 2018).
+
+    ``norm="linf"``: ``x <- x + step_size * sign(g)``, projection by clipping to ``[x0 - eps, x0 + eps]``.
+    ``norm="l2"``: ``x <- x + step_size * g / ||g||`` (per example), projection by rescaling
+    ``x - x0`` to norm ``<= eps``. After every step the point is also clipped to the ``clip`` box,
+    so every iterate lies in the intersection of the ball and the box (up to float rounding).
+    ``random_start`` (needs ``key``) begins at a uniform point of the ball (L-inf: uniform in the cube;
+    L2: uniform in the ball). Returns the last iterate. Cost: ``num_steps`` gradients.
+
+    ``unroll`` is passed to the ``lax.fori_loop``. On XLA:CPU, convolutions inside a rolled loop ran
+    ~3.5x slower than unrolled in our benchmarks (dense layers were unaffected); ``unroll=True``
+    removes that at the price of compilation time growing with ``num_steps``.
+    """
+    _check_inputs(xs, ys)
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}.")
+    _check_nonneg(eps, "eps")
+    _check_nonneg(step_size, "step_size")
+    _check_clip(clip)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}.")
+    if random_start and key is None:
+        raise ValueError("pgd with random_start=True needs key=jax.random.key(...); or pass random_start=False.")
+    eps = jnp.asarray(eps, xs.dtype)
+    step_size = jnp.asarray(step_size, xs.dtype)
+    x0 = xs
+
+    if random_start:
+        if norm == "linf":
+            delta = jax.random.uniform(key, xs.shape, xs.dtype, -1.0, 1.0) * eps
+        else:
+            k_dir, k_rad = jax.random.split(key)
+            z = jax.random.normal(k_dir, xs.shape, xs.dtype)
+            zn = safe_norm(z.reshape(z.shape[0], -1), axis=1)
+            dim = np.prod(xs.shape[1:])
+            radius = eps * jax.random.uniform(k_rad, (xs.shape[0],), xs.dtype) ** (1.0 / dim)
+            delta = z * _per_example(radius / jnp.maximum(zn, jnp.finfo(xs.dtype).tiny), z)
+        x = _project(x0 + delta, x0, eps, norm, clip)
+    else:
+        x = _box(x0, clip)
+
+    def body(_, x):
+        g = _input_grad(logits_fn, x, ys)
+        if norm == "linf":
+            direction = jnp.sign(g)
+        else:
+            gn = safe_norm(g.reshape(g.shape[0], -1), axis=1)
+            direction = g * _per_example(jnp.where(gn > 0, 1.0 / jnp.where(gn > 0, gn, 1.0), 0.0), g)
+        return _project(x + step_size * direction, x0, eps, norm, clip)
+
+    return lax.fori_loop(0, int(num_steps), body, x, unroll=unroll)
+
+
+def gaussian_noise(xs: Array, *, key: PRNGKey, std: float, clip: Clip = (0.0, 1.0)) -> Array:
+    """``clip(x + std * N(0, I))``: the random-noise baseline (CLIP evaluates std = 1 on MNIST)."""
+    check_example_batch(xs)
+    _check_nonneg(std, "std")
+    _check_clip(clip)
+    return _box(xs + jnp.asarray(std, xs.dtype) * jax.random.normal(key, xs.shape, xs.dtype), clip)
+
+
+def _chunks(n: int, batch_size: int | None):
+    size = n if batch_size is None else batch_size
+    for start in range(0, n, size):
+        yield start, min(start + size, n), size
+
+
+def _pad(a: Array, size: int) -> Array:
+    """Pad the leading axis to ``size`` by repeating the first row, so every chunk has one shape."""
+    short = size - a.shape[0]
+    return a if short == 0 else jnp.concatenate([a, jnp.repeat(a[:1], short, axis=0)], axis=0)
+
+
+def accuracy(logits_fn: LogitsFn, xs: Array, ys: Array, *, batch_size: int | None = None) -> float:
+    """Fraction of examples whose argmax logit equals the label (Python float), in chunks of ``batch_size``."""
+    return robust_accuracy(logits_fn, xs, ys, attack=None, batch_size=batch_size)
+
+
+def robust_accuracy(
+    logits_fn: LogitsFn,
+    xs: Array,
+    ys: Array,
+    *,
+    attack: Callable[..., Array] | None,
+    key: PRNGKey | None = None,
+    batch_size: int | None = None,
+) -> float:
+    """Accuracy on ``attack(logits_fn, xs, ys, key=...)`` (clean accuracy when ``attack`` is None).
+
+    ``attack`` takes ``(logits_fn, xs, ys)`` and, when ``key`` is given, ``key=`` (e.g.
+    ``functools.partial(pgd, norm="l2", eps=2.0, step_size=0.25, num_steps=100)``, or
+    ``lambda f, x, y, key: gaussian_noise(x, key=key, std=1.0)``). Runs outside jit: the attack and
+    the model are jitted once and applied to chunks of ``batch_size`` examples (the last chunk is
+    padded, so there is a single compilation); chunk ``c`` uses ``fold_in(key, c)``.
+    """
+    _check_inputs(xs, ys)
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
+
+    def correct(x, y, k):
+        if attack is not None:
+            x = attack(logits_fn, x, y) if k is None else attack(logits_fn, x, y, key=k)
+        return jnp.argmax(logits_fn(x), axis=-1) == y
+
+    correct_jit = jax.jit(correct)
+    total = 0
+    for c, (start, stop, size) in enumerate(_chunks(xs.shape[0], batch_size)):
+        k = None if key is None else jax.random.fold_in(key, c)
+        hits = correct_jit(_pad(xs[start:stop], size), _pad(ys[start:stop], size), k)
+        total += int(jnp.sum(hits[: stop - start]))
+    return total / xs.shape[0]
