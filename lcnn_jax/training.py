@@ -52,12 +52,15 @@ class TrainState(train_state.TrainState):
       rng: base key; step ``t`` uses ``jax.random.fold_in(rng, t)`` (so a resumed run draws the same keys).
       diverged_at: -1, or the first step whose loss was not finite (the state is frozen from then on, so the host
         can check this flag only at logging time without losing the last good parameters).
+      epoch_accuracy_sum: sum of the batch training accuracies since the epoch began (for the regularizers'
+        ``epoch_end`` hooks; kept in the state so a resumed run sees the same epoch accuracy).
     """
 
     model_state: PyTree = struct.field(default_factory=dict)
     reg_state: tuple = ()
     rng: PRNGKey = None
     diverged_at: Array = None
+    epoch_accuracy_sum: Array = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,7 +141,8 @@ def create_train_state(model, tx: optax.GradientTransformation, regularizers: Se
     reg_keys = jax.random.split(k_reg, max(len(regularizers), 1))
     reg_state = tuple(r.init(k, params, sample_batch) for r, k in zip(regularizers, reg_keys))
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, model_state=variables,
-                             reg_state=reg_state, rng=k_rng, diverged_at=jnp.asarray(-1, jnp.int32))
+                             reg_state=reg_state, rng=k_rng, diverged_at=jnp.asarray(-1, jnp.int32),
+                             epoch_accuracy_sum=jnp.zeros((), jnp.float32))
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -182,7 +186,8 @@ def make_train_step(model, regularizers: Sequence[Regularizer]) -> Callable[[Tra
         # Freeze on divergence: keep every leaf of the old state except the step counter and the flag.
         frozen = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
         frozen = frozen.replace(step=state.step + 1,
-                                diverged_at=jnp.where(ok | (state.diverged_at >= 0), state.diverged_at, state.step))
+                                diverged_at=jnp.where(ok | (state.diverged_at >= 0), state.diverged_at, state.step),
+                                epoch_accuracy_sum=state.epoch_accuracy_sum + metrics["accuracy"])
         metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
         return frozen, metrics
 
@@ -485,6 +490,8 @@ def fit(config, workdir: str) -> dict:
                 local = {k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in b.items()}
                 state, metrics = train_step(state, shard_batch(local, mesh))
                 step += 1
+                if step % steps_per_epoch == 0:
+                    state = _epoch_end(state, regularizers, steps_per_epoch, epoch, mesh)
                 bar.update(1)
                 if step % log_every == 0 or step == total_steps:
                     check_finite(state, step)
@@ -513,6 +520,17 @@ def fit(config, workdir: str) -> dict:
     if pid == 0:
         write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results
+
+
+def _epoch_end(state: TrainState, regularizers: Sequence[Regularizer], steps_per_epoch: int, epoch: int,
+               mesh: Mesh) -> TrainState:
+    """Run the regularizers' ``epoch_end`` hooks with the epoch's mean batch training accuracy, then reset the
+    accumulator. Both live in the (checkpointed) state, so a resumed run takes the same decisions."""
+    hooks = [r.epoch_end for r in regularizers]
+    acc = state.epoch_accuracy_sum / steps_per_epoch
+    reg_state = tuple(h(s, acc, epoch) if h is not None else s for h, s in zip(hooks, state.reg_state))
+    return state.replace(reg_state=replicate(reg_state, mesh),
+                         epoch_accuracy_sum=replicate(jnp.zeros((), jnp.float32), mesh))
 
 
 def _previous_wall_time(workdir: str) -> float:

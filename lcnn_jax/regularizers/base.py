@@ -24,12 +24,21 @@ InitFn = Callable[[PRNGKey, Params, Batch], PyTree]
 LossFn = Callable[[Params, PyTree, Batch, PRNGKey, ApplyFn], "tuple[Array, PyTree, dict[str, Array]]"]
 
 
+EpochEndFn = Callable[[PyTree, Array, int], PyTree]
+
+
 class Regularizer(NamedTuple):
-    """A named ``(init, loss)`` pair; see the module docstring for the contract."""
+    """A named ``(init, loss)`` pair; see the module docstring for the contract.
+
+    ``epoch_end(state, train_accuracy, epoch) -> state`` (optional) runs on the host after every epoch with the
+    epoch's mean training accuracy (a float32 scalar array); CLIP's discrepancy principle uses it to move its
+    coefficient. It must keep every leaf's shape and dtype, so the compiled step is reused.
+    """
 
     name: str
     init: InitFn
     loss: LossFn
+    epoch_end: EpochEndFn | None = None
 
 
 def empty_state(coeff: Any = None) -> dict:
