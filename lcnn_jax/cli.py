@@ -1,6 +1,7 @@
 """The ``lcnn-jax`` command: a thin layer over the library (nothing in the library reads flags).
 
     lcnn-jax train --config experiments/configs/quickstart.py --workdir runs/quickstart [--config.a.b=value ...]
+    lcnn-jax measure --workdir runs/quickstart [--config.measure.num_examples=512 ...]
 
 Exit codes: 0 success; 2 bad usage, config or dataset (one-paragraph message, no traceback); 3 training diverged.
 """
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="Override any config key with --config.KEY=VALUE, e.g. --config.train.num_epochs=2")
     t.add_argument("--config", required=True, help="Python file with get_config() (optionally path.py:arg)")
     t.add_argument("--workdir", required=True, help="directory for checkpoints, metrics log and results")
+    m = sub.add_parser("measure", help="measure a trained run (smoothness, curvature, Lipschitz, robustness)",
+                       epilog="Override measurement settings with --config.measure.KEY=VALUE, e.g. "
+                              "--config.measure.num_examples=512 --config.measure.test_data=mnist "
+                              "--config.measure.test_data_dir=../shared/data/mnist")
+    m.add_argument("--workdir", required=True, help="the --workdir of a training run")
     return p
 
 
@@ -71,7 +77,16 @@ def main(argv: list[str] | None = None) -> int:
 
             results = fit(_load(args, overrides), args.workdir)
             print(_summary(results, args.workdir))
-    except (ConfigError, DatasetError) as e:
+        elif args.command == "measure":
+            from lcnn_jax.report import format_report, measure_workdir
+
+            bad = [o for o in overrides if not o.startswith("measure.")]
+            if bad:
+                return _usage_error(f"measure only takes --config.measure.* overrides, got {bad}.")
+            rep = measure_workdir(args.workdir, overrides)
+            print(format_report(rep))
+            print(f"  measures: {args.workdir}/measures.json")
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
         return _usage_error(str(e))
     except TrainingDiverged as e:
         print(f"lcnn-jax: {e}", file=sys.stderr)
