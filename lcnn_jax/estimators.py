@@ -201,7 +201,8 @@ def auto_unroll(num_iters: int, unroll: int | bool | None = None) -> int | bool:
 
 
 def hutchinson_trace(
-    matvec: MatVec, key: PRNGKey, like: PyTree, num_probes: int, *, batch_size: int | None = None
+    matvec: MatVec, key: PRNGKey, like: PyTree, num_probes: int, *, batch_size: int | None = None,
+    unroll: int | bool | None = None,
 ) -> tuple[Array, Array]:
     """Hutchinson estimate of ``tr(A)``: mean of ``z^T A z`` over Rademacher probes ``z``.
 
@@ -210,6 +211,8 @@ def hutchinson_trace(
     unknown). Probes are drawn with the pytree structure of ``like`` from ``fold_in(key, i)`` and
     evaluated sequentially with ``lax.map`` (``batch_size`` probes at a time if given), so memory
     is that of ``batch_size`` matvecs, not ``num_probes``. Cost: ``num_probes`` matvecs.
+    Without ``batch_size`` the probe loop is a ``lax.scan`` unrolled by ``auto_unroll(num_probes, unroll)``:
+    on XLA:CPU a convolutional network's HVP ran ~25x slower inside a rolled loop than unrolled.
     """
     num_probes = _check_positive_int(num_probes, "num_probes")
     batch_size = _check_positive_int(batch_size, "batch_size", allow_none=True)
@@ -219,7 +222,11 @@ def hutchinson_trace(
         z = tree_rademacher(jax.random.fold_in(key, i), like)
         return tree_vdot(z, matvec(z))
 
-    samples = lax.map(sample, jnp.arange(num_probes), batch_size=batch_size)
+    if batch_size is None:
+        _, samples = lax.scan(lambda c, i: (c, sample(i)), None, jnp.arange(num_probes),
+                              unroll=auto_unroll(num_probes, unroll))
+    else:
+        samples = lax.map(sample, jnp.arange(num_probes), batch_size=batch_size)
     estimate = jnp.mean(samples)
     if num_probes == 1:
         return estimate, jnp.zeros_like(estimate)
@@ -252,7 +259,8 @@ class LanczosResult(NamedTuple):
 
 
 def lanczos(
-    matvec: MatVec, key: PRNGKey, like: PyTree, num_iters: int, *, v0: PyTree | None = None
+    matvec: MatVec, key: PRNGKey, like: PyTree, num_iters: int, *, v0: PyTree | None = None,
+    unroll: int | bool | None = None,
 ) -> LanczosResult:
     """Lanczos tridiagonalisation with full reorthogonalisation.
 
@@ -264,7 +272,8 @@ def lanczos(
     from T, so they add eigenvalue 0 with zero quadrature weight.
 
     Cost: ``m = num_iters`` matvecs plus ``O(m^2 n)`` flops; memory ``m * n`` floats for the basis.
-    Vectors are under ``stop_gradient`` (no gradients flow through the result).
+    Vectors are under ``stop_gradient`` (no gradients flow through the result). The loop is unrolled
+    by ``auto_unroll(num_iters, unroll)`` (see :func:`hutchinson_trace` for why).
     """
     num_iters = _check_positive_int(num_iters, "num_iters")
     _check_float_tree(like, "like")
@@ -308,7 +317,7 @@ def lanczos(
         basis = basis.at[j + 1].set(q_next, mode="drop")
         return basis, alphas, betas
 
-    basis, alphas, betas = lax.fori_loop(0, m, body, (basis, alphas, betas))
+    basis, alphas, betas = lax.fori_loop(0, m, body, (basis, alphas, betas), unroll=auto_unroll(m, unroll))
     return LanczosResult(alphas=alphas, betas=betas[:-1], last_beta=betas[-1], basis=basis)
 
 
@@ -347,6 +356,7 @@ def lanczos_top_eigenvalues(
     *,
     which: str = "largest",
     v0: PyTree | None = None,
+    unroll: int | bool | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator from ``num_iters`` Lanczos steps (Ritz pairs).
 
@@ -360,7 +370,7 @@ def lanczos_top_eigenvalues(
         raise ValueError(f"k={k} eigenvalues need num_iters >= k Lanczos steps, got num_iters={num_iters}.")
     if which not in ("largest", "magnitude"):
         raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}.")
-    res = lanczos(matvec, key, like, num_iters, v0=v0)
+    res = lanczos(matvec, key, like, num_iters, v0=v0, unroll=unroll)
     theta, s, live = _ritz(res)
     score = jnp.where(live, theta if which == "largest" else jnp.abs(theta), -jnp.inf)
     order = jnp.argsort(-score)[:k]

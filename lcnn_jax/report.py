@@ -45,9 +45,9 @@ def measure_defaults() -> ml_collections.ConfigDict:
         curvature_iters=10,  # LCNN protocol
         stability_noise=0.01,  # std of the Gaussian noise for gradient stability
         lipschitz_iters=20,
-        hessian_examples=512,  # training examples in the loss whose parameter Hessian is measured
-        hessian_probes=20,  # Hutchinson probes
-        hessian_lanczos_iters=30,
+        hessian_examples=256,  # training examples in the loss whose parameter Hessian is measured
+        hessian_probes=10,  # Hutchinson probes
+        hessian_lanczos_iters=20,
         pgd_linf_eps=(0.1,),
         pgd_l2_eps=(1.0, 2.0),
         pgd_steps=20,

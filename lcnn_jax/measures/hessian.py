@@ -46,6 +46,7 @@ def hessian_trace(
     key: PRNGKey,
     num_probes: int = 100,
     batch_size: int | None = None,
+    unroll: int | bool | None = None,
 ) -> tuple[Array, Array]:
     """Hutchinson estimate of ``tr(d^2 loss / d params^2)``: returns ``(estimate, standard_error)``.
 
@@ -54,7 +55,7 @@ def hessian_trace(
     so memory is one linearisation plus ``batch_size`` HVPs. Cost: ``num_probes`` HVPs.
     """
     num_probes = check_positive_int(num_probes, "num_probes")
-    return hutchinson_trace(_hvp(loss_fn, params), key, params, num_probes, batch_size=batch_size)
+    return hutchinson_trace(_hvp(loss_fn, params), key, params, num_probes, batch_size=batch_size, unroll=unroll)
 
 
 def hessian_top_eigenvalues(
@@ -65,6 +66,7 @@ def hessian_top_eigenvalues(
     k: int = 1,
     num_iters: int | None = None,
     which: str = "largest",
+    unroll: int | bool | None = None,
 ) -> EigenResult:
     """Top-``k`` Hessian eigenpairs by Lanczos with full reorthogonalisation.
 
@@ -76,7 +78,7 @@ def hessian_top_eigenvalues(
     """
     k = check_positive_int(k, "k")
     num_iters = max(2 * k + 20, 30) if num_iters is None else check_positive_int(num_iters, "num_iters")
-    return lanczos_top_eigenvalues(_hvp(loss_fn, params), key, params, k, num_iters, which=which)
+    return lanczos_top_eigenvalues(_hvp(loss_fn, params), key, params, k, num_iters, which=which, unroll=unroll)
 
 
 def hessian_spectral_density(
