@@ -56,6 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     # name -> kwargs of lcnn_jax.regularizers.make_regularizer, e.g. {"datagrad": {"coeff": 1e-3}}
     c.regularizers = ml_collections.ConfigDict()
+    # Read only by lcnn_jax.sweep.fit_sweep_from_config (one vmapped program for seeds x grid points); `fit`
+    # ignores it. seeds=() means (seed,). grid: regularizer name -> state key -> values, e.g.
+    # --config.sweep.grid.datagrad.coeff="(0.0, 1e-3, 1e-2)". data_order: "per_seed" | "shared".
+    c.sweep = ml_collections.ConfigDict(dict(seeds=(), grid=ml_collections.ConfigDict(), data_order="per_seed"))
     return c
 
 
@@ -83,7 +87,7 @@ def _parse_value(text: str):
         return text  # a bare string such as `sgd`
 
 
-OPEN_SECTIONS = ("regularizers", "model.kwargs")  # free-form dictionaries: new keys are allowed there
+OPEN_SECTIONS = ("regularizers", "model.kwargs", "sweep.grid")  # free-form dictionaries: new keys are allowed there
 
 
 def _is_open(path: str) -> bool:
@@ -93,7 +97,7 @@ def _is_open(path: str) -> bool:
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
     """Apply ``["a.b=value", ...]`` in place. Values are Python literals (``0.1``, ``(64, 64)``, ``None``,
     ``{'coeff': 0.01}``) or bare strings. An unknown key or a value of the wrong type raises ConfigError,
-    except inside ``regularizers`` and ``model.kwargs``, which are open dictionaries."""
+    except inside ``regularizers``, ``model.kwargs`` and ``sweep.grid``, which are open dictionaries."""
     for item in overrides:
         key, eq, text = item.partition("=")
         if not eq or not key:

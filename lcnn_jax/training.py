@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -251,11 +252,12 @@ def jit_train_step(step_fn, mesh: Mesh):
     return jax.jit(step_fn, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def evaluate(state: TrainState, eval_step, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-             mesh: Mesh) -> dict:
-    """Accuracy and mean cross-entropy over a whole split; the last batch is padded and masked."""
-    n_dev = mesh.devices.size
-    batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
+def evaluation_totals(eval_batch: Callable[[dict], dict], images: np.ndarray, labels: np.ndarray, *,
+                      batch_size: int) -> dict:
+    """Sum ``eval_batch(batch)`` (``{"loss_sum", "correct", "count"}``) over a whole split in batches of
+    ``batch_size``; the last batch is padded to that size and masked (``batch["mask"]``), so one compiled shape
+    serves every batch. Returns float64 NumPy totals of whatever shape ``eval_batch`` returns (scalars for one
+    model, ``(K,)`` for a vmapped sweep of K members)."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for start in range(0, len(images), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
@@ -264,11 +266,22 @@ def evaluate(state: TrainState, eval_step, images: np.ndarray, labels: np.ndarra
         if pad:
             x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        out = eval_step(state, shard_batch({"image": x, "label": y, "mask": mask}, mesh))
+        out = jax.device_get(eval_batch({"image": x, "label": y, "mask": mask}))
         for k in totals:
-            totals[k] += float(out[k])
-    n = max(totals["count"], 1.0)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n, "count": int(totals["count"])}
+            totals[k] = totals[k] + np.asarray(out[k], np.float64)
+    return totals
+
+
+def evaluate(state: TrainState, eval_step, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+             mesh: Mesh) -> dict:
+    """Accuracy and mean cross-entropy over a whole split; the last batch is padded and masked."""
+    n_dev = mesh.devices.size
+    batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
+    totals = evaluation_totals(lambda b: eval_step(state, shard_batch(b, mesh)), images, labels,
+                               batch_size=batch_size)
+    n = max(float(totals["count"]), 1.0)
+    return {"accuracy": float(totals["correct"]) / n, "loss": float(totals["loss_sum"]) / n,
+            "count": int(totals["count"])}
 
 
 def jit_eval_step(eval_fn, mesh: Mesh):
@@ -359,10 +372,10 @@ class Checkpointer:
 # The fit loop
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool, desc: str = "train"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train", unit="step")
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc=desc, unit="step")
 
 
 def build_regularizers(reg_cfg, info) -> list[Regularizer]:
@@ -377,6 +390,138 @@ def build_regularizers(reg_cfg, info) -> list[Regularizer]:
         except ValueError as e:
             raise ConfigError(f"regularizers.{name}: {e}") from e
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """Everything a training run builds from its config before the first step (shared by :func:`fit` and
+    :func:`lcnn_jax.sweep.fit_sweep`, so a sweep member is set up exactly like a single run).
+
+    Attributes:
+      info, train, test: the dataset description and its (possibly subset) splits, in host memory.
+      model, regularizers, tx, schedule: the Flax model, the regularizer list, the optax optimizer and its schedule.
+      mesh: the one-axis ``("data",)`` mesh over every device.
+      batch_size, local_bs: the global batch and this host's slice of it.
+      steps_per_epoch, total_steps: the loop's length (``train.num_steps`` or ``num_epochs * steps_per_epoch``).
+      sample: a host-local batch for initialisation.
+      step_fn: the un-jitted ``step(state, batch) -> (state, metrics)`` (with CIFAR augmentation when configured).
+      eval_fn: the un-jitted ``eval_step(state, batch) -> {"loss_sum", "correct", "count"}``.
+    """
+
+    info: Any
+    train: Any
+    test: Any
+    model: Any
+    regularizers: tuple
+    tx: Any
+    schedule: Any
+    mesh: Any
+    batch_size: int
+    local_bs: int
+    steps_per_epoch: int
+    total_steps: int
+    sample: Any
+    step_fn: Any
+    eval_fn: Any
+
+
+def prepare_run(config) -> RunSetup:
+    """Validate ``config``, load the data, build model, regularizers, optimizer and the step functions.
+
+    Raises:
+      ConfigError: a bad configuration value (message names the key).
+      lcnn_jax.data.DatasetError: the dataset cannot be found.
+    """
+    from lcnn_jax import data as data_lib
+    from lcnn_jax.configs import validate_config
+    from lcnn_jax.nn import make_model
+
+    validate_config(config)
+    maybe_initialize_distributed()
+    dcfg, tcfg = config.data, config.train
+    info = data_lib.dataset_info(dcfg.name)
+    train = data_lib.load_split(dcfg.name, "train", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
+    test = data_lib.load_split(dcfg.name, "test", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
+    if dcfg.get("train_size"):
+        try:
+            train = data_lib.subset(train, int(dcfg.train_size), seed=int(dcfg.get("subset_seed", 0)))
+        except ValueError as e:
+            raise ConfigError(f"data.train_size={dcfg.train_size}: {e}") from e
+
+    mesh = data_mesh()
+    batch_size = int(tcfg.batch_size)
+    if batch_size % mesh.devices.size:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {mesh.devices.size} devices; "
+                          f"use a multiple of {mesh.devices.size}.")
+    if batch_size > len(train.images):
+        raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(train.images)} training examples.")
+    local_bs = batch_size // jax.process_count()
+    steps_per_epoch = len(train.images) // batch_size
+    total_steps = int(tcfg.get("num_steps") or int(tcfg.num_epochs) * steps_per_epoch)
+
+    model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
+    regularizers = build_regularizers(config.get("regularizers"), info)
+    sample = {"image": train.images[:local_bs], "label": train.labels[:local_bs]}
+    abstract_params = jax.eval_shape(
+        lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), jax.random.PRNGKey(0))["params"]
+    tx, schedule = make_optimizer(config.optim, total_steps, abstract_params)
+
+    step_fn = make_train_step(model, regularizers)
+    if dcfg.get("augment", False):
+        base_step, augment = step_fn, data_lib.augment_cifar
+
+        def step_fn(st, b):  # augmentation inside the compiled step, keyed by the step
+            k = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 10_007)
+            return base_step(st, {**b, "image": augment(k, b["image"])})
+
+    return RunSetup(info=info, train=train, test=test, model=model, regularizers=tuple(regularizers), tx=tx,
+                    schedule=schedule, mesh=mesh, batch_size=batch_size, local_bs=local_bs,
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, sample=sample, step_fn=step_fn,
+                    eval_fn=make_eval_step(model))
+
+
+def _train_loop(state, *, setup: RunSetup, tcfg, start: int, epoch_batches, train_step, epoch_end, check,
+                summarize, run_eval, ckpt, log, bar, elapsed_before: float):
+    """The resumable loop shared by :func:`fit` and :func:`lcnn_jax.sweep.fit_sweep`, from step ``start`` to
+    ``setup.total_steps``.
+
+    The caller supplies what differs between one run and a stacked sweep:
+    ``epoch_batches(epoch, start_batch)`` yields device batches; ``train_step(state, batch) -> (state, metrics)``;
+    ``epoch_end(state, epoch) -> state`` (regularizer hooks); ``check(state, step)`` (a single run raises on
+    divergence, a sweep only notes it); ``summarize(metrics) -> (record, progress_postfix)``;
+    ``run_eval(state, step)``. Returns ``(state, step, train_wall_time_s)``.
+    """
+    spe, total_steps = setup.steps_per_epoch, setup.total_steps
+    log_every = int(tcfg.get("log_every", 50))
+    eval_every = int(tcfg.get("eval_every", 0) or 0)
+    ckpt_every = int(tcfg.get("checkpoint_every", 500))
+    t_train = time.time()
+    step = start
+    for epoch in itertools.count(start // spe):
+        if step >= total_steps:
+            break
+        for batch in epoch_batches(epoch, step - epoch * spe):
+            state, metrics = train_step(state, batch)
+            step += 1
+            if step % spe == 0:
+                state = epoch_end(state, epoch)
+            bar.update(1)
+            if step % log_every == 0 or step == total_steps:
+                check(state, step)
+                rec, postfix = summarize(metrics)
+                rec.update(step=step, epoch=epoch, learning_rate=float(setup.schedule(step - 1)),
+                           wall_time_s=elapsed_before + time.time() - t_train)
+                log.write(rec)
+                bar.set_postfix(**postfix)
+            if eval_every and step % eval_every == 0 and step != total_steps:
+                run_eval(state, step)
+            if step % ckpt_every == 0 or step == total_steps:
+                check(state, step)
+                ckpt.save(step, state)
+            if step >= total_steps:
+                break
+    check(state, step)
+    return state, step, elapsed_before + time.time() - t_train
 
 
 def fit(config, workdir: str) -> dict:
@@ -399,43 +544,14 @@ def fit(config, workdir: str) -> dict:
 
     t_start = time.time()
     validate_config(config)
-    maybe_initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    setup = prepare_run(config)
+    tcfg, mesh, train, test = config.train, setup.mesh, setup.train, setup.test
+    pid, local_bs = jax.process_index(), setup.local_bs
 
-    dcfg, tcfg = config.data, config.train
-    info = data_lib.dataset_info(dcfg.name)
-    train = data_lib.load_split(dcfg.name, "train", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
-    test = data_lib.load_split(dcfg.name, "test", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
-    if dcfg.get("train_size"):
-        try:
-            train = data_lib.subset(train, int(dcfg.train_size), seed=int(dcfg.get("subset_seed", 0)))
-        except ValueError as e:
-            raise ConfigError(f"data.train_size={dcfg.train_size}: {e}") from e
-
-    mesh = data_mesh()
-    n_proc, pid = jax.process_count(), jax.process_index()
-    batch_size = int(tcfg.batch_size)
-    if batch_size % mesh.devices.size:
-        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {mesh.devices.size} devices; "
-                          f"use a multiple of {mesh.devices.size}.")
-    if batch_size > len(train.images):
-        raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(train.images)} training examples.")
-    local_bs = batch_size // n_proc
-    steps_per_epoch = len(train.images) // batch_size
-    total_steps = int(tcfg.get("num_steps") or int(tcfg.num_epochs) * steps_per_epoch)
-
-    from lcnn_jax.nn import make_model
-
-    model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
-    regularizers = build_regularizers(config.get("regularizers"), info)
-    sample = {"image": train.images[:local_bs], "label": train.labels[:local_bs]}
-    key = jax.random.PRNGKey(int(config.seed))
-    abstract_params = jax.eval_shape(
-        lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), key)["params"]
-    tx, schedule = make_optimizer(config.optim, total_steps, abstract_params)
-    state = create_train_state(model, tx, regularizers, key, sample)
-
+    state = create_train_state(setup.model, setup.tx, setup.regularizers, jax.random.PRNGKey(int(config.seed)),
+                               setup.sample)
     ckpt = Checkpointer(workdir, max_to_keep=int(tcfg.get("keep_checkpoints", 2)))
     start_step = ckpt.latest_step()
     if start_step is not None:
@@ -444,18 +560,14 @@ def fit(config, workdir: str) -> dict:
     start = int(state.step)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start if start_step is not None else None)
 
-    augment = data_lib.augment_cifar if dcfg.get("augment", False) else None
-    step_fn = make_train_step(model, regularizers)
-    if augment is not None:
-        base_step = step_fn
-
-        def step_fn(st, b):  # augmentation inside the compiled step, keyed by the step
-            k = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 10_007)
-            return base_step(st, {**b, "image": augment(k, b["image"])})
-
-    train_step = jit_train_step(step_fn, mesh)
-    eval_step = jit_eval_step(make_eval_step(model), mesh)
+    train_step = jit_train_step(setup.step_fn, mesh)
+    eval_step = jit_eval_step(setup.eval_fn, mesh)
     ev_bs = int(tcfg.get("eval_batch_size", 500))
+
+    def epoch_batches(epoch, start_batch):
+        for b in data_lib.batches(train, setup.batch_size, seed=int(config.seed), epoch=epoch, shuffle=True,
+                                  drop_remainder=True, start_batch=start_batch):
+            yield shard_batch({k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in b.items()}, mesh)
 
     def run_eval(st, step):
         res = {}
@@ -474,46 +586,25 @@ def fit(config, workdir: str) -> dict:
                 f"(step {last}) is kept in {os.path.join(workdir, 'checkpoints')}. Lower optim.learning_rate, "
                 f"the regularizer coefficients, or use gradient clipping, then rerun in a fresh --workdir.")
 
-    log_every = int(tcfg.get("log_every", 50))
-    eval_every = int(tcfg.get("eval_every", 0) or 0)
-    ckpt_every = int(tcfg.get("checkpoint_every", 500))
-    t_train = time.time()
+    def summarize(metrics):
+        rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        return rec, {"loss": f"{rec['loss']:.3f}", "acc": f"{rec['accuracy']:.3f}"}
+
+    def epoch_end(st, epoch):
+        return _epoch_end(st, setup.regularizers, setup.steps_per_epoch, epoch, mesh)
+
     elapsed_before = _previous_wall_time(workdir) if start else 0.0
-    bar = _progress(total_steps, start, bool(tcfg.get("progress", True)) and pid == 0)
-    step, metrics = start, None
+    bar = _progress(setup.total_steps, start, bool(tcfg.get("progress", True)) and pid == 0)
     try:
-        for epoch in itertools.count(start // steps_per_epoch):
-            if step >= total_steps:
-                break
-            for b in data_lib.batches(train, batch_size, seed=int(config.seed), epoch=epoch, shuffle=True,
-                                      drop_remainder=True, start_batch=step - epoch * steps_per_epoch):
-                local = {k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in b.items()}
-                state, metrics = train_step(state, shard_batch(local, mesh))
-                step += 1
-                if step % steps_per_epoch == 0:
-                    state = _epoch_end(state, regularizers, steps_per_epoch, epoch, mesh)
-                bar.update(1)
-                if step % log_every == 0 or step == total_steps:
-                    check_finite(state, step)
-                    rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    rec.update(step=step, epoch=epoch, learning_rate=float(schedule(step - 1)),
-                               wall_time_s=elapsed_before + time.time() - t_train)
-                    log.write(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}")
-                if eval_every and step % eval_every == 0 and step != total_steps:
-                    run_eval(state, step)
-                if step % ckpt_every == 0 or step == total_steps:
-                    check_finite(state, step)
-                    ckpt.save(step, state)
-                if step >= total_steps:
-                    break
-        check_finite(state, step)
+        state, step, train_time = _train_loop(
+            state, setup=setup, tcfg=tcfg, start=start, epoch_batches=epoch_batches, train_step=train_step,
+            epoch_end=epoch_end, check=check_finite, summarize=summarize, run_eval=run_eval, ckpt=ckpt, log=log,
+            bar=bar, elapsed_before=elapsed_before)
     finally:
         bar.close()
         ckpt.close()
-    train_time = elapsed_before + time.time() - t_train
     final = run_eval(state, step)
-    results = {**final, "steps": step, "epochs": step / steps_per_epoch, "wall_time_s": train_time,
+    results = {**final, "steps": step, "epochs": step / setup.steps_per_epoch, "wall_time_s": train_time,
                "total_time_s": time.time() - t_start, "num_devices": int(mesh.devices.size),
                "num_train": len(train.images), "num_test": len(test.images),
                "devices": str(jax.devices()[0].platform), "config": config.to_dict()}
@@ -522,13 +613,20 @@ def fit(config, workdir: str) -> dict:
     return results
 
 
+def apply_epoch_end_hooks(reg_state: tuple, regularizers: Sequence[Regularizer], accuracy: Array,
+                          epoch: int) -> tuple:
+    """One run's regularizer states after their ``epoch_end(state, accuracy, epoch)`` hooks (identity where a
+    regularizer has none)."""
+    return tuple(r.epoch_end(s, accuracy, epoch) if r.epoch_end is not None else s
+                 for r, s in zip(regularizers, reg_state))
+
+
 def _epoch_end(state: TrainState, regularizers: Sequence[Regularizer], steps_per_epoch: int, epoch: int,
                mesh: Mesh) -> TrainState:
     """Run the regularizers' ``epoch_end`` hooks with the epoch's mean batch training accuracy, then reset the
     accumulator. Both live in the (checkpointed) state, so a resumed run takes the same decisions."""
-    hooks = [r.epoch_end for r in regularizers]
     acc = state.epoch_accuracy_sum / steps_per_epoch
-    reg_state = tuple(h(s, acc, epoch) if h is not None else s for h, s in zip(hooks, state.reg_state))
+    reg_state = apply_epoch_end_hooks(state.reg_state, regularizers, acc, epoch)
     return state.replace(reg_state=replicate(reg_state, mesh),
                          epoch_accuracy_sum=replicate(jnp.zeros((), jnp.float32), mesh))
 
@@ -542,29 +640,40 @@ def _previous_wall_time(workdir: str) -> float:
     return float(recs[-1]["wall_time_s"]) if recs else 0.0
 
 
-def load_trained(workdir: str):
-    """Rebuild ``(config, model, state, dataset_info)`` from a finished or interrupted run's ``workdir``
-    (the latest checkpoint), for measurement."""
+def read_config(workdir: str):
+    """The resolved ``config.json`` of a run (or sweep) in ``workdir`` as a ``ConfigDict``."""
     import ml_collections
-
-    from lcnn_jax import data as data_lib
-    from lcnn_jax.nn import make_model
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No trained run in {workdir!r} (config.json missing): run `lcnn-jax train "
                                 f"--config ... --workdir {workdir}` first.")
     with open(path) as fh:
-        config = ml_collections.ConfigDict(json.load(fh))
+        return ml_collections.ConfigDict(json.load(fh))
+
+
+def template_state(config, *, key: PRNGKey | None = None):
+    """``(model, state, dataset_info)``: a freshly initialised train state with the structure of ``config``'s run
+    (what a checkpoint is restored into), built from a one-example dummy batch without loading data."""
+    from lcnn_jax import data as data_lib
+    from lcnn_jax.nn import make_model
+
     info = data_lib.dataset_info(config.data.name)
     model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
     regularizers = build_regularizers(config.get("regularizers"), info)
     shape = (1,) + tuple(info.image_shape)
     sample = {"image": np.zeros(shape, np.float32), "label": np.zeros((1,), np.int32)}
-    key = jax.random.PRNGKey(int(config.seed))
+    key = jax.random.PRNGKey(int(config.seed)) if key is None else key
     abstract_params = jax.eval_shape(lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), key)["params"]
     tx, _ = make_optimizer(config.optim, 1, abstract_params)
-    state = create_train_state(model, tx, regularizers, key, sample)
+    return model, create_train_state(model, tx, regularizers, key, sample), info
+
+
+def load_trained(workdir: str):
+    """Rebuild ``(config, model, state, dataset_info)`` from a finished or interrupted run's ``workdir``
+    (the latest checkpoint), for measurement."""
+    config = read_config(workdir)
+    model, state, info = template_state(config)
     ckpt = Checkpointer(workdir)
     try:
         if ckpt.latest_step() is None:
