@@ -21,6 +21,7 @@ REGULARIZERS = {
     "confidence_penalty": "lcnn_jax.regularizers.gradient:confidence_penalty",
     "derivative": "lcnn_jax.regularizers.derivative:derivative",
     "weight_l2": "lcnn_jax.regularizers.weight:weight_l2",
+    "clip": "lcnn_jax.regularizers.clip:clip",
 }
 
 
