@@ -94,9 +94,9 @@ def model_functions(model, variables) -> tuple[Callable, Callable, Callable]:
     return f, loss_fn, logits_fn
 
 
-def per_example_measures(model, variables, xs, ys, cfg, key, batch_size) -> dict:
-    """Jacobian Frobenius norm (exact), LCNN curvature / Hessian norm / gradient norm, gradient stability and the
-    local Lipschitz estimate, per example, as ``{item: {"mean", "std", "n"}}``."""
+def per_example_fn(model, cfg) -> Callable:
+    """The jitted ``run(variables, xs, ys, key) -> {item: (B,)}`` of the per-example items (compile once, apply
+    to every chunk of every split)."""
 
     @jax.jit
     def run(variables, xs, ys, key):
@@ -108,6 +108,13 @@ def per_example_measures(model, variables, xs, ys, cfg, key, batch_size) -> dict
                 "gradient_stability": gradient_stability(loss_fn, xs, ys, key=k2, noise_std=float(cfg.stability_noise)),
                 "local_lipschitz": local_lipschitz(f, xs, key=k3, num_iters=int(cfg.lipschitz_iters))}
 
+    return run
+
+
+def per_example_measures(model, variables, xs, ys, cfg, key, batch_size, run=None) -> dict:
+    """Jacobian Frobenius norm (exact), LCNN curvature / Hessian norm / gradient norm, gradient stability and the
+    local Lipschitz estimate, per example, as ``{item: {"mean", "std", "n"}}``."""
+    run = per_example_fn(model, cfg) if run is None else run
     vals = _chunked(functools.partial(run, variables), xs, ys, key, batch_size)
     return {k: _stats(vals[k]) for k in PER_EXAMPLE_ITEMS}
 
@@ -159,12 +166,13 @@ def measure_state(model, variables, splits: Mapping[str, tuple], cfg, *, key, tr
     if train_for_hessian is not None:
         tasks.append(("parameter_space", "hessian"))
     report: dict = {}
+    run = per_example_fn(model, cfg)
     with tqdm(total=len(tasks), disable=not cfg.get("progress", True), desc="measure", unit="item") as bar:
         for i, (name, part) in enumerate(tasks):
             bar.set_postfix_str(f"{name}/{part}")
             k = jax.random.fold_in(key, i)
             if part == "measures":
-                report.setdefault(name, {}).update(per_example_measures(model, variables, *splits[name], cfg, k, bs))
+                report.setdefault(name, {}).update(per_example_measures(model, variables, *splits[name], cfg, k, bs, run))
             elif part == "robustness":
                 report.setdefault(name, {}).update(robustness(model, variables, *splits[name], cfg, k, bs))
             else:
