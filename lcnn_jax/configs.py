@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
         augment=False,  # random crop (pad 4) + horizontal flip, for CIFAR
         train_size=ml_collections.FieldReference(None, field_type=int),  # stratified subset of the train split
         subset_seed=0,
+        pair_pool_size=0,  # hold out this many training images as CLIP's pair pool (0: pairs from the batches)
     ))
     c.model = ml_collections.ConfigDict(dict(name="small_cnn", kwargs=ml_collections.ConfigDict()))
     c.optim = ml_collections.ConfigDict(dict(

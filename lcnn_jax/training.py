@@ -378,13 +378,16 @@ def _progress(total: int, initial: int, enabled: bool, desc: str = "train"):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc=desc, unit="step")
 
 
-def build_regularizers(reg_cfg, info) -> list[Regularizer]:
-    """Regularizers from ``config.regularizers`` (a dict ``name -> kwargs``), in key order."""
+def build_regularizers(reg_cfg, info, pool_images: np.ndarray | None = None) -> list[Regularizer]:
+    """Regularizers from ``config.regularizers`` (a dict ``name -> kwargs``), in key order. ``pool_images``
+    (held-out training images, see ``data.pair_pool_size``) go to CLIP as its pair pool."""
     from lcnn_jax import regularizers as regs
 
     out = []
     for name, kwargs in (reg_cfg or {}).items():
         kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
+        if name == "clip" and pool_images is not None:
+            kwargs.setdefault("pool_images", pool_images)
         try:
             out.append(regs.make_regularizer(name, dataset_info=info, **kwargs))
         except ValueError as e:
@@ -447,6 +450,13 @@ def prepare_run(config) -> RunSetup:
             train = data_lib.subset(train, int(dcfg.train_size), seed=int(dcfg.get("subset_seed", 0)))
         except ValueError as e:
             raise ConfigError(f"data.train_size={dcfg.train_size}: {e}") from e
+    pool = None
+    if dcfg.get("pair_pool_size"):  # held out of training (CLIP's pair pool), never trained on
+        try:
+            train, held = data_lib.holdout(train, int(dcfg.pair_pool_size), seed=int(dcfg.get("subset_seed", 0)))
+        except ValueError as e:
+            raise ConfigError(f"data.pair_pool_size={dcfg.pair_pool_size}: {e}") from e
+        pool = held.images
 
     mesh = data_mesh()
     batch_size = int(tcfg.batch_size)
@@ -460,7 +470,7 @@ def prepare_run(config) -> RunSetup:
     total_steps = int(tcfg.get("num_steps") or int(tcfg.num_epochs) * steps_per_epoch)
 
     model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
-    regularizers = build_regularizers(config.get("regularizers"), info)
+    regularizers = build_regularizers(config.get("regularizers"), info, pool_images=pool)
     sample = {"image": train.images[:local_bs], "label": train.labels[:local_bs]}
     abstract_params = jax.eval_shape(
         lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), jax.random.PRNGKey(0))["params"]
