@@ -59,7 +59,7 @@ def epoch_acc_recorder():
 @pytest.fixture
 def with_recorder(monkeypatch):
     real = training.build_regularizers
-    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info: real(cfg, info) + [epoch_acc_recorder()])
+    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info, **kw: real(cfg, info, **kw) + [epoch_acc_recorder()])
 
 
 def _leaves_maxdiff(a, b):
@@ -72,7 +72,7 @@ def full_sweep(tmp_path_factory):
     """The reference sweep (2 seeds x 2 spectreg coefficients), launched through the config convention."""
     mp = pytest.MonkeyPatch()
     real = training.build_regularizers
-    mp.setattr(training, "build_regularizers", lambda cfg, info: real(cfg, info) + [epoch_acc_recorder()])
+    mp.setattr(training, "build_regularizers", lambda cfg, info, **kw: real(cfg, info, **kw) + [epoch_acc_recorder()])
     try:
         cfg = tiny_config()
         apply_overrides(cfg, [f"sweep.seeds={SEEDS!r}", f"sweep.grid.spectreg.coeff={COEFFS!r}"])
@@ -186,7 +186,7 @@ def _nan_when_coeff_above_one(after):
 
 
 def test_diverging_member_is_frozen_and_reported_others_finish(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info: [_nan_when_coeff_above_one(4)])
+    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info, **kw: [_nan_when_coeff_above_one(4)])
     cfg = tiny_config(**{"train.keep_checkpoints": 5})
     res = sweep.fit_sweep(cfg, str(tmp_path), seeds=(0,), grid={"nan_if.coeff": (0.0, 2.0)})
     bad = [m for m in res["members"] if m["grid"]["nan_if.coeff"] == 2.0][0]

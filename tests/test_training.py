@@ -94,7 +94,7 @@ def _nan_after(n):
 
 
 def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info: [_nan_after(13)])
+    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info, **kw: [_nan_after(13)])
     cfg = tiny_config()
     with pytest.raises(training.TrainingDiverged, match="step 13"):
         training.fit(cfg, str(tmp_path))
