@@ -2,9 +2,13 @@
 from lcnn_jax.nn.layers import (ACTIVATIONS, NORMS, POOLS, Activation, BatchNorm, Conv, Dense, Identity,
                                 ModuleFactory, activation, normalization, pool2d, resolve_activation,
                                 resolve_norm, softplus_beta)
+from lcnn_jax.nn.lcnn import (LCNN_LAYERS, CenteredSoftplus, LCNNBasicBlock, LipschitzBatchNorm, SpectralConv,
+                              SpectralDense, centered_softplus, lcnn_model_kwargs, make_lcnn_model)
 from lcnn_jax.nn.models import (MLP, MODELS, VGG11, BasicBlock, LeNet, MSLeNet, ResNet, ResNet18, SmallCNN,
                                 make_model)
 
 __all__ = ["ACTIVATIONS", "NORMS", "POOLS", "Activation", "BatchNorm", "Conv", "Dense", "Identity", "ModuleFactory",
            "activation", "normalization", "pool2d", "resolve_activation", "resolve_norm", "softplus_beta", "MLP",
-           "MODELS", "VGG11", "BasicBlock", "LeNet", "MSLeNet", "ResNet", "ResNet18", "SmallCNN", "make_model"]
+           "MODELS", "VGG11", "BasicBlock", "LeNet", "MSLeNet", "ResNet", "ResNet18", "SmallCNN", "make_model",
+           "LCNN_LAYERS", "CenteredSoftplus", "LCNNBasicBlock", "LipschitzBatchNorm", "SpectralConv", "SpectralDense",
+           "centered_softplus", "lcnn_model_kwargs", "make_lcnn_model"]

@@ -3,16 +3,15 @@
 Four drop-in layers for the pluggable-layer protocol of :mod:`lcnn_jax.nn.layers`, each called as
 ``layer(x, train=train)``, and a residual block for :class:`lcnn_jax.nn.models.ResNet`:
 
-=========================  ==================================================================  =============
-layer                      computes                                                            slope, curv.
-=========================  ==================================================================  =============
-:class:`CenteredSoftplus`  ``s(x) = (softplus(b x) - ln 2) / b``, ``b = exp(log_beta) + 1e-3``  ``1``, ``b/4``
-:class:`LipschitzBatchNorm` ``BN(x) * s * min(1/s, gamma)``, ``s = min_c sqrt(var_c + eps)``    ``min(1/s, g)``, 0
-:class:`SpectralConv`      ``conv(x, W) / sigma``, ``sigma`` = operator norm of the convolution  ``1``, 0
-                           as a linear map on images of the real input shape
-:class:`SpectralDense`     ``x @ W / sigma``, ``sigma = ||W||_2``                                 ``1``, 0
-:class:`LCNNBasicBlock`    ``act(0.5 (conv2(act(conv1(x/sqrt2))) + shortcut(x/sqrt2)))``         see below
-=========================  ==================================================================  =============
+* :class:`CenteredSoftplus`: ``s(x) = (softplus(b x) - ln 2) / b``, ``b = exp(log_beta) + 1e-3``;
+  slope in (0, 1), curvature ``|s''| <= b / 4``.
+* :class:`LipschitzBatchNorm`: ``BN(x) * s * min(1/s, gamma)``, ``s = min_c sqrt(running_var_c + eps)``;
+  in eval mode affine with Lipschitz constant ``min(1/s, gamma) <= gamma``.
+* :class:`SpectralConv`: ``conv(x, W) / sigma``, ``sigma`` = operator norm of the convolution as a linear map
+  on images of the real input shape (strides and zero padding included); slope 1, curvature 0.
+* :class:`SpectralDense`: ``x @ W / sigma``, ``sigma = ||W||_2``; slope 1, curvature 0.
+* :class:`LCNNBasicBlock`: ``act(0.5 (conv2(act(conv1(x/sqrt2))) + shortcut(x/sqrt2)))``, each conv followed
+  by the norm.
 
 (slope 1 for the spectral layers once power iteration has converged; the curvature bound in
 :mod:`lcnn_jax.measures.curvature_bound` uses the true norms, so it never relies on convergence.)

@@ -311,7 +311,9 @@ class VGG11(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
-BLOCKS = {"basic": BasicBlock}
+from lcnn_jax.nn import lcnn as _lcnn  # noqa: E402  (lcnn imports only layers: no cycle)
+
+BLOCKS = {"basic": BasicBlock, "lcnn": _lcnn.LCNNBasicBlock}
 
 _REGISTRY: dict = {
     "mlp": (MLP, {"widths": (64, 64)}),  # the CLIP MNIST net 784-64-64-10
@@ -321,6 +323,10 @@ _REGISTRY: dict = {
     "small_cnn": (SmallCNN, {}),
     "resnet18": (ResNet18, {}),
     "vgg11": (VGG11, {}),
+    # LCNN variants (SPEC 1.1): centred softplus, true-norm spectral convs/dense, Lipschitz BN, LCNN block.
+    "lcnn_small_cnn": (SmallCNN, _lcnn.lcnn_model_kwargs("small_cnn")),
+    "lcnn_resnet18": (ResNet18, _lcnn.lcnn_model_kwargs("resnet18")),
+    "lcnn_vgg11": (VGG11, _lcnn.lcnn_model_kwargs("vgg11")),
 }
 MODELS: Tuple[str, ...] = tuple(_REGISTRY)
 

@@ -11,6 +11,7 @@ from lcnn_jax.regularizers.base import Regularizer, empty_state
 from lcnn_jax.regularizers.derivative import derivative
 from lcnn_jax.regularizers.gradient import (confidence_penalty, datagrad, jacobian_penalty, jacreg,
                                             penalty_regularizer, spectreg)
+from lcnn_jax.regularizers.lcnn import cure, lcnn_gradnorm, lcnn_penalty, lcnn_terms
 from lcnn_jax.regularizers.weight import weight_l2
 
 # name -> "module:constructor"; imported lazily so a config error never pays for every import.
@@ -22,6 +23,9 @@ REGULARIZERS = {
     "derivative": "lcnn_jax.regularizers.derivative:derivative",
     "weight_l2": "lcnn_jax.regularizers.weight:weight_l2",
     "clip": "lcnn_jax.regularizers.clip:clip",
+    "lcnn": "lcnn_jax.regularizers.lcnn:lcnn_penalty",
+    "lcnn_gradnorm": "lcnn_jax.regularizers.lcnn:lcnn_gradnorm",
+    "cure": "lcnn_jax.regularizers.lcnn:cure",
 }
 
 
@@ -41,4 +45,4 @@ def make_regularizer(name: str, dataset_info=None, **kwargs) -> Regularizer:
 
 
 __all__ = ["Regularizer", "REGULARIZERS", "empty_state", "make_regularizer", "jacobian_penalty", "datagrad",
-           "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "weight_l2"]
+           "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "weight_l2", "cure", "lcnn_gradnorm", "lcnn_penalty", "lcnn_terms"]
