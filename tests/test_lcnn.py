@@ -1,4 +1,4 @@
-"""Tests for LCNN: lcnn_jax.nn.lcnn, lcnn_jax.measures.curvature_bound, lcnn_jax.regularizers.lcnn, configs.
+"""Tests for LCNN: lcnn_jax.nn.lcnn, lcnn_jax.measures.bounds, lcnn_jax.regularizers.lcnn, configs.
 
 Oracles: closed forms of the centred softplus and its derivatives (NumPy float64); dense Jacobians
 (``jax.jacfwd``) and their SVD for batch norm and the spectrally normalised layers; the transposed
@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax.linen.linear import canonicalize_padding
 
-from lcnn_jax.measures import curvature_bound as cb
+from lcnn_jax.measures import bounds as cb
 from lcnn_jax.nn import layers, lcnn, models
 from lcnn_jax.regularizers import lcnn as lcnn_regs
 

@@ -23,8 +23,12 @@ TINY = {  # small but structurally complete variants of every registered model
     "small_cnn": dict(width_mult=0.125),
     "resnet18": dict(width_mult=1 / 16),
     "vgg11": dict(width_mult=1 / 16),
+    "lcnn_small_cnn": dict(width_mult=0.125),
+    "lcnn_resnet18": dict(width_mult=1 / 16),
+    "lcnn_vgg11": dict(width_mult=1 / 16),
 }
 BN_MODELS = ("resnet18", "vgg11")
+STATEFUL_MODELS = BN_MODELS + ("lcnn_small_cnn", "lcnn_resnet18", "lcnn_vgg11")  # have batch_stats
 
 
 def _count(tree):
@@ -159,10 +163,10 @@ def test_output_shapes(name, shape):
     variables = _shapes(model, shape)
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     assert jax.eval_shape(model.apply, variables, x).shape == (2, 7)
-    if name in BN_MODELS:
+    if name in STATEFUL_MODELS:
         assert "batch_stats" in variables
-        logits_t, upd = jax.eval_shape(functools.partial(model.apply, train=True, mutable=["batch_stats"]),
-                                       variables, x)
+        mutable = [k for k in variables if k != "params"]  # batch_stats (+ spectral vectors for LCNN)
+        logits_t, upd = jax.eval_shape(functools.partial(model.apply, train=True, mutable=mutable), variables, x)
         assert logits_t.shape == (2, 7)
         assert jax.tree_util.tree_structure(upd["batch_stats"]) == \
             jax.tree_util.tree_structure(variables["batch_stats"])

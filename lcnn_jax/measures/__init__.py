@@ -1,7 +1,7 @@
 """What a trained network *is*: Jacobian norms, input curvature, Lipschitz estimates, parameter-space Hessian
 measures and sharpness. Measures take plain functions (one example -> output, or a per-example loss), never
 models; see each module's docstring for formulas and costs."""
-from lcnn_jax.measures.curvature_bound import Bound, CurvatureBound, curvature_bound, layer_bound
+from lcnn_jax.measures.bounds import Bound, CurvatureBound, curvature_bound, layer_bound
 from lcnn_jax.measures.curvature import gradient_stability, input_curvature
 from lcnn_jax.measures.hessian import hessian_spectral_density, hessian_top_eigenvalues, hessian_trace
 from lcnn_jax.measures.jacobian import jacobian_frobenius

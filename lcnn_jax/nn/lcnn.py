@@ -14,7 +14,7 @@ Four drop-in layers for the pluggable-layer protocol of :mod:`lcnn_jax.nn.layers
   by the norm.
 
 (slope 1 for the spectral layers once power iteration has converged; the curvature bound in
-:mod:`lcnn_jax.measures.curvature_bound` uses the true norms, so it never relies on convergence.)
+:mod:`lcnn_jax.measures.bounds` uses the true norms, so it never relies on convergence.)
 
 Parameters and state
 --------------------

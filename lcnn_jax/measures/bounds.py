@@ -39,7 +39,7 @@ Example::
 
     import jax, jax.numpy as jnp
     from lcnn_jax.nn.lcnn import make_lcnn_model
-    from lcnn_jax.measures.curvature_bound import curvature_bound
+    from lcnn_jax.measures.bounds import curvature_bound
     net = make_lcnn_model("small_cnn", 10, width_mult=0.25)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
     res = curvature_bound(net, variables, (28, 28, 1), key=jax.random.PRNGKey(1))
