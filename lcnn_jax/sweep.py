@@ -602,12 +602,5 @@ def load_sweep(workdir: str):
         record = json.load(fh)
     members = [Member(int(m["index"]), m["id"], int(m["seed"]), dict(m["grid"])) for m in record["members"]]
     model, template, _ = training.template_state(config)
-    stacked = stack_states([template] * len(members))
-    ckpt = training.Checkpointer(workdir)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: the sweep never saved one.")
-        stacked = ckpt.restore(stacked)
-    finally:
-        ckpt.close()
+    stacked = training.restore_latest(workdir, stack_states([template] * len(members)), what="sweep")
     return config, model, stacked, members

@@ -679,16 +679,20 @@ def template_state(config, *, key: PRNGKey | None = None):
     return model, create_train_state(model, tx, regularizers, key, sample), info
 
 
+def restore_latest(workdir: str, template: PyTree, what: str = "run") -> PyTree:
+    """The latest checkpoint of ``workdir`` restored into the structure of ``template``."""
+    ckpt = Checkpointer(workdir)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: the {what} never saved one.")
+        return ckpt.restore(template)
+    finally:
+        ckpt.close()
+
+
 def load_trained(workdir: str):
     """Rebuild ``(config, model, state, dataset_info)`` from a finished or interrupted run's ``workdir``
     (the latest checkpoint), for measurement."""
     config = read_config(workdir)
     model, state, info = template_state(config)
-    ckpt = Checkpointer(workdir)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: the run never saved one.")
-        state = ckpt.restore(state)
-    finally:
-        ckpt.close()
-    return config, model, state, info
+    return config, model, restore_latest(workdir, state), info
