@@ -81,6 +81,16 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+def load_config_module(path: str):
+    """Import a config file by path (config files are not a package), e.g. to share a variant's settings
+    between two config files: ``load_config_module(os.path.join(os.path.dirname(__file__), "other.py"))``."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"_lcnn_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _parse_value(text: str):
     try:
         return ast.literal_eval(text)

@@ -11,24 +11,14 @@ pool -> fc1024 (``small_cnn``, ReLU; it has no output sigmoid option). SGD lr 0.
 constant learning rate, 30 epochs (14040 steps). With 500 pairs the CLIP ascent runs the network on 1000 extra
 inputs per step (forward + backward, then forward): a CLIP row costs several standard rows; use a GPU.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-from lcnn_jax.configs import default_config
+from lcnn_jax.configs import default_config, load_config_module
 
 
-def _sibling(name: str):
-    # config files are loaded by path, not as a package: load the MNIST config next to this file the same way
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_lcnn_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_MNIST = _sibling("clip_mnist5k")
+_MNIST = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_mnist5k.py"))
 VARIANTS = _MNIST.VARIANTS
 
 

@@ -47,12 +47,7 @@ def get_config(variant: str = "lcnn"):
     config = default_config()
     config.data.name = "cifar100"
     config.data.augment = True
-    lcnn_model = variant.startswith("lcnn")
-    config.model.name = "lcnn_resnet18" if lcnn_model else "resnet18"
-    kwargs = {}
-    if not lcnn_model:
-        kwargs.update(act="softplus", act_kwargs={"beta": 10.0 if variant == "softplus10" else 1000.0}, norm="batch")
-    config.model.kwargs = ml_collections.ConfigDict(kwargs)
+    apply_variant(config, variant, "resnet18")
 
     config.optim.name = "sgd"
     config.optim.learning_rate = 0.1
@@ -69,13 +64,27 @@ def get_config(variant: str = "lcnn"):
     config.train.log_every = 100
     config.train.eval_every = 390 * 10  # every 10 epochs (390 full batches per epoch)
     config.train.checkpoint_every = 390 * 5
+    return config
 
+
+def apply_variant(config, variant: str, arch: str, *, model_kwargs=None, grad_batch_size=None):
+    """Set the model and regularizers of one row of the LCNN table on ``config`` (shared with lcnn_mnist5k.py).
+
+    ``arch`` is the registered base model (its LCNN variant is ``lcnn_<arch>``); ``grad_batch_size`` fixes the
+    batch size the gradient penalties' strength refers to (None: the training batch)."""
+    lcnn_model = variant.startswith("lcnn")
+    config.model.name = f"lcnn_{arch}" if lcnn_model else arch
+    kwargs = dict(model_kwargs or {})
+    if not lcnn_model:
+        kwargs.update(act="softplus", act_kwargs={"beta": 10.0 if variant == "softplus10" else 1000.0}, norm="batch")
+    config.model.kwargs = ml_collections.ConfigDict(kwargs)
+    grad = {} if grad_batch_size is None else {"batch_size": grad_batch_size}
     regs = {}
     if lcnn_model:
         regs["lcnn"] = {"beta_coeff": 1e-2, "gamma_coeff": 1e-2}
     if variant.endswith("gradreg"):
-        regs["lcnn_gradnorm"] = {"coeff": 1e-3}
+        regs["lcnn_gradnorm"] = {"coeff": 1e-3, **grad}
     if variant == "cure":
-        regs["cure"] = {"coeff": 1e-3, "h": 1.0}
+        regs["cure"] = {"coeff": 1e-3, "h": 1.0, **grad}
     config.regularizers = ml_collections.ConfigDict(regs)
     return config

@@ -16,16 +16,19 @@ Every row: SGD momentum 0.9, lr 0.05, weight decay 5e-4 (not on log_beta/log_gam
 87.5 % of training, batch 64, 15 epochs (~940 steps). The gradient penalties use the per-example strength
 of the paper protocol (batch 128) via ``batch_size=128``, so halving the batch does not double them.
 Average pooling everywhere: a 2x2/2 average pool is linear with norm 1/2, so the LCNN net is smooth everywhere
-and its curvature bound (lcnn_jax.measures.curvature_bound) holds for every input.
+and its curvature bound (lcnn_jax.measures.bounds) holds for every input.
 
 Run time: about 2-5 minutes per row on 2 CPU cores (``gradreg``/``cure`` about 2-3x a plain row), seconds on a GPU.
 The LCNN rows need the registry names ``lcnn_small_cnn`` (see lcnn_jax.nn.lcnn.lcnn_model_kwargs).
 """
-import ml_collections
+import os
 
-from lcnn_jax.configs import default_config
+from lcnn_jax.configs import default_config, load_config_module
 
-VARIANTS = ("standard", "lcnn", "gradreg", "lcnn_gradreg", "softplus10", "cure")
+# The rows (model + regularizers) are those of the paper protocol, shared with lcnn_cifar100.py.
+_PAPER = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lcnn_cifar100.py"))
+
+VARIANTS = _PAPER.VARIANTS
 
 
 def get_config(variant: str = "lcnn"):
@@ -34,12 +37,7 @@ def get_config(variant: str = "lcnn"):
                          "e.g. --config experiments/configs/lcnn_mnist5k.py:lcnn")
     config = default_config()
     config.data.name = "mnist5k"
-    lcnn_model = variant.startswith("lcnn")
-    config.model.name = "lcnn_small_cnn" if lcnn_model else "small_cnn"
-    kwargs = {"pool": "avg"}
-    if not lcnn_model:
-        kwargs.update(act="softplus", act_kwargs={"beta": 10.0 if variant == "softplus10" else 1000.0}, norm="batch")
-    config.model.kwargs = ml_collections.ConfigDict(kwargs)
+    _PAPER.apply_variant(config, variant, "small_cnn", model_kwargs={"pool": "avg"}, grad_batch_size=128)
 
     config.optim.name = "sgd"
     config.optim.learning_rate = 0.05
@@ -53,12 +51,4 @@ def get_config(variant: str = "lcnn"):
     config.train.num_epochs = 15
     config.train.log_every = 25
 
-    regs = {}
-    if lcnn_model:
-        regs["lcnn"] = {"beta_coeff": 1e-2, "gamma_coeff": 1e-2}
-    if variant.endswith("gradreg"):
-        regs["lcnn_gradnorm"] = {"coeff": 1e-3, "batch_size": 128}
-    if variant == "cure":
-        regs["cure"] = {"coeff": 1e-3, "h": 1.0, "batch_size": 128}
-    config.regularizers = ml_collections.ConfigDict(regs)
     return config
