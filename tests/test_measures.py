@@ -337,3 +337,22 @@ def test_hessian_trace_top_eigenvalues_and_density_match_dense(x64):
 
     np.testing.assert_allclose(np.trapezoid(sd.density, sd.grid), 1.0, atol=1e-3)
     assert np.all(np.min(np.abs(np.asarray(sd.nodes)[..., None] - eig), axis=-1) < 1e-8)
+
+
+def test_pair_ascent_float32_estimate_is_not_a_rounding_artefact():
+    # f(x) = a + b tanh(x) has Lipschitz constant exactly b. Without a separation floor the ascent shrinks pairs
+    # towards the steepest point until ||u - v|| is a few float32 ulps, where the quotient is a ratio of rounding
+    # errors and the accept-if-larger rule keeps the largest of them (an estimate above b).
+    b = np.float32(0.05)
+    f_batched = lambda xs: 0.25 + b * jnp.tanh(xs)  # noqa: E731
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    u = jax.random.uniform(k1, (100, 1), minval=-4.0, maxval=4.0)
+    v = u + 0.1 * jax.random.normal(k2, u.shape)
+    run = jax.jit(lambda u, v, floor: lipschitz_pair_ascent(f_batched, u, v, num_steps=400, min_separation=floor))
+    res = run(u, v, None)
+    assert 0.995 * b <= float(res.max_quotient) <= float(b) * (1 + 1e-3), float(res.max_quotient)
+    sep = np.linalg.norm(np.asarray(res.u - res.v).reshape(100, -1), axis=1)
+    # with the floor switched off (0.0) the same ascent collapses the pairs (what CLIP's training step does)
+    loose = run(u, v, 0.0)
+    sep0 = np.linalg.norm(np.asarray(loose.u - loose.v).reshape(100, -1), axis=1)
+    assert sep0.min() < 0.1 * sep.min()
