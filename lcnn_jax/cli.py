@@ -2,6 +2,7 @@
 
     lcnn-jax train --config experiments/configs/quickstart.py --workdir runs/quickstart [--config.a.b=value ...]
     lcnn-jax measure --workdir runs/quickstart [--config.measure.num_examples=512 ...]
+    lcnn-jax compare --config experiments/configs/compare_mnist5k.py --workdir runs/compare [--config.a.b=value ...]
 
 Exit codes: 0 success; 2 bad usage, config or dataset (one-paragraph message, no traceback); 3 training diverged.
 """
@@ -46,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
                               "--config.measure.num_examples=512 --config.measure.test_data=mnist "
                               "--config.measure.test_data_dir=../shared/data/mnist")
     m.add_argument("--workdir", required=True, help="the --workdir of a training run")
+    c = sub.add_parser("compare", help="train and measure every method of a compare config (seeds vmapped); "
+                                       "results.csv/json/md and figures",
+                       epilog="Select with --config.compare.methods=\"('standard','clip')\" "
+                              "--config.compare.seeds=\"(0,1,2)\"; rerunning resumes (finished cells are skipped)")
+    c.add_argument("--config", required=True, help="a compare config file, e.g. experiments/configs/compare_mnist5k.py "
+                                                    "(optionally path.py:full)")
+    c.add_argument("--workdir", required=True, help="directory for the runs, cells, results and figures")
     return p
 
 
@@ -86,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             rep = measure_workdir(args.workdir, overrides)
             print(format_report(rep))
             print(f"  measures: {args.workdir}/measures.json")
+        elif args.command == "compare":
+            from lcnn_jax.compare import run_compare
+
+            res = run_compare(_load(args, overrides), args.workdir)
+            with open(f"{args.workdir}/results.md") as fh:
+                print(fh.read())
+            print(f"done in {res['wall_time_s']:.1f} s\n  results: {args.workdir}/results.md, results.csv, "
+                  f"results.json\n  figures: " + ", ".join(res["figures"]))
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         return _usage_error(str(e))
     except TrainingDiverged as e:

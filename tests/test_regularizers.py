@@ -259,30 +259,111 @@ def test_derivative_is_zero_for_affine_and_positive_for_curved(x64):
 
 
 def test_derivative_matches_definition_with_recovered_direction(x64):
-    # Recover the perturbed inputs the regularizer evaluates (concrete outside of jit), check that the
-    # step is `resolution` along a unit direction, and recompute the penalty from a dense Jacobian.
+    # Recover the points the regularizer evaluates (concrete outside of jit): the Gauss-Legendre nodes
+    # x + tau_j delta u. Check they lie on ONE unit direction per example at fractions of `resolution`, then
+    # recompute the penalty from the definition: a float64 difference quotient and a dense Jacobian.
     params, batch = setup()
     xs = batch["image"]
     seen = []
 
     def spy(p, inputs):
-        if not isinstance(inputs, jax.core.Tracer):
-            seen.append(np.asarray(inputs))
+        primal = inputs
+        while isinstance(primal, jax.core.Tracer):  # the points enter through jax.jvp: take the JVP's primal
+            primal = getattr(primal, "primal", None)
+        if primal is not None:
+            seen.append(np.asarray(primal))
         return mlp_apply(p, inputs)
 
     _, _, metrics = run(derivative(RES), params, batch, apply_fn=spy, jit=False)
     perturbed = [a for a in seen if not np.allclose(a, xs, atol=0, rtol=0)]
-    assert len(perturbed) == 1
-    steps = (perturbed[0] - np.asarray(xs)).reshape(BATCH, -1)
-    np.testing.assert_allclose(np.linalg.norm(steps, axis=1), RES, rtol=1e-10)
-    u = steps / RES
+    assert len(perturbed) >= 1
+    steps = [(a - np.asarray(xs)).reshape(BATCH, -1) for a in perturbed]
+    lengths = np.stack([np.linalg.norm(st, axis=1) for st in steps])  # (nodes, B)
+    assert np.all(lengths > 0) and np.all(lengths < RES * (1 + 1e-12))
+    np.testing.assert_allclose(lengths, lengths[:, :1] * np.ones_like(lengths), rtol=1e-10)  # same tau per node
+    u = steps[0] / lengths[0][:, None]
+    for st, ln in zip(steps, lengths):
+        np.testing.assert_allclose(st / ln[:, None], u, atol=1e-10)  # every node on the same direction
+    np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, rtol=1e-12)
     assert np.abs(u @ u.T - np.eye(BATCH)).max() > 1e-3  # a different direction per example
 
     jac = np.asarray(dense_jacobians(mlp_apply, params, xs))
     t = np.einsum("bkd,bd->bk", jac, u)
-    s = (np.asarray(mlp_apply(params, perturbed[0])) - np.asarray(mlp_apply(params, xs))) / RES
+    x_end = np.asarray(xs) + RES * u.reshape(xs.shape)
+    s = (np.asarray(mlp_apply(params, x_end)) - np.asarray(mlp_apply(params, xs))) / RES
     expected = np.mean(((s - t) ** 2).sum(1) / ((t**2).sum(1) + (s**2).sum(1)))
-    np.testing.assert_allclose(metrics["derivative"], expected, rtol=1e-8)
+    # quadrature vs the difference quotient: O(delta^4) apart for a smooth net, float64 difference quotient ~1e-9
+    np.testing.assert_allclose(metrics["derivative"], expected, rtol=1e-5)
+
+
+def _np_tanh_mlp(seed, d=784, hidden=64, k=10):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((d, hidden)) * np.sqrt(2.0 / d), 0.1 * rng.standard_normal(hidden),
+            rng.standard_normal((hidden, k)) / np.sqrt(hidden), 0.1 * rng.standard_normal(k))
+
+
+def test_derivative_float32_matches_float64_oracle_on_a_smooth_784_dim_net():
+    # The float32 difference quotient (f(x + d u) - f(x)) / d at d = 1/255 is rounding noise for a smooth net;
+    # the penalty's quadrature form must agree with a float64 NumPy oracle of the definition.
+    w1, b1, w2, b2 = _np_tanh_mlp(0)
+    xs64 = np.random.default_rng(1).uniform(size=(16, 28, 28, 1))
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in dict(w1=w1, b1=b1, w2=w2, b2=b2).items()}
+    batch = {"image": jnp.asarray(xs64, jnp.float32), "label": jnp.zeros((16,), jnp.int32)}
+    key = jax.random.PRNGKey(3)
+    reg = derivative(RES)
+    state = reg.init(key, params, batch)
+    value = float(jax.jit(lambda p: reg.loss(p, state, batch, key, mlp_apply)[0])(params))
+
+    from lcnn_jax.regularizers.derivative import unit_directions
+    u = np.asarray(unit_directions(key, batch["image"].shape, jnp.float32), np.float64).reshape(16, -1)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    x = np.asarray(batch["image"], np.float64).reshape(16, -1)  # the float32 inputs, exactly
+
+    def f(z, dt=np.float64):
+        return np.tanh(z @ w1.astype(dt) + b1.astype(dt)) @ w2.astype(dt) + b2.astype(dt)
+
+    h = np.tanh(x @ w1 + b1)
+    t = ((1 - h**2) * (u @ w1)) @ w2
+    s = (f(x + RES * u) - f(x)) / RES
+    oracle = np.mean(((s - t) ** 2).sum(1) / ((t**2).sum(1) + (s**2).sum(1)))
+    assert oracle > 0
+    np.testing.assert_allclose(value, oracle, rtol=0.02)
+    # the test discriminates: the float32 difference quotient is far off here
+    x32, u32 = x.astype(np.float32), u.astype(np.float32)
+    s32 = (f(x32 + np.float32(RES) * u32, np.float32) - f(x32, np.float32)) / np.float32(RES)
+    naive = np.mean(((s32 - t) ** 2).sum(1) / ((t**2).sum(1) + (s32**2).sum(1)))
+    assert naive > 5 * oracle
+
+
+def test_derivative_is_exactly_zero_for_affine_in_float32():
+    # every JVP of an affine net is the same computation, and the Gauss-Legendre weights sum to 1 exactly
+    params, batch = setup()
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    batch = {"image": jnp.asarray(batch["image"], jnp.float32), "label": batch["label"]}
+    value, _, _ = run(derivative(RES), params, batch, key=jax.random.PRNGKey(7), apply_fn=affine_apply)
+    assert float(value) == 0.0
+
+
+def test_derivative_kink_at_the_data_point_is_exact(x64):
+    # f(x) = (relu(w.x), 0) with w.x = 0 at the data: the tangent is relu'(0) w.u = 0 (JAX's convention), the
+    # secant relu(delta w.u) / delta, so the penalty per example is 1 where w.u > 0 and 0 where w.u <= 0.
+    d = int(np.prod(IMAGE_SHAPE))
+    w = np.zeros(d)
+    w[0], w[1] = 1.0, -1.0
+
+    def kink(params, xs):
+        z = xs.reshape(xs.shape[0], -1) @ params["w"]
+        return jnp.stack([jax.nn.relu(z), 0.0 * z], axis=-1)
+
+    xs = np.full((8, d), 0.5)  # w.x = 0 for every example
+    batch = {"image": jnp.asarray(xs.reshape((8,) + IMAGE_SHAPE)), "label": jnp.zeros((8,), jnp.int32)}
+    key = jax.random.PRNGKey(11)
+    _, _, metrics = run(derivative(RES), {"w": jnp.asarray(w)}, batch, key=key, apply_fn=kink)
+    from lcnn_jax.regularizers.derivative import unit_directions
+    u = np.asarray(unit_directions(key, batch["image"].shape, jnp.float64)).reshape(8, -1)
+    expected = np.mean(u @ w > 0)
+    assert 0 < expected < 1
+    np.testing.assert_allclose(metrics["derivative"], expected, rtol=1e-9)
 
 
 def test_derivative_closed_form_at_a_critical_point(x64):

@@ -1,0 +1,632 @@
+"""The random-label study of minimum sharpness (SPEC 1.5, Ibayashi et al. arXiv 2106.12612), on mnist5k.
+
+    python experiments/random_labels.py [--models ms_mlp,lenet] [--ratios 0,0.1,...,1] [--trials 3]
+                                        [--n_train 2000] [--n_measure 1000] [--max_steps 3000]
+                                        [--out experiments/results/random_labels] [--mnist_test_dir DIR]
+
+Protocol. ``--n_train`` images drawn stratified (seed 0) from the 4000 mnist5k training images; in each run a
+fraction ``r`` of their labels is shuffled (:func:`lcnn_jax.data.shuffle_labels`: ``round(r N)`` positions get a
+random permutation of their own labels, so about ``0.9 r N`` labels end up wrong; the JSON records the exact
+fraction). Trial ``t`` of ratio ``r`` uses init seed ``t`` and shuffle seed ``100 t + round(10 r)``. The networks
+(registry names ``ms_mlp`` = MLP 784-512-128-512-10 and ``lenet`` = LeNet-5 with max-pool, both ReLU) are trained
+with SGD (momentum 0.9, constant learning rate, batch 128, no weight decay) until EVERY image of the training set
+is fitted (train accuracy 1.0, checked every ``--eval_every`` steps; a trial that gets there stops updating) or
+``--max_steps``; the final train accuracy is recorded as it is. All trials of one ``(model, r)`` train as ONE
+vmapped program (one ``lax.scan`` over steps of a ``vmap`` over trials).
+
+Per run (on the first ``--n_measure`` training images, with the labels the run was trained on):
+
+- ``gap``: train accuracy (trained labels) minus test accuracy on the mnist5k test split (1000 images, true labels);
+- ``minimum_sharpness``: :func:`lcnn_jax.measures.minimum_sharpness_from_traces` with biases (Newton), from the exact
+  per-layer traces (``minimum_sharpness_nobias``: the closed form without biases, recorded too);
+- ``normalized_sharpness``: Tsuzuku et al., from the same exact diagonal;
+- ``hessian_trace``: Hutchinson (``--hutchinson_probes`` Rademacher probes) of the mean cross-entropy's Hessian;
+  the exact total trace (sum of the diagonal) is recorded beside it as ``exact_trace``;
+- ``top_eigenvalue``: Lanczos (``--lanczos_iters`` steps) on the same loss.
+
+Files in ``--out``: ``runs/<model>_r<r>_t<trial>.json`` per run (atomic; a run whose file exists with the same
+protocol is not recomputed, so the script resumes), then, after every finished ``(model, r)``,
+``kendall_tau.{md,json}`` (Kendall tau of each measure with the gap, per network, over all finished runs, beside the
+paper's numbers from SPEC 1.5) and ``scatter.png`` (each measure vs the gap, coloured by r, one row per network).
+``python experiments/random_labels.py --aggregate_only`` rebuilds the table and figure from the run files.
+
+``--target_loss EPS`` additionally requires the mean training cross-entropy to be <= EPS before a run stops
+(loss-matched runs). Without it the stopping point is the first check at train accuracy 1.0, where the loss still
+varies several-fold between runs, and every Hessian measure of the cross-entropy scales with that loss level: the
+summary reports the Kendall tau of each measure with the final training loss as a confound check.
+
+Sizing used for the committed results (2 shared CPU cores; about 4 min per MLP ratio, 10+ min per LeNet ratio)::
+
+    python experiments/random_labels.py --models ms_mlp
+    python experiments/random_labels.py --models lenet --n_train 500 --n_measure 500 --batch_size 64 \
+        --max_steps 1200 --eval_every 50 --hutchinson_probes 20 --lanczos_iters 15
+    python experiments/random_labels.py --models ms_mlp --target_loss 4e-4 --eval_every 25 \
+        --out experiments/results/random_labels/loss_matched
+
+Conv nets train their trials in one program with the member loop unrolled rather than vmapped (``--member_loop``):
+on XLA:CPU a convolution vmapped over members with different kernels ran ~1.5x slower.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import time
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.stats
+from jax import lax
+
+from lcnn_jax.data import Split, load_split, shuffle_labels, subset
+from lcnn_jax.measures import (hessian_top_eigenvalues, hessian_trace, layer_hessian_traces, layer_order,
+                               minimum_sharpness_from_traces, normalized_sharpness_from_diagonal)
+from lcnn_jax.nn import make_model
+from lcnn_jax.training import write_json_atomic
+
+RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
+# Spread order: after any prefix of finished ratios the table already covers the whole range of r.
+SPREAD_ORDER = (0.0, 1.0, 0.5, 0.3, 0.7, 0.1, 0.9, 0.2, 0.8, 0.4, 0.6)
+MEASURES = ("minimum_sharpness", "normalized_sharpness", "hessian_trace", "top_eigenvalue")
+MEASURE_LABELS = {
+    "minimum_sharpness": "minimum sharpness (with biases)",
+    "normalized_sharpness": "normalized sharpness",
+    "hessian_trace": "Hutchinson trace of the loss Hessian",
+    "top_eigenvalue": "top Hessian eigenvalue",
+}
+SHORT_LABELS = {"ms_mlp": "MLP", "lenet": "LeNet"}
+SHORT_MEASURES = {"minimum_sharpness": "min. sharpness", "normalized_sharpness": "norm. sharpness",
+                  "hessian_trace": "Hessian trace", "top_eigenvalue": "top eigenvalue"}
+# Not sharpness measures: shown under the table to expose confounds (e.g. the loss level at which training stopped).
+DIAGNOSTICS = {"train_loss": "final training loss (diagnostic, not a measure)",
+               "minimum_sharpness_nobias": "minimum sharpness without biases (closed form)"}
+MODEL_LABELS = {"ms_mlp": "MLP 784-512-128-512-10", "lenet": "LeNet"}
+# SPEC 1.5, from the reference's archived runs: Kendall tau of MS with the gap, and LeNet's MS at three ratios.
+PAPER_TAU = {("minimum_sharpness", "lenet"): 0.68, ("minimum_sharpness", "ms_mlp"): 0.86}
+PAPER_LENET_MS = {0.0: 5.8, 0.5: 81.6, 1.0: 92.2}
+# The fields of the protocol: a run file is reused only if all of them match.
+PROTOCOL_KEYS = ("n_train", "n_measure", "max_steps", "lr", "momentum", "batch_size", "eval_every",
+                 "hutchinson_probes", "lanczos_iters", "data_seed", "target_loss")
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def accuracy(logits, labels) -> float:
+    """Fraction of rows whose argmax equals the label."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"need logits (N, K) and labels (N,); got {logits.shape} and {labels.shape}.")
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def generalization_gap(train_logits, train_labels, test_logits, test_labels) -> dict:
+    """``train_acc - test_acc``; train accuracy on the labels the network was trained on."""
+    train_acc = accuracy(train_logits, train_labels)
+    test_acc = accuracy(test_logits, test_labels)
+    return {"train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc}
+
+
+def mean_cross_entropy(logits, labels) -> float:
+    """Mean softmax cross-entropy in float64 (numpy), e.g. the final training loss of a run."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-np.mean(logp[np.arange(len(z)), np.asarray(labels)]))
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Kendall tau-b of ``x`` with ``y`` (``scipy.stats.kendalltau``) over the pairs where both are finite."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of one length; got {x.shape} and {y.shape}.")
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return {"tau": float("nan"), "pvalue": float("nan"), "n": int(ok.sum())}
+    res = scipy.stats.kendalltau(x[ok], y[ok])
+    return {"tau": float(res.statistic), "pvalue": float(res.pvalue), "n": int(ok.sum())}
+
+
+def shuffle_seed(ratio: float, trial: int) -> int:
+    return 100 * int(trial) + int(round(10 * ratio))
+
+
+def trial_labels(labels: np.ndarray, ratio: float, trials: Sequence[int]) -> np.ndarray:
+    """``(T, N)`` labels: row ``i`` is ``labels`` with a fraction ``ratio`` shuffled, seed of trial ``trials[i]``."""
+    split = Split(np.zeros((len(labels), 1), np.float32), np.asarray(labels))
+    return np.stack([shuffle_labels(split, ratio, seed=shuffle_seed(ratio, t)).labels for t in trials])
+
+
+def run_path(out: str, model: str, ratio: float, trial: int) -> str:
+    return os.path.join(out, "runs", f"{model}_r{ratio:.1f}_t{trial}.json")
+
+
+def run_is_done(path: str, protocol: dict) -> bool:
+    """A run is finished when its file exists, parses, and was made with the same protocol."""
+    try:
+        with open(path) as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return all(rec.get("protocol", {}).get(k) == protocol.get(k) for k in PROTOCOL_KEYS)
+
+
+def pending_trials(out: str, model: str, ratio: float, trials: Iterable[int], protocol: dict) -> list:
+    return [t for t in trials if not run_is_done(run_path(out, model, ratio, t), protocol)]
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _member(tree, i: int):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def over_members(fn, unroll: bool):
+    """``fn`` mapped over the leading (member) axis of every argument: ``jax.vmap``, or, with ``unroll``, one
+    call per member inside the same program. On XLA:CPU a vmapped convolution over members with different
+    kernels becomes a grouped convolution that runs ~1.5x slower than separate ones, so conv nets unroll."""
+    if not unroll:
+        return jax.vmap(fn)
+
+    def mapped(*args):
+        n = jax.tree.leaves(args)[0].shape[0]
+        outs = [fn(*(_member(a, i) for a in args)) for i in range(n)]
+        return _stack(outs)
+
+    return mapped
+
+
+def make_chunk_trainer(model, tx, unroll: bool = False):
+    """Jitted ``(params, opt, done, images, labels (T, N), idx (S, T, B)) -> (params, opt)``: S steps of all T
+    members in one program (``vmap`` over members, or unrolled, see :func:`over_members`).
+
+    Members with ``done`` keep their parameters (they already fit their training set).
+    """
+
+    def member_step(p, o, done, x, y):
+        grads = jax.grad(lambda q: _cross_entropy(model.apply({"params": q}, x, train=True), y))(p)
+        updates, o_new = tx.update(grads, o, p)
+        p_new = optax.apply_updates(p, updates)
+        keep = lambda old, new: jnp.where(done, old, new)  # noqa: E731
+        return jax.tree.map(keep, p, p_new), jax.tree.map(keep, o, o_new)
+
+    step_all = over_members(member_step, unroll)
+
+    def chunk(params, opt, done, images, labels, idx):
+        def body(carry, idx_t):  # idx_t (T, B)
+            p, o = carry
+            x = images[idx_t]
+            y = jnp.take_along_axis(labels, idx_t, axis=1)
+            return step_all(p, o, done, x, y), None
+
+        (params, opt), _ = lax.scan(body, (params, opt), idx)
+        return params, opt
+
+    return jax.jit(chunk)
+
+
+def make_member_logits(model, chunk: int = 500, unroll: bool = False):
+    """Jitted ``(stacked params, images) -> (T, N, K)`` logits, ``chunk`` images at a time (bounded memory)."""
+    apply = over_members(lambda p, xc: model.apply({"params": p}, xc, train=False), unroll)
+
+    @jax.jit
+    def logits(params, images):
+        n = images.shape[0]
+        pad = (-n) % chunk
+        xs = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]) if pad else images
+        xs = xs.reshape((-1, chunk) + images.shape[1:])
+        t = params_leading(params)
+        out = lax.map(lambda xc: apply(params, jnp.broadcast_to(xc, (t,) + xc.shape)), xs)
+        return jnp.moveaxis(out, 0, 1).reshape(params_leading(params), -1, out.shape[-1])[:, :n]
+
+    return logits
+
+
+def params_leading(params) -> int:
+    return jax.tree.leaves(params)[0].shape[0]
+
+
+def batch_indices(n: int, batch_size: int, seeds: Sequence[int], start: int, steps: int) -> np.ndarray:
+    """``(steps, T, B)`` example indices of global steps ``start .. start+steps-1`` for each member's seed.
+
+    Epoch ``e`` of a member visits ``permutation(n)`` drawn from ``(seed, e)``; the last ``n mod B`` are dropped.
+    """
+    per_epoch = n // batch_size
+    out = np.empty((steps, len(seeds), batch_size), np.int32)
+    cache: dict = {}
+    for s in range(steps):
+        epoch, b = divmod(start + s, per_epoch)
+        for i, seed in enumerate(seeds):
+            if (seed, epoch) not in cache:
+                cache[(seed, epoch)] = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+            out[s, i] = cache[(seed, epoch)][b * batch_size:(b + 1) * batch_size]
+    return out
+
+
+def train_group(model, train_images: np.ndarray, labels: np.ndarray, seeds: Sequence[int], cfg,
+                progs: dict | None = None) -> dict:
+    """Train ``len(seeds)`` members (one vmapped program) on ``train_images`` with per-member ``labels (T, N)``.
+
+    Returns stacked params, per-member final train accuracy and the step at which each reached accuracy 1.0
+    (``-1`` if never), and the wall time.
+    """
+    t0 = time.perf_counter()
+    images = jnp.asarray(train_images)
+    labels_j = jnp.asarray(labels)
+    inits = [model.init(jax.random.PRNGKey(int(s)), images[:1], train=False)["params"] for s in seeds]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *inits)
+    if progs is None:
+        tx = optax.sgd(cfg.lr, momentum=cfg.momentum)
+        unroll = cfg.member_loop == "unroll"
+        progs = {"tx": tx, "trainer": make_chunk_trainer(model, tx, unroll),
+                 "logits": make_member_logits(model, unroll=unroll)}
+    opt = jax.vmap(progs["tx"].init)(params)
+    trainer, logits_fn = progs["trainer"], progs["logits"]
+    n = len(train_images)
+    done = np.zeros(len(seeds), bool)
+    reached = np.full(len(seeds), -1)
+    step, acc = 0, np.zeros(len(seeds))
+    while step < cfg.max_steps and not done.all():
+        k = min(cfg.eval_every, cfg.max_steps - step)
+        idx = jnp.asarray(batch_indices(n, cfg.batch_size, seeds, step, k))
+        params, opt = trainer(params, opt, jnp.asarray(done), images, labels_j, idx)
+        step += k
+        logits = np.asarray(logits_fn(params, images))
+        acc = np.array([accuracy(logits[i], labels[i]) for i in range(len(seeds))])
+        fitted = acc >= 1.0
+        target = getattr(cfg, "target_loss", None)
+        if target is not None:  # loss-matched stopping: every run ends at (about) the same training loss
+            fitted &= np.array([mean_cross_entropy(logits[i], labels[i]) for i in range(len(seeds))]) <= target
+        newly = fitted & ~done
+        reached[newly] = step
+        done |= newly
+        print(f"    step {step:5d}  train acc {np.array2string(acc, precision=4)}  "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"params": params, "train_acc": acc, "reached_step": reached, "steps": step,
+            "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------------ measures
+class Measurer:
+    """Compiled measurement programs for one model; ``measure(params, xs, ys, key)`` -> dict of the measures."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+        # One function object per model, so layer_hessian_traces compiles once (it is jitted on logits_fn).
+        self.logits_fn = lambda p, x: model.apply({"params": p}, x[None], train=False)[0]  # noqa: E731
+
+        def loss(p, xs, ys):
+            return _cross_entropy(model.apply({"params": p}, xs, train=False), ys)
+
+        self._hutch = jax.jit(lambda p, xs, ys, key: hessian_trace(
+            lambda q: loss(q, xs, ys), p, key=key, num_probes=cfg.hutchinson_probes))
+        self._top = jax.jit(lambda p, xs, ys, key: hessian_top_eigenvalues(
+            lambda q: loss(q, xs, ys), p, key=key, k=1, num_iters=cfg.lanczos_iters))
+
+    def measure(self, params, xs, ys, key) -> dict:
+        cfg = self.cfg
+        times = {}
+        t = time.perf_counter()
+        diag = layer_hessian_traces(self.logits_fn, params, xs, chunk_size=cfg.trace_chunk, diagonal=True)
+        diag = jax.tree.map(lambda a: np.asarray(a, np.float64), diag)
+        layers = layer_order(params)
+        ms = minimum_sharpness_from_traces(diag, layers=layers, include_bias=True)
+        ms_nb = minimum_sharpness_from_traces(diag, layers=layers, include_bias=False)
+        times["exact_traces_ms_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ns = normalized_sharpness_from_diagonal(params, diag, layers=layers, tol=cfg.ns_tol,
+                                                max_iters=cfg.ns_max_iters)
+        times["normalized_s"] = time.perf_counter() - t
+        k1, k2 = jax.random.split(key)
+        t = time.perf_counter()
+        est, se = self._hutch(params, xs, ys, k1)
+        est, se = float(est), float(se)
+        times["hutchinson_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        eig = self._top(params, xs, ys, k2)
+        top, resid = float(eig.eigenvalues[0]), float(eig.residuals[0])
+        times["lanczos_s"] = time.perf_counter() - t
+        exact_trace = float(sum(np.sum(a) for a in jax.tree.leaves(diag)))
+        return {
+            "minimum_sharpness": ms.value, "minimum_sharpness_converged": ms.converged,
+            "minimum_sharpness_iterations": ms.iterations, "minimum_sharpness_log_scales": ms.log_scales.tolist(),
+            "minimum_sharpness_nobias": ms_nb.value, "layers": list(layers),
+            "weight_traces": ms.weight_traces.tolist(), "bias_traces": ms.bias_traces.tolist(),
+            "normalized_sharpness": ns.value, "normalized_sharpness_converged": ns.converged,
+            "normalized_sharpness_iterations": ns.iterations,
+            "hessian_trace": est, "hessian_trace_stderr": se, "exact_trace": exact_trace,
+            "top_eigenvalue": top, "top_eigenvalue_residual": resid, "measure_seconds": times,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ the study
+def load_data(cfg):
+    train = subset(load_split("mnist5k", "train"), cfg.n_train, seed=cfg.data_seed, stratified=True)
+    test = load_split("mnist5k", "test")
+    official = load_split("mnist", "test", data_dir=cfg.mnist_test_dir) if cfg.mnist_test_dir else None
+    return train, test, official
+
+
+def protocol_note(pr: dict) -> str:
+    return (f"mnist5k, {pr['n_train']} training images (stratified subset of the 4000, seed {pr['data_seed']}); "
+            f"test = mnist5k test split (1000 images). SGD lr {pr['lr']}, momentum {pr['momentum']}, batch "
+            f"{pr['batch_size']}, until train accuracy 1.0"
+            + (f" and train loss <= {pr['target_loss']}" if pr.get("target_loss") is not None else "")
+            + f" (checked every {pr['eval_every']} steps) or "
+            f"{pr['max_steps']} steps. Measures on the first {pr['n_measure']} training images with the trained "
+            f"labels; Hutchinson {pr['hutchinson_probes']} probes, Lanczos {pr['lanczos_iters']} steps.")
+
+
+def protocol_of(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in PROTOCOL_KEYS}
+
+
+_PROGRAMS: dict = {}
+CONV_MODELS = ("lenet", "ms_lenet", "small_cnn")
+
+
+def member_loop(model_name: str, choice: str) -> str:
+    """``vmap`` or ``unroll`` (see :func:`over_members`); ``auto``: unroll conv nets, vmap the rest."""
+    if choice == "auto":
+        return "unroll" if model_name in CONV_MODELS else "vmap"
+    if choice not in ("vmap", "unroll"):
+        raise ValueError(f"member_loop must be 'auto', 'vmap' or 'unroll'; got {choice!r}.")
+    return choice
+
+
+
+def programs(model_name: str, cfg) -> dict:
+    """Model, trainer, logits and measurer of ``model_name``, built once per process (each group reuses the
+    compiled programs; shapes only change with the number of pending trials)."""
+    if model_name not in _PROGRAMS:
+        model = make_model(model_name, 10)
+        tx = optax.sgd(cfg.lr, momentum=cfg.momentum)
+        unroll = member_loop(model_name, cfg.member_loop) == "unroll"
+        _PROGRAMS[model_name] = {"model": model, "tx": tx, "trainer": make_chunk_trainer(model, tx, unroll),
+                                 "logits": make_member_logits(model, unroll=unroll), "measurer": Measurer(model, cfg)}
+    return _PROGRAMS[model_name]
+
+
+def run_group(model_name: str, ratio: float, trials: Sequence[int], data, cfg) -> list:
+    """Train the given trials of ``(model, ratio)`` together, measure each, write one JSON per run."""
+    train, test, official = data
+    progs = programs(model_name, cfg)
+    model = progs["model"]
+    labels = trial_labels(train.labels, ratio, trials)
+    print(f"[{model_name} r={ratio:.1f}] training trials {list(trials)} on {len(train.labels)} images", flush=True)
+    res = train_group(model, train.images, labels, list(trials), cfg, progs=progs)
+    logits_fn = progs["logits"]
+    train_logits = np.asarray(logits_fn(res["params"], jnp.asarray(train.images)))
+    test_logits = np.asarray(logits_fn(res["params"], jnp.asarray(test.images)))
+    off_logits = np.asarray(logits_fn(res["params"], jnp.asarray(official.images))) if official else None
+    measurer = progs["measurer"]
+    xs_m = jnp.asarray(train.images[:cfg.n_measure])
+    records = []
+    for i, trial in enumerate(trials):
+        params = jax.tree.map(lambda a: a[i], res["params"])
+        t = time.perf_counter()
+        meas = measurer.measure(params, xs_m, jnp.asarray(labels[i, :cfg.n_measure]),
+                                jax.random.PRNGKey(10_000 + shuffle_seed(ratio, trial)))
+        rec = {
+            "model": model_name, "ratio": ratio, "trial": int(trial), "init_seed": int(trial),
+            "shuffle_seed": shuffle_seed(ratio, trial), "protocol": protocol_of(cfg),
+            "frac_labels_changed": float(np.mean(labels[i] != train.labels)),
+            "steps": res["steps"], "reached_full_fit_at_step": int(res["reached_step"][i]),
+            **generalization_gap(train_logits[i], labels[i], test_logits[i], test.labels),
+            "train_loss": mean_cross_entropy(train_logits[i], labels[i]),
+            "test_loss": mean_cross_entropy(test_logits[i], test.labels),
+            "train_seconds_group": res["seconds"], "group_size": len(trials),
+            "member_loop": member_loop(model_name, cfg.member_loop), "backend": jax.default_backend(),
+            "measure_seconds_total": None, **meas,
+        }
+        if off_logits is not None:
+            rec["official_test_acc"] = accuracy(off_logits[i], official.labels)
+            rec["official_gap"] = rec["train_acc"] - rec["official_test_acc"]
+        rec["measure_seconds_total"] = time.perf_counter() - t
+        path = run_path(cfg.out, model_name, ratio, trial)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, rec)
+        records.append(rec)
+        print(f"  trial {trial}: train {rec['train_acc']:.4f} test {rec['test_acc']:.4f} gap {rec['gap']:.4f} | "
+              f"MS {rec['minimum_sharpness']:.4g} NS {rec['normalized_sharpness']:.4g} "
+              f"trace {rec['hessian_trace']:.4g} (exact {rec['exact_trace']:.4g}) top {rec['top_eigenvalue']:.4g} "
+              f"| measured in {rec['measure_seconds_total']:.1f} s", flush=True)
+    return records
+
+
+def load_runs(out: str) -> list:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    return runs
+
+
+def tau_table(runs: Sequence[dict], models: Sequence[str]) -> dict:
+    """``{model: {measure: kendall_tau(measure, gap)}}`` over all finished runs of each model."""
+    table = {}
+    for m in models:
+        rs = [r for r in runs if r["model"] == m]
+        gaps = [r["gap"] for r in rs]
+        table[m] = {meas: kendall_tau([r.get(meas, float("nan")) for r in rs], gaps)
+                    for meas in MEASURES + tuple(DIAGNOSTICS)}
+        losses = [r.get("train_loss", float("nan")) for r in rs]
+        table[m]["_tau_with_train_loss"] = {meas: kendall_tau([r[meas] for r in rs], losses)["tau"]
+                                            for meas in MEASURES}
+        table[m]["_runs"] = len(rs)
+        table[m]["_ratios"] = sorted({r["ratio"] for r in rs})
+        table[m]["_min_train_acc"] = min((r["train_acc"] for r in rs), default=float("nan"))
+    return table
+
+
+def _fmt(x, spec=".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def write_summary(out: str, models: Sequence[str], cfg_note: str = "") -> dict:
+    """Kendall tau table (markdown + json) and the scatter figure, from the run files in ``out``."""
+    runs = load_runs(out)
+    # every network with run files, the requested ones first (a LeNet-only rerun keeps the MLP rows)
+    found = [r["model"] for r in runs]
+    models = [m for m in list(models) + sorted(set(found)) if m in found]
+    models = list(dict.fromkeys(models))
+    table = tau_table(runs, models)
+    lines = ["# Random-label study: Kendall tau of each measure with the generalization gap", ""]
+    if cfg_note:
+        lines += [cfg_note, ""]
+    for m in models:
+        protos = {json.dumps(r["protocol"], sort_keys=True) for r in runs if r["model"] == m}
+        for proto in sorted(protos):
+            lines.append(f"- {MODEL_LABELS.get(m, m)}: " + protocol_note(json.loads(proto)))
+    lines.append("")
+    head = "| measure | " + " | ".join(
+        f"ours: {MODEL_LABELS.get(m, m)} | paper (SPEC 1.5): {MODEL_LABELS.get(m, m)}" for m in models) + " |"
+    lines += [head, "|---" * (1 + 2 * len(models)) + "|"]
+    for meas in MEASURES + tuple(DIAGNOSTICS):
+        cells = []
+        for m in models:
+            t = table[m][meas]
+            cells.append(f"{_fmt(t['tau'])} (p={_fmt(t['pvalue'], '.1g')}, n={t['n']})")
+            cells.append(_fmt(PAPER_TAU.get((meas, m))))
+        lines.append(f"| {MEASURE_LABELS.get(meas) or DIAGNOSTICS[meas]} | " + " | ".join(cells) + " |")
+    lines += ["", "Runs per network: " + ", ".join(
+        f"{MODEL_LABELS.get(m, m)} {table[m]['_runs']} runs over r = {table[m]['_ratios']}, lowest final train "
+        f"accuracy {table[m]['_min_train_acc']:.4f}" for m in models) + ".", ""]
+    lines += ["Confound check, Kendall tau of each measure with the final training loss (training stops at the first "
+              "check with train accuracy 1.0, so the loss level differs between runs): " + "; ".join(
+                  f"{MODEL_LABELS.get(m, m)}: " + ", ".join(
+                      f"{meas} {_fmt(v)}" for meas, v in table[m]["_tau_with_train_loss"].items())
+                  for m in models) + ".", ""]
+    lines += ["Mean over trials per ratio:", "",
+              "| network | r | trials | steps | train acc | train loss | test acc | gap | MS | NS | trace | top eig |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        for ratio in sorted({r["ratio"] for r in runs if r["model"] == m}):
+            rs = [r for r in runs if r["model"] == m and r["ratio"] == ratio]
+            mean = lambda k: float(np.mean([r.get(k, float("nan")) for r in rs]))  # noqa: E731
+            loss = float(np.mean([r.get("train_loss", float("nan")) for r in rs]))
+            lines.append(f"| {MODEL_LABELS.get(m, m)} | {ratio:.1f} | {len(rs)} | {_fmt(mean('steps'), '.0f')} | "
+                         f"{mean('train_acc'):.4f} | {loss:.2g} | {mean('test_acc'):.4f} | {mean('gap'):.4f} | {mean('minimum_sharpness'):.4g} | "
+                         f"{mean('normalized_sharpness'):.4g} | {mean('hessian_trace'):.4g} | "
+                         f"{mean('top_eigenvalue'):.4g} |")
+    lines += ["", "Paper's LeNet minimum sharpness (SPEC 1.5, reference's archived runs on full MNIST): " + ", ".join(
+        f"r={k}: {v}" for k, v in PAPER_LENET_MS.items()) + ". Their LeNet is the reference code's variant "
+        "(`ms_lenet`), trained on 60000 images; ours is LeNet-5 on a mnist5k subset, so only the trend compares."]
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f"kendall_tau.md.tmp.{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(out, "kendall_tau.md"))
+    write_json_atomic(os.path.join(out, "kendall_tau.json"),
+                      {"ours": table, "paper_spec_1_5": {f"{a}/{b}": v for (a, b), v in PAPER_TAU.items()}})
+    if runs:
+        scatter(runs, models, os.path.join(out, "scatter.png"))
+    return table
+
+
+def scatter(runs: Sequence[dict], models: Sequence[str], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(models), len(MEASURES), figsize=(3.6 * len(MEASURES) + 1, 3.2 * len(models)),
+                             squeeze=False, layout="constrained")
+    norm = matplotlib.colors.Normalize(0.0, 1.0)
+    for i, m in enumerate(models):
+        rs = [r for r in runs if r["model"] == m]
+        gaps = np.array([r["gap"] for r in rs])
+        colours = np.array([r["ratio"] for r in rs])
+        for j, meas in enumerate(MEASURES):
+            ax = axes[i, j]
+            vals = np.array([r[meas] for r in rs], np.float64)
+            sc = ax.scatter(gaps, vals, c=colours, cmap="viridis", norm=norm, s=22, edgecolors="k", linewidths=0.3)
+            if np.all(vals > 0):
+                ax.set_yscale("log")
+            tau = kendall_tau(vals, gaps)["tau"]
+            ax.set_title(f"{SHORT_LABELS.get(m, m)}: {SHORT_MEASURES[meas]} (tau {_fmt(tau)})", fontsize=9)
+            ax.set_xlim(-0.03, 1.0)
+            if i == len(models) - 1:
+                ax.set_xlabel("generalization gap (train acc - test acc)", fontsize=8)
+            ax.grid(alpha=0.3)
+    fig.colorbar(sc, ax=axes, label="fraction r of shuffled labels", shrink=0.9)
+    tmp = path + f".tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_study(cfg) -> dict:
+    data = load_data(cfg)
+    protocol = protocol_of(cfg)
+    note = ""
+    trials = list(range(cfg.trials))
+    for model_name in cfg.models:
+        for ratio in cfg.ratios:
+            todo = pending_trials(cfg.out, model_name, ratio, trials, protocol)
+            if not todo:
+                print(f"[{model_name} r={ratio:.1f}] all {len(trials)} trials finished; skipped", flush=True)
+                continue
+            t0 = time.perf_counter()
+            run_group(model_name, ratio, todo, data, cfg)
+            print(f"[{model_name} r={ratio:.1f}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+            write_summary(cfg.out, cfg.models, note)
+    return write_summary(cfg.out, cfg.models, note)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="ms_mlp,lenet")
+    p.add_argument("--ratios", default=",".join(str(r) for r in SPREAD_ORDER),
+                   help="comma-separated r values, run in this order (default: spread over [0, 1])")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--n_train", type=int, default=2000)
+    p.add_argument("--n_measure", type=int, default=1000)
+    p.add_argument("--data_seed", type=int, default=0)
+    p.add_argument("--max_steps", type=int, default=3000)
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--target_loss", type=float, default=None,
+                   help="also require mean train CE <= this to stop (loss-matched runs; default: accuracy 1.0 only)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--hutchinson_probes", type=int, default=30)
+    p.add_argument("--lanczos_iters", type=int, default=20)
+    p.add_argument("--trace_chunk", type=int, default=64)
+    p.add_argument("--ns_tol", type=float, default=1e-6)
+    p.add_argument("--ns_max_iters", type=int, default=2000)
+    p.add_argument("--member_loop", default="auto", choices=("auto", "vmap", "unroll"),
+                   help="how the trials of one r share a program: vmap, or unrolled (auto: unroll conv nets)")
+    p.add_argument("--mnist_test_dir", default=None, help="folder of MNIST IDX files: adds official_test_acc")
+    p.add_argument("--out", default=os.path.join("experiments", "results", "random_labels"))
+    p.add_argument("--aggregate_only", action="store_true")
+    cfg = p.parse_args(argv)
+    cfg.models = [m for m in cfg.models.split(",") if m]
+    cfg.ratios = [round(float(r), 1) for r in cfg.ratios.split(",") if r]
+    bad = [r for r in cfg.ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        p.error(f"ratios must lie in [0, 1]; got {bad}")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.aggregate_only:
+        table = write_summary(cfg.out, cfg.models)
+    else:
+        table = run_study(cfg)
+    print(open(os.path.join(cfg.out, "kendall_tau.md")).read())
+    return table
+
+
+if __name__ == "__main__":
+    main()

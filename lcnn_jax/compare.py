@@ -1,0 +1,665 @@
+"""``lcnn-jax compare``: every method trained under one protocol, measured by one suite, in one table.
+
+For each method of ``config.compare.methods`` (a name of ``config.compare.method_specs``: a set of overrides of
+the base config, see :func:`method_config`) the seeds ``config.compare.seeds`` are trained as ONE vmapped program
+(:func:`lcnn_jax.sweep.fit_sweep`), then every (method, seed) *cell* is measured with the report suite
+(:func:`lcnn_jax.report.measure_state`: accuracy, Jacobian Frobenius norm, input curvature, gradient stability,
+local Lipschitz, PGD-Linf/L2 and Gaussian-noise accuracy, parameter-Hessian trace and top eigenvalue) plus
+minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`) where it is defined.
+
+Files in ``workdir``:
+
+* ``cells/<method>/seed<k>.json``: one finished cell (its values, its config fingerprint), written atomically.
+* ``runs/<method>-<fingerprint>-s<seeds>/``: the method's sweep (checkpoints, metrics, ``sweep_results.json``).
+* ``results.csv``: one row per cell: ``method, seed, member, diverged, <metric columns>`` (see :func:`columns`).
+* ``results_summary.csv``: one row per method: ``method, num_seeds, <metric>_mean, <metric>_std ...``.
+* ``results.json``: ``columns`` (name, label, direction), ``cells``, ``aggregate`` (``method -> metric ->
+  {mean, std, n}``), ``best`` (``metric -> [methods]``), ``methods``, ``seeds``, ``timing``, ``config``.
+* ``results.md``: mean ± std per method and column; the best mean per column in **bold**.
+* ``figures/accuracy_vs_curvature.png``, ``figures/robustness_vs_jacobian.png``: one point per method, seed
+  standard deviations as error bars.
+
+Aggregates are the mean and the sample standard deviation (ddof=1; 0 for one seed) over the seeds that did not
+diverge and have a finite value. NaN (JSON ``null``) marks a value that is undefined (e.g. minimum sharpness of a
+smooth network with ``sharpness="auto"``).
+
+Resuming: a rerun with the same config skips every cell whose file exists with the same fingerprint (the
+method's resolved config + the measurement settings), and does not train a method whose cells are all done;
+a method whose sweep finished but whose cells are missing is loaded from its checkpoint, not retrained; an
+interrupted sweep resumes from its last checkpoint. Changing a method's config or the measurement settings
+changes the fingerprint, so its cells are recomputed (in a new run directory).
+
+Cost: training as in :func:`~lcnn_jax.sweep.fit_sweep` (K seeds ~ K x a single run, one compilation per
+method); measurement as in ``lcnn-jax measure`` on ``measure.num_examples`` test images per cell, plus
+minimum sharpness (one forward and K backward passes per example on ``measure.hessian_examples`` training
+images).
+
+Example::
+
+    from lcnn_jax import compare
+    from lcnn_jax.configs import load_config
+    config = load_config("experiments/configs/compare_mnist5k.py")
+    config.compare.methods = ("standard", "datagrad")
+    summary = compare.run_compare(config, "runs/compare_two")
+    print(summary["aggregate"]["datagrad"]["curvature"])       # {"mean": ..., "std": ..., "n": 2}
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "PIECEWISE_LINEAR_MODELS",
+    "columns",
+    "check_methods",
+    "method_config",
+    "is_piecewise_linear",
+    "fingerprint",
+    "train_method",
+    "Measurer",
+    "measure_cell",
+    "aggregate",
+    "best_methods",
+    "format_markdown",
+    "write_results",
+    "plot_results",
+    "run_compare",
+]
+
+# Registered models that are chains of dense/conv/pool layers (no skip connections, no normalisation by
+# default): with a ReLU/identity activation they are piecewise linear, where minimum sharpness is exact.
+PIECEWISE_LINEAR_MODELS = ("mlp", "ms_mlp", "lenet", "ms_lenet", "small_cnn")
+SHARPNESS_MODES = ("auto", "always", "never")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Columns
+
+
+def columns(mcfg) -> list[dict]:
+    """The metric columns of a compare run with measurement settings ``mcfg``, in table order: ``name``,
+    ``label`` (for tables and plots) and ``direction`` (``"higher"``/``"lower"`` is better, or None: not
+    ranked). Accuracies are fractions in [0, 1].
+
+    * ``test_accuracy``/``train_accuracy``: on the whole test / training split (the sweep's final evaluation);
+    * ``clean_accuracy``, ``pgd_linf_<eps>``, ``pgd_l2_<eps>``, ``noise_<std>``: on the measured test subset;
+    * ``jacobian_frobenius`` ``||J||_F`` of the logits, ``curvature`` ``|lam|/(||g||+1e-6)``, ``hessian_norm``
+      ``|lam|``, ``grad_norm`` ``||grad_x CE||``, ``gradient_stability`` (cosine), ``local_lipschitz``: per-
+      example means over the measured test subset (input space);
+    * ``hessian_trace``, ``hessian_top_eigenvalue``, ``minimum_sharpness``: parameter space, mean CE over
+      ``measure.hessian_examples`` training images.
+    """
+    cols = [("test_accuracy", "test acc", "higher"), ("train_accuracy", "train acc", None),
+            ("clean_accuracy", "clean acc (subset)", "higher")]
+    cols += [(f"pgd_linf_{float(e):g}", f"PGD-Linf {float(e):g}", "higher") for e in mcfg.pgd_linf_eps]
+    cols += [(f"pgd_l2_{float(e):g}", f"PGD-L2 {float(e):g}", "higher") for e in mcfg.pgd_l2_eps]
+    cols += [(f"noise_{float(s):g}", f"noise {float(s):g}", "higher") for s in mcfg.noise_std]
+    cols += [("jacobian_frobenius", "Jacobian norm", "lower"), ("curvature", "curvature", "lower"),
+             ("hessian_norm", "input Hessian norm", "lower"), ("grad_norm", "loss grad norm", "lower"),
+             ("gradient_stability", "grad stability", "higher"), ("local_lipschitz", "local Lipschitz", "lower"),
+             ("hessian_trace", "Hessian trace", "lower"), ("hessian_top_eigenvalue", "Hessian top eig", "lower"),
+             ("minimum_sharpness", "min. sharpness", "lower"), ("train_time_s", "train time s", None)]
+    return [{"name": n, "label": l, "direction": d} for n, l, d in cols]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Methods
+
+
+def _section(config):
+    from lcnn_jax.training import ConfigError
+
+    if "compare" not in config:
+        raise ConfigError("The config has no 'compare' section; use a compare config such as "
+                          "experiments/configs/compare_mnist5k.py.")
+    return config.compare
+
+
+def check_methods(config) -> tuple[str, ...]:
+    """The selected method names, validated: each must be a key of ``config.compare.method_specs``.
+
+    Raises:
+      ConfigError (a ValueError): an unknown or repeated name; the message lists the valid choices.
+    """
+    from lcnn_jax.training import ConfigError
+
+    cmp = _section(config)
+    valid = tuple(cmp.method_specs.keys())
+    methods = cmp.methods
+    if isinstance(methods, str):
+        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in valid]
+    if unknown:
+        raise ConfigError(f"compare.methods: unknown method(s) {unknown}; choose among {list(valid)} "
+                          f"(or add a spec under compare.method_specs).")
+    if not methods:
+        raise ConfigError(f"compare.methods is empty; choose among {list(valid)}.")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"compare.methods repeats a method: {methods}.")
+    return methods
+
+
+def _to_dict(node):
+    return node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
+
+
+def method_config(config, name: str):
+    """The training config of method ``name``: the base config (``compare`` and ``sweep`` sections dropped)
+    with ``config.compare.method_specs[name]`` applied: ``model`` replaced when the spec names a model (its
+    kwargs merged over nothing, so an LCNN variant does not inherit ``act='relu'``), ``regularizers``
+    replaced, every other section merged key by key."""
+    import ml_collections
+
+    from lcnn_jax.training import ConfigError
+
+    specs = _section(config).method_specs
+    if name not in specs:
+        raise ConfigError(f"unknown method {name!r}; choose among {list(specs.keys())}.")
+    spec = _to_dict(specs[name])
+    base = config.to_dict()
+    base.pop("compare", None)
+    base.pop("sweep", None)
+    base.setdefault("regularizers", {})
+    for section, value in spec.items():
+        if section == "regularizers":
+            base["regularizers"] = dict(value or {})
+        elif section == "model" and "name" in value:
+            base["model"] = {"name": value["name"], "kwargs": dict(value.get("kwargs") or {})}
+        elif isinstance(value, Mapping) and isinstance(base.get(section), Mapping):
+            base[section] = {**base[section], **value}
+        else:
+            base[section] = value
+    out = ml_collections.ConfigDict(base)
+    out.sweep = ml_collections.ConfigDict(dict(seeds=(), grid=ml_collections.ConfigDict(), data_order="per_seed"))
+    if not isinstance(out.get("regularizers"), ml_collections.ConfigDict):
+        raise ConfigError(f"compare.method_specs.{name}.regularizers must be a mapping name -> kwargs.")
+    return out
+
+
+def is_piecewise_linear(method_cfg) -> bool:
+    """True when the method's model is a chain of dense/conv/pool layers with a ReLU or identity activation,
+    no normalisation and no output activation (where minimum sharpness is exact, SPEC 1.5)."""
+    m = method_cfg.model
+    kw = _to_dict(m.get("kwargs"))
+    return (m.name in PIECEWISE_LINEAR_MODELS and kw.get("act", "relu") in ("relu", "identity")
+            and kw.get("norm") in (None, "none") and kw.get("output_activation") is None)
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of JSON-able parts (configs as dicts): identifies what a cell or run computed."""
+    text = json.dumps([_to_dict(p) if hasattr(p, "to_dict") else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _training_fingerprint(method_cfg) -> str:
+    cfg = method_cfg.to_dict()
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k != "progress"}
+    return fingerprint(cfg)
+
+
+def _measure_fingerprint(cmp) -> dict:
+    m = {k: v for k, v in _to_dict(cmp.measure).items() if k != "progress"}
+    return {"measure": m, "sharpness": cmp.sharpness, "test_data": cmp.get("test_data"),
+            "test_data_dir": cmp.get("test_data_dir")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and measuring
+
+
+def train_method(method_cfg, run_dir: str, seeds: Sequence[int], *, data_order: str = "per_seed"):
+    """Train ``seeds`` of one method as one vmapped sweep in ``run_dir`` (resuming an interrupted one; a
+    finished one, marked by its ``sweep_results.json``, is only loaded) and return ``(model, states,
+    sweep_summary)``: one :class:`~lcnn_jax.training.TrainState` per seed, in ``seeds`` order."""
+    from lcnn_jax import sweep
+
+    done = os.path.join(run_dir, "sweep_results.json")
+    if os.path.exists(done):
+        with open(done) as fh:
+            summary = json.load(fh)
+    else:
+        summary = sweep.fit_sweep(method_cfg, run_dir, seeds=tuple(int(s) for s in seeds), data_order=data_order)
+    _, model, stacked, members = sweep.load_sweep(run_dir)
+    by_seed = {m.seed: m.index for m in members}
+    states = [sweep.member_state(stacked, by_seed[int(s)]) for s in seeds]
+    return model, states, summary
+
+
+class Measurer:
+    """The measurement suite of one model, compiled once and applied to every seed's variables.
+
+    :func:`lcnn_jax.report.measure_state` jits closures over the weights, so it recompiles for every network;
+    here every compiled function takes the variables as an argument instead (same formulas and settings):
+
+    * per-example input-space items: :func:`lcnn_jax.report.per_example_fn` / ``per_example_measures``;
+    * clean, PGD-Linf/L2 (random start, ``pgd_steps`` steps of ``pgd_step_factor * eps / pgd_steps``) and
+      Gaussian-noise accuracy: one jitted program for all attacks (:mod:`lcnn_jax.attacks`), in padded chunks
+      of ``batch_size``; attack ``i`` of chunk ``c`` uses ``fold_in(fold_in(key, c), i)``;
+    * Hutchinson trace and Lanczos top eigenvalue of the parameter Hessian of the mean CE
+      (:func:`lcnn_jax.measures.hessian_trace`, :func:`~lcnn_jax.measures.hessian_top_eigenvalues`);
+    * minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`, biases included) when ``sharpness``.
+    """
+
+    def __init__(self, model, mcfg, *, sharpness: bool, sharpness_chunk: int = 32):
+        import functools
+
+        import jax
+        import optax
+
+        from lcnn_jax import attacks, report
+        from lcnn_jax.measures import hessian_top_eigenvalues, hessian_trace
+
+        self.model, self.mcfg, self.sharpness, self.chunk = model, mcfg, bool(sharpness), int(sharpness_chunk)
+        self.per_example = report.per_example_fn(model, mcfg)
+        steps, factor = int(mcfg.pgd_steps), float(mcfg.pgd_step_factor)
+        attack_list = [("clean_accuracy", None)]
+        for norm, radii in (("linf", mcfg.pgd_linf_eps), ("l2", mcfg.pgd_l2_eps)):
+            for eps in radii:
+                attack_list.append((f"pgd_{norm}_{float(eps):g}", functools.partial(
+                    attacks.pgd, norm=norm, eps=float(eps), step_size=factor * float(eps) / steps, num_steps=steps)))
+        for std in mcfg.noise_std:
+            attack_list.append((f"noise_{float(std):g}",
+                                lambda f, x, y, key, s=float(std): attacks.gaussian_noise(x, key=key, std=s)))
+        self.attack_names = [n for n, _ in attack_list]
+
+        @jax.jit
+        def correct(variables, x, y, key):
+            def logits_fn(xs):
+                return model.apply(variables, xs, train=False)
+
+            out = {}
+            for i, (name, attack) in enumerate(attack_list):
+                xa = x if attack is None else attack(logits_fn, x, y, key=jax.random.fold_in(key, i))
+                out[name] = jax.numpy.argmax(logits_fn(xa), axis=-1) == y
+            return out
+
+        @jax.jit
+        def param_hessian(params, rest, xs, ys, key):
+            def loss(p):
+                logits = model.apply({"params": p, **rest}, xs, train=False)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+
+            k1, k2 = jax.random.split(key)
+            trace, se = hessian_trace(loss, params, key=k1, num_probes=int(mcfg.hessian_probes))
+            top = hessian_top_eigenvalues(loss, params, key=k2, k=1, num_iters=int(mcfg.hessian_lanczos_iters))
+            return trace, top.eigenvalues[0]
+
+        self.correct, self.param_hessian = correct, param_hessian
+        self._logits_fn = None
+
+    def robustness(self, variables, xs, ys, key) -> dict:
+        from lcnn_jax import report
+
+        hits = report._chunked(lambda x, y, k: self.correct(variables, x, y, k), xs, ys, key,
+                               int(self.mcfg.batch_size))
+        return {name: float(np.mean(hits[name])) for name in self.attack_names}
+
+    def minimum_sharpness(self, variables, xs) -> float:
+        import jax
+
+        from lcnn_jax.measures import layer_order, minimum_sharpness
+
+        rest = {k: v for k, v in variables.items() if k != "params"}
+        model = self.model
+
+        def logits_fn(p, x):
+            return model.apply({"params": p, **rest}, x[None], train=False)[0]
+
+        if not jax.tree.leaves(rest):  # one function object for every seed: layer_hessian_traces compiles once
+            if self._logits_fn is None:
+                self._logits_fn = logits_fn
+            logits_fn = self._logits_fn
+        # Flax lists layers in call order at init; a restored checkpoint may have re-sorted the keys.
+        fresh = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), xs[:1], train=False))["params"]
+        res = minimum_sharpness(logits_fn, variables["params"], xs, include_bias=True, layers=layer_order(fresh),
+                                chunk_size=self.chunk)
+        return float(res.value)
+
+    def __call__(self, variables, test: tuple, train: tuple, *, key) -> dict:
+        import jax
+
+        from lcnn_jax import report
+
+        k_pe, k_rob, k_hess = jax.random.split(key, 3)
+        bs = int(self.mcfg.batch_size)
+        per_example = report.per_example_measures(self.model, variables, *test, self.mcfg, k_pe, bs,
+                                                  run=self.per_example)
+        out = {n: st["mean"] for n, st in per_example.items()}
+        out.update(self.robustness(variables, *test, k_rob))
+        rest = {k: v for k, v in variables.items() if k != "params"}
+        trace, top = self.param_hessian(variables["params"], rest, *train, k_hess)
+        out["hessian_trace"], out["hessian_top_eigenvalue"] = float(trace), float(top)
+        out["minimum_sharpness"] = self.minimum_sharpness(variables, train[0]) if self.sharpness else math.nan
+        return {k: float(v) for k, v in out.items()}
+
+
+def measure_cell(measurer: Measurer, variables, test: tuple, train: tuple, *, key) -> dict:
+    """All measured columns of one trained network (see :func:`columns`): the suite of ``measurer`` on
+    ``test`` (``(xs, ys)``) and the parameter-space items on ``train``. Returns ``{column: float}``."""
+    return measurer(variables, test, train, key=key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aggregation and output
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def aggregate(cells: Sequence[dict], names: Sequence[str], methods: Sequence[str]) -> dict:
+    """``method -> column -> {"mean", "std", "n"}``: mean and sample std (ddof=1; 0 for one value) over the
+    cells of that method that did not diverge and have a finite value (mean/std NaN when there is none)."""
+    out = {}
+    for method in methods:
+        rows = [c for c in cells if c["method"] == method and not c.get("diverged")]
+        out[method] = {}
+        for name in names:
+            vals = np.array([c[name] for c in rows if _finite(c.get(name))], np.float64)
+            out[method][name] = {"mean": float(vals.mean()) if vals.size else math.nan,
+                                 "std": float(vals.std(ddof=1)) if vals.size > 1 else (0.0 if vals.size else math.nan),
+                                 "n": int(vals.size)}
+    return out
+
+
+def best_methods(agg: dict, cols: Sequence[dict]) -> dict:
+    """``column -> [methods]`` whose mean is the best (max for ``higher``, min for ``lower``; ties all kept);
+    unranked columns and columns without finite means are left out."""
+    best = {}
+    for col in cols:
+        if col["direction"] is None:
+            continue
+        means = {m: agg[m][col["name"]]["mean"] for m in agg if _finite(agg[m][col["name"]]["mean"])}
+        if not means:
+            continue
+        target = max(means.values()) if col["direction"] == "higher" else min(means.values())
+        best[col["name"]] = [m for m, v in means.items() if v == target]
+    return best
+
+
+def _is_accuracy(name: str) -> bool:
+    return name.endswith("accuracy") and name != "gradient_stability" or name.startswith(("pgd_", "noise_"))
+
+
+def _cell_text(name: str, st: dict) -> str:
+    mean, std = st["mean"], st["std"]
+    if not _finite(mean):
+        return "n/a"
+    if _is_accuracy(name):
+        return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def format_markdown(agg: dict, cols: Sequence[dict], best: dict, *, title: str = "", notes: Sequence[str] = ()) -> str:
+    """The results table: one row per method, ``mean ± std`` per column (accuracies in %), the best entry
+    per ranked column in bold; the header marks the direction (↑ higher is better, ↓ lower is better)."""
+    arrow = {"higher": " ↑", "lower": " ↓", None: ""}
+    lines = [f"### {title}", ""] if title else []
+    lines += list(notes) + ([""] if notes else [])
+    lines.append("| method | " + " | ".join(c["label"] + arrow[c["direction"]] for c in cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for method in agg:
+        cells = []
+        for c in cols:
+            text = _cell_text(c["name"], agg[method][c["name"]])
+            cells.append(f"**{text}**" if method in best.get(c["name"], ()) else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if (isinstance(v, float) and not math.isfinite(v)) else v for v in r])
+    return buf.getvalue()
+
+
+def write_results(workdir: str, cells: Sequence[dict], cols: Sequence[dict], methods: Sequence[str], *,
+                  meta: dict) -> dict:
+    """Write ``results.csv``, ``results_summary.csv``, ``results.json`` and ``results.md`` (atomically) and
+    return the JSON object."""
+    from lcnn_jax.training import write_json_atomic
+
+    names = [c["name"] for c in cols]
+    agg = aggregate(cells, names, methods)
+    best = best_methods(agg, cols)
+    _write_text_atomic(os.path.join(workdir, "results.csv"), _csv_text(
+        ["method", "seed", "member", "diverged"] + names,
+        [[c["method"], c["seed"], c.get("member", ""), int(bool(c.get("diverged")))]
+         + [c.get(n, math.nan) for n in names]
+         for c in cells]))
+    _write_text_atomic(os.path.join(workdir, "results_summary.csv"), _csv_text(
+        ["method", "num_seeds"] + [f"{n}_{s}" for n in names for s in ("mean", "std")],
+        [[m, sum(1 for c in cells if c["method"] == m and not c.get("diverged"))]
+         + [agg[m][n][s] for n in names for s in ("mean", "std")] for m in methods]))
+    obj = {"columns": list(cols), "methods": list(methods), "cells": list(cells), "aggregate": agg, "best": best,
+           **meta}
+    write_json_atomic(os.path.join(workdir, "results.json"), _json_safe(obj))
+    notes = meta.get("notes", ())
+    _write_text_atomic(os.path.join(workdir, "results.md"),
+                       format_markdown(agg, cols, best, title=meta.get("title", ""), notes=notes))
+    return obj
+
+
+def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column: str) -> list[str]:
+    """``figures/accuracy_vs_curvature.png`` (test accuracy against input curvature) and
+    ``figures/robustness_vs_jacobian.png`` (``robust_column`` against the Jacobian Frobenius norm): one point
+    per method, seed standard deviations as error bars, log-scaled x axes. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {c["name"]: c["label"] for c in cols}
+    if robust_column not in labels:
+        robust_column = next((c["name"] for c in cols if c["name"].startswith("pgd_")), "clean_accuracy")
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+    paths = []
+    for fname, xname, yname in (("accuracy_vs_curvature.png", "curvature", "test_accuracy"),
+                                ("robustness_vs_jacobian.png", "jacobian_frobenius", robust_column)):
+        fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+        for i, method in enumerate(agg):
+            x, y = agg[method][xname], agg[method][yname]
+            if not (_finite(x["mean"]) and _finite(y["mean"])):
+                continue
+            ax.errorbar(x["mean"], 100 * y["mean"], xerr=x["std"], yerr=100 * y["std"], fmt="o", capsize=3,
+                        color=f"C{i % 10}", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{labels[xname]} (test, lower is smoother)")
+        ax.set_ylabel(f"{labels[yname]} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        path = os.path.join(workdir, "figures", fname)
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _measure_config(cmp):
+    from lcnn_jax import report
+    from lcnn_jax.training import ConfigError
+
+    mcfg = report.measure_defaults()
+    if cmp.get("measure"):
+        mcfg.update(_to_dict(cmp.measure))  # plain values: FieldReferences cannot update FieldReferences
+    if int(mcfg.num_examples) <= 0 or int(mcfg.batch_size) <= 0 or int(mcfg.hessian_examples) <= 0:
+        raise ConfigError("compare.measure.num_examples, batch_size and hessian_examples must be positive.")
+    return mcfg
+
+
+def _cell_path(workdir: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, "cells", method, f"seed{int(seed)}.json")
+
+
+def _read_cell(path: str, fp: str):
+    try:
+        with open(path) as fh:
+            cell = json.load(fh)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if cell.get("fingerprint") != fp:
+        return None
+    return {k: (math.nan if v is None else v) for k, v in cell.items()}
+
+
+def run_compare(config, workdir: str) -> dict:
+    """Train and measure every (method, seed) cell of ``config.compare`` and write the results to ``workdir``
+    (see the module docstring for the files). Resumable; returns the ``results.json`` object.
+
+    Raises:
+      ConfigError (a ValueError): an unknown method name (the message lists the valid ones), a bad seed list,
+        a bad ``compare.sharpness`` mode or measurement setting, or an invalid method config.
+      lcnn_jax.data.DatasetError: the dataset cannot be found.
+    """
+    import jax
+    from tqdm.auto import tqdm
+
+    from lcnn_jax import data as data_lib
+    from lcnn_jax.configs import validate_config
+    from lcnn_jax.training import ConfigError, write_json_atomic
+
+    t0 = time.time()
+    cmp = _section(config)
+    methods = check_methods(config)
+    try:
+        seeds = tuple(int(s) for s in cmp.seeds)
+    except (TypeError, ValueError):
+        raise ConfigError(f"compare.seeds must be integers, got {cmp.seeds!r}.") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"compare.seeds must be distinct non-negative integers, got {cmp.seeds!r}.")
+    mode = cmp.get("sharpness", "auto")
+    if mode not in SHARPNESS_MODES:
+        raise ConfigError(f"compare.sharpness={mode!r} is unknown; use one of {SHARPNESS_MODES}.")
+    mcfg = _measure_config(cmp)
+    mcfg.progress = bool(mcfg.get("progress", True)) and bool(cmp.get("progress", True))
+    cols = columns(mcfg)
+    cfgs = {m: method_config(config, m) for m in methods}
+    for m, c in cfgs.items():  # every config error before any training
+        try:
+            validate_config(c)
+        except ConfigError as e:
+            raise ConfigError(f"method {m!r}: {e}") from e
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    d = config.data
+    test_name, test_dir = d.name, d.get("data_dir")
+    if cmp.get("test_data"):  # e.g. the official MNIST test set for a model trained on mnist5k
+        test_name, test_dir = cmp.test_data, cmp.get("test_data_dir")
+    test = data_lib.load_split(test_name, "test", data_dir=test_dir, download=d.get("download", False))
+    train = data_lib.load_split(d.name, "train", data_dir=d.get("data_dir"), download=d.get("download", False))
+    n_test, n_hess = min(int(mcfg.num_examples), len(test.images)), min(int(mcfg.hessian_examples), len(train.images))
+    test_xy = (test.images[:n_test], test.labels[:n_test])
+    train_xy = (train.images[:n_hess], train.labels[:n_hess])
+    measure_fp = _measure_fingerprint(cmp)
+
+    cells, timing = [], {}
+    bar = tqdm(total=2 * len(methods), desc="compare", unit="phase", disable=not cmp.get("progress", True),
+               dynamic_ncols=True)
+    try:
+        for method in methods:
+            mc = cfgs[method]
+            train_fp = _training_fingerprint(mc)
+            cell_fp = fingerprint(train_fp, measure_fp)
+            done = {s: _read_cell(_cell_path(workdir, method, s), cell_fp) for s in seeds}
+            todo = [s for s in seeds if done[s] is None]
+            timing[method] = {"train_s": 0.0, "measure_s": 0.0}
+            if todo:
+                bar.set_postfix_str(f"{method}/train")
+                t = time.time()
+                run_dir = os.path.join(workdir, "runs", f"{method}-{train_fp}-s{'_'.join(map(str, seeds))}")
+                model, states, summary = train_method(mc, run_dir, seeds, data_order=cmp.get("data_order", "per_seed"))
+                timing[method]["train_s"] = time.time() - t
+                bar.update(1)
+                bar.set_postfix_str(f"{method}/measure")
+                t = time.time()
+                per_member = {int(r["seed"]): r for r in summary["members"]}
+                sharp = mode == "always" or (mode == "auto" and is_piecewise_linear(mc))
+                measurer = Measurer(model, mcfg, sharpness=sharp, sharpness_chunk=int(cmp.get("sharpness_chunk", 32)))
+                for seed, state in zip(seeds, states):
+                    if done[seed] is not None:
+                        continue
+                    r = per_member[seed]
+                    variables = {"params": state.params, **state.model_state}
+                    t_cell = time.time()
+                    values = measure_cell(measurer, variables, test_xy, train_xy,
+                                          key=jax.random.PRNGKey(int(mcfg.seed)))
+                    values["measure_time_s"] = time.time() - t_cell  # the first seed's includes compilation
+                    cell = {"method": method, "seed": seed, "member": r["id"], "diverged": bool(r["diverged"]),
+                            "diverged_at": r.get("diverged_at"), "test_accuracy": float(r["test_accuracy"]),
+                            "train_accuracy": float(r["train_accuracy"]), "train_time_s": float(summary["wall_time_s"]),
+                            **values, "fingerprint": cell_fp, "run_dir": os.path.relpath(run_dir, workdir),
+                            "minimum_sharpness_defined": sharp}
+                    path = _cell_path(workdir, method, seed)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    write_json_atomic(path, _json_safe(cell))
+                    done[seed] = cell
+                timing[method]["measure_s"] = time.time() - t
+                bar.update(1)
+            else:
+                timing[method]["reused"] = True  # every cell read back; times of the run that made them in cells/
+                bar.update(2)
+            cells.extend(done[s] for s in seeds)
+    finally:
+        bar.close()
+
+    mc0 = cfgs[methods[0]]
+    title = (f"lcnn-jax compare: {d.name}, {config.model.name} "
+             f"{_to_dict(config.model.get('kwargs'))}, {len(seeds)} seed(s), {config.train.num_epochs} epochs")
+    notes = [
+        f"Mean ± std over seeds {list(seeds)} (sample std, ddof=1). **Bold**: best mean per column "
+        "(↑ higher is better, ↓ lower is better). Accuracies in %.",
+        f"test acc / train acc: whole {d.name} test / training split. Other columns on the first {n_test} test "
+        f"images ({test_name}); parameter-space columns (Hessian trace, top eigenvalue, minimum sharpness) on "
+        f"{n_hess} training images. PGD: {int(mcfg.pgd_steps)} steps, step {float(mcfg.pgd_step_factor):g} eps / "
+        f"steps; noise: N(0, std^2) clipped to [0, 1]; gradient stability at noise std "
+        f"{float(mcfg.stability_noise):g}.",
+        "min. sharpness: n/a for networks that are not piecewise linear (LCNN: centred softplus, Lipschitz batch "
+        "norm), where the layer-rescaling symmetry it rests on does not hold.",
+        f"train time s: the method's whole vmapped sweep ({len(seeds)} seeds at once).",
+    ]
+    # wall_time_s and timing are of THIS invocation (0 for reused cells); each cell keeps its own
+    # train_time_s (its method's sweep) and measure_time_s.
+    meta = {"title": title, "notes": notes, "seeds": list(seeds), "timing": timing,
+            "wall_time_s": time.time() - t0, "batch_size": int(mc0.train.batch_size),
+            "config": config.to_dict(), "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
+    obj = write_results(workdir, cells, cols, methods, meta=meta)
+    agg = aggregate(cells, [c["name"] for c in cols], methods)
+    obj["figures"] = plot_results(workdir, agg, cols, robust_column=str(cmp.get("plot_robust_column", "pgd_l2_1")))
+    return obj
