@@ -207,28 +207,9 @@ def row_config(row: str, *, epochs: int, sigmoid_output: bool = False, seed: int
 
 
 def train_row(config, workdir: str, seeds: Sequence[int], *, use_sweep: bool = True):
-    """Train the seeds of one row; returns ``(model, [TrainState per seed], trained_with, note, wall_s)``.
-
-    ``fit_sweep`` (one vmapped program) first; on an exception, one ``fit`` per seed (the reason is returned)."""
-    t0 = time.time()
-    note = ""
-    if use_sweep:
-        try:
-            sweep.fit_sweep(config, workdir, seeds=tuple(seeds))
-            _, model, stacked, members = sweep.load_sweep(workdir)
-            states = [sweep.member_state(stacked, m.index) for m in members]
-            return model, states, "fit_sweep", note, time.time() - t0
-        except Exception as e:  # noqa: BLE001 -- recorded in the results, then the sequential fallback
-            note = f"fit_sweep failed ({type(e).__name__}: {e}); fell back to sequential fit"
-            print(f"[clip_table] {note}", flush=True)
-    states, model = [], None
-    for s in seeds:
-        cfg = sweep.member_config(config, sweep.Member(0, "000", int(s), {}))
-        wd = os.path.join(workdir, f"seed{int(s)}")
-        training.fit(cfg, wd)
-        _, model, state, _ = training.load_trained(wd)
-        states.append(state)
-    return model, states, "fit", note, time.time() - t0
+    """``(model, [TrainState per seed], trained_with, note, wall_s)`` of :func:`lcnn_jax.sweep.train_seeds`
+    (one vmapped program, one ``fit`` per seed should it fail)."""
+    return tuple(sweep.train_seeds(config, workdir, seeds, use_sweep=use_sweep))
 
 
 def clip_log_diagnostics(workdir: str, seeds: Sequence[int]) -> dict:

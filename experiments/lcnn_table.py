@@ -10,7 +10,7 @@ Rows (``experiments/configs/lcnn_mnist5k.py``): ``standard`` (softplus beta 1000
 gradient-norm penalty), ``lcnn_gradreg`` and ``softplus10``. Every row trains the small CNN (avg pooling) on the
 4000 mnist5k training images (batch 64, SGD momentum 0.9, lr 0.05, lr x0.1 at 75 % / 87.5 %); ``--epochs``
 overrides the config's 15 for every row alike. The seeds of one row train as ONE vmapped program
-(:func:`lcnn_jax.sweep.fit_sweep`, through :func:`experiments.clip_table.train_row`, which falls back to one
+(:func:`lcnn_jax.sweep.fit_sweep`, through :func:`lcnn_jax.sweep.train_seeds`, which falls back to one
 ``fit`` per seed and records it should the sweep fail).
 
 Evaluation of every seed, model in eval mode, on two test sets: ``test`` = the mnist5k test split (1000 images) and,
@@ -72,12 +72,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lcnn_jax import attacks, data as data_lib, training
+from lcnn_jax import attacks, data as data_lib, sweep, training
 from lcnn_jax.configs import load_config
 from lcnn_jax.measures import curvature_bound, gradient_stability, input_curvature
 from lcnn_jax.report import measure_defaults
 
-from experiments.clip_table import train_row  # generic: train the seeds of one config with fit_sweep
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "lcnn_mnist5k.py")
 ROWS = ("standard", "lcnn", "gradreg", "lcnn_gradreg", "softplus10")
@@ -306,7 +305,7 @@ def load_row(path: str, settings: dict) -> dict | None:
 
 def run_row(row: str, *, epochs: int, seeds: Sequence[int], out_dir: str, workdir: str, splits: Mapping,
             measure_limit: int, pgd_steps: int = PGD_STEPS, pgd_limit: int | None = None,
-            measure_splits: Sequence[str] | None = None, force: bool = False, trainer=train_row,
+            measure_splits: Sequence[str] | None = None, force: bool = False, trainer=sweep.train_seeds,
             evaluator=evaluate_member) -> dict:
     """Train and evaluate one row, or return ``out_dir/rows/<row>.json`` when it exists with the same settings.
     ``trainer(config, workdir, seeds) -> (model, states, trained_with, note, wall_s)`` and ``evaluator`` are

@@ -86,6 +86,8 @@ __all__ = [
     "fit_sweep",
     "fit_sweep_from_config",
     "load_sweep",
+    "SeedsRun",
+    "train_seeds",
 ]
 
 DATA_ORDERS = ("per_seed", "shared")
@@ -604,3 +606,44 @@ def load_sweep(workdir: str):
     model, template, _ = training.template_state(config)
     stacked = training.restore_latest(workdir, stack_states([template] * len(members)), what="sweep")
     return config, model, stacked, members
+
+
+class SeedsRun(NamedTuple):
+    """What :func:`train_seeds` returns: the Flax ``model``, one :class:`~lcnn_jax.training.TrainState` per seed
+    (in the order asked), ``trained_with`` (``"fit_sweep"`` or ``"fit"``), ``note`` (why the sweep was not used,
+    or ``""``) and ``wall_s`` (seconds spent, loading included)."""
+    model: object
+    states: list
+    trained_with: str
+    note: str
+    wall_s: float
+
+
+def train_seeds(config, workdir: str, seeds: Sequence[int], *, use_sweep: bool = True) -> SeedsRun:
+    """Train ``seeds`` of one config and return every seed's final state.
+
+    First as one vmapped program (:func:`fit_sweep` in ``workdir``, which resumes an interrupted sweep and only
+    reloads a finished one). Should the sweep raise (e.g. a model whose vmapped program does not fit in memory),
+    the reason is logged and kept in ``note`` and each seed is trained alone with
+    :func:`lcnn_jax.training.fit` in ``workdir/seed<N>`` (the same member config, so the same result up to float
+    error; each resumable too). ``use_sweep=False`` goes straight to the per-seed runs."""
+    t0 = time.time()
+    seeds = tuple(int(s) for s in seeds)
+    note = ""
+    if use_sweep:
+        try:
+            fit_sweep(config, workdir, seeds=seeds)
+            _, model, stacked, members = load_sweep(workdir)
+            by_seed = {m.seed: m.index for m in members}
+            states = [member_state(stacked, by_seed[s]) for s in seeds]
+            return SeedsRun(model, states, "fit_sweep", note, time.time() - t0)
+        except Exception as e:  # noqa: BLE001 -- reported in ``note``, then the per-seed fallback
+            note = f"fit_sweep failed ({type(e).__name__}: {e}); fell back to one fit per seed"
+            _log.warning(note)
+    states, model = [], None
+    for s in seeds:
+        wd = os.path.join(workdir, f"seed{s}")
+        training.fit(member_config(config, Member(0, "000", s, {})), wd)
+        _, model, state, _ = training.load_trained(wd)
+        states.append(state)
+    return SeedsRun(model, states, "fit", note, time.time() - t0)
