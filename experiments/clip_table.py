@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcnn_jax import attacks, data as data_lib, sweep, training
+from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config
 from lcnn_jax.measures.lipschitz import lipschitz_pair_ascent, pair_quotients
 from lcnn_jax.regularizers.clip import draw_pairs
@@ -128,11 +129,6 @@ def _rescore_fn(apply_fn):
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    short = size - len(x)
-    return x if short == 0 else np.concatenate([x, np.repeat(x[:1], short, axis=0)])
-
-
 @functools.lru_cache(maxsize=None)
 def _correct_fns(model, pgd_steps: int):
     """Jitted ``(variables, x, y, key) -> (B,) bool`` for clean, noise and PGD accuracy; the variables are an
@@ -157,13 +153,8 @@ def _correct_fns(model, pgd_steps: int):
 
 def accuracy_of(fn, variables, xs: np.ndarray, ys: np.ndarray, *, key, chunk: int = EVAL_CHUNK) -> float:
     """Mean of ``fn(variables, x, y, key)`` over ``xs`` in padded chunks (chunk ``c`` uses ``fold_in(key, c)``)."""
-    size = min(chunk, len(xs))
-    hits = 0
-    for c, start in enumerate(range(0, len(xs), size)):
-        x, y = xs[start:start + size], ys[start:start + size]
-        out = fn(variables, _pad(x, size), _pad(y, size), jax.random.fold_in(key, c))
-        hits += int(np.sum(np.asarray(out)[:len(x)]))
-    return hits / len(xs)
+    hits = map_chunks(lambda x, y, k: fn(variables, x, y, k), xs, ys, key=key, chunk_size=chunk)
+    return float(np.mean(hits))
 
 
 def evaluate_member(model, variables, splits: Mapping[str, tuple], lip_pairs: tuple, *, key,

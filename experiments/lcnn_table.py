@@ -73,6 +73,7 @@ import numpy as np
 import optax
 
 from lcnn_jax import attacks, data as data_lib, sweep, training
+from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config
 from lcnn_jax.measures import curvature_bound, gradient_stability, input_curvature
 from lcnn_jax.report import measure_defaults
@@ -106,22 +107,10 @@ EVAL_CHUNK = 250
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    short = size - len(x)
-    return x if short == 0 else np.concatenate([x, np.repeat(x[:1], short, axis=0)])
-
-
 def chunked(fn, variables, xs: np.ndarray, ys: np.ndarray, *, key, chunk: int = EVAL_CHUNK) -> dict:
-    """Concatenate ``fn(variables, x, y, key) -> {name: (B,)}`` over padded chunks (chunk ``c`` uses
-    ``fold_in(key, c)``; one compilation, the padding rows dropped)."""
-    size = min(chunk, len(xs))
-    out: dict = {}
-    for c, start in enumerate(range(0, len(xs), size)):
-        x, y = xs[start:start + size], ys[start:start + size]
-        res = fn(variables, _pad(x, size), _pad(y, size), jax.random.fold_in(key, c))
-        for k, v in res.items():
-            out.setdefault(k, []).append(np.asarray(v)[:len(x)])
-    return {k: np.concatenate(v) for k, v in out.items()}
+    """Concatenate ``fn(variables, x, y, key) -> {name: (B,)}`` over padded chunks
+    (:func:`lcnn_jax.batching.map_chunks`: chunk ``c`` uses ``fold_in(key, c)``, one compilation)."""
+    return map_chunks(lambda x, y, k: fn(variables, x, y, k), xs, ys, key=key, chunk_size=chunk)
 
 
 @functools.lru_cache(maxsize=None)

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcnn_jax import attacks, data as data_lib, sweep, training
+from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config, load_config_module
 from lcnn_jax.measures.jacobian import jacobian_frobenius
 from lcnn_jax.regularizers.derivative import derivative_penalty
@@ -179,20 +180,10 @@ def _eval_fns(model):
             "deriv": jax.jit(deriv)}
 
 
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    short = size - len(x)
-    return x if short == 0 else np.concatenate([x, np.repeat(x[:1], short, axis=0)])
-
-
 def accuracy_of(fn, variables, split, *, key, limit: int | None = None, chunk: int = EVAL_CHUNK) -> float:
-    xs, ys = split.images[:limit], split.labels[:limit]
-    size = min(chunk, len(xs))
-    hits = 0
-    for c, start in enumerate(range(0, len(xs), size)):
-        x, y = xs[start:start + size], ys[start:start + size]
-        out = fn(variables, _pad(x, size), _pad(y, size), jax.random.fold_in(key, c))
-        hits += int(np.sum(np.asarray(out)[:len(x)]))
-    return hits / len(xs)
+    hits = map_chunks(lambda x, y, k: fn(variables, x, y, k), split.images[:limit], split.labels[:limit],
+                      key=key, chunk_size=chunk)
+    return float(np.mean(hits))
 
 
 def mean_jacobian_norm(fn, variables, split, *, limit: int) -> float:

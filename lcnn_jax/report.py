@@ -19,12 +19,12 @@ import os
 from typing import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from lcnn_jax import attacks
+from lcnn_jax.batching import map_chunks
 from lcnn_jax.measures import (gradient_stability, hessian_top_eigenvalues, hessian_trace, input_curvature,
                                jacobian_frobenius, local_lipschitz)
 
@@ -60,22 +60,6 @@ def measure_defaults() -> ml_collections.ConfigDict:
 def _stats(values) -> dict:
     v = np.asarray(values, np.float64)
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
-
-
-def _chunked(fn, xs, ys, key, batch_size):
-    """Apply a jitted ``fn(xs, ys, key) -> dict of (B,)`` in padded chunks; concatenate the real rows."""
-    n = xs.shape[0]
-    out = {}
-    for c, start in enumerate(range(0, n, batch_size)):
-        x, y = xs[start:start + batch_size], ys[start:start + batch_size]
-        real = x.shape[0]
-        if real < batch_size:  # pad with repeats of the first row so one compilation serves every chunk
-            x = np.concatenate([x, np.repeat(x[:1], batch_size - real, 0)])
-            y = np.concatenate([y, np.repeat(y[:1], batch_size - real, 0)])
-        res = fn(x, y, jax.random.fold_in(key, c))
-        for k, v in res.items():
-            out.setdefault(k, []).append(np.asarray(v)[:real])
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def model_functions(model, variables) -> tuple[Callable, Callable, Callable]:
@@ -115,7 +99,7 @@ def per_example_measures(model, variables, xs, ys, cfg, key, batch_size, run=Non
     """Jacobian Frobenius norm (exact), LCNN curvature / Hessian norm / gradient norm, gradient stability and the
     local Lipschitz estimate, per example, as ``{item: {"mean", "std", "n"}}``."""
     run = per_example_fn(model, cfg) if run is None else run
-    vals = _chunked(functools.partial(run, variables), xs, ys, key, batch_size)
+    vals = map_chunks(functools.partial(run, variables), xs, ys, key=key, chunk_size=batch_size)
     return {k: _stats(vals[k]) for k in PER_EXAMPLE_ITEMS}
 
 
