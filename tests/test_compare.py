@@ -46,7 +46,11 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
     """One tiny compare run (compiling dominates), then every check on it, in order; one test function so that
     pytest-xdist never runs the compare twice in parallel workers."""
     workdir = str(tmp_path / "compare")
+    built, real = [], compare.Measurer
+    monkeypatch.setattr(compare, "Measurer", lambda *a, **k: built.append(a[0]) or real(*a, **k))
     run = (workdir, compare.run_compare(tiny_config(), workdir))
+    assert len(built) == 1  # standard and datagrad train the same MLP: one compiled measurement suite
+    monkeypatch.undo()
     check_all_files_exist_with_the_documented_columns(run)
     check_aggregate_is_numpy_mean_and_sample_std_of_the_cells(run)
     check_bold_marks_the_best_mean_in_each_ranked_column(run)
@@ -207,7 +211,8 @@ def check_a_missing_cell_is_measured_again_from_the_checkpoint_without_training(
     assert calls == {"measure": 1, "fit_sweep": 0}
     with open(path) as fh:
         after = json.load(fh)
-    # same checkpoint, same measurement key: the same numbers
+    # same checkpoint, same measurement key: the same numbers, although the first run measured this cell with
+    # the suite compiled for `standard` and this run builds one for `datagrad` alone
     for k in ("test_accuracy", "jacobian_frobenius", "curvature", "minimum_sharpness", "pgd_l2_1"):
         assert after[k] == pytest.approx(before[k], rel=1e-5), k
 
@@ -224,8 +229,8 @@ def test_unknown_method_is_a_clear_error_naming_the_choices(tmp_path):
 
 def test_method_configs_follow_the_specs():
     config = load_config(CONFIG)
-    assert compare.check_methods(config) == ("standard", "weight_decay", "lcnn", "datagrad", "spectreg", "jacreg",
-                                             "derivative", "clip")
+    assert compare.check_methods(config) == ("standard", "weight_decay", "lcnn", "datagrad", "spectreg",
+                                             "derivative", "clip")  # quick: JacReg only in :full
     lcnn = compare.method_config(config, "lcnn")
     assert lcnn.model.name == "lcnn_small_cnn" and "act" not in lcnn.model.kwargs  # no relu inherited
     assert set(lcnn.regularizers.keys()) == {"lcnn"}
@@ -238,6 +243,7 @@ def test_method_configs_follow_the_specs():
     assert compare.method_config(config, "lcnn").model.kwargs.width_mult == 0.5
     full = load_config(CONFIG + ":full")
     assert full.compare.seeds == (0, 1, 2) and full.train.num_epochs > config.train.num_epochs
+    assert compare.check_methods(full) == compare.check_methods(config)[:5] + ("jacreg", "derivative", "clip")
     with pytest.raises(ValueError, match="quick"):
         load_config(CONFIG + ":huge")
 
