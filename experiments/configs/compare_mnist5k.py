@@ -9,8 +9,8 @@ Two sizes (the argument after the colon):
   method but JacReg (see ``QUICK_METHODS``), 256 measured test images, PGD 10 steps. Measured: 7.7 minutes on 2
   CPU cores (x86-64, otherwise idle; 289 s training, 170 s measuring); not yet timed on a GPU.
 * ``full``: the same network and data, 4 epochs, 3 seeds, all eight methods (JacReg included), 512 measured test
-  images, PGD 20 steps, more Hessian / Lipschitz iterations. Its measured time is in the README (results.json
-  ``wall_time_s``).
+  images, PGD 20 steps, more Hessian / Lipschitz iterations. Measured: 38 minutes on the same 2 CPU cores
+  (JacReg's training 12.8 of them; measuring ~100 s per method).
 
 Data: every method trains on the same 3500 of the 4000 mnist5k training images (``data.pair_pool_size=500``
 holds 500 out as CLIP's pair pool, as the CLIP reference holds 6000 of 60000 out) and is measured on the first
