@@ -67,13 +67,6 @@ def summarize(times: dict, ref_name: str) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="experiments/configs/lcnn_mnist5k.py")
@@ -134,11 +127,11 @@ def main() -> None:
         meta = {"config": args.config, "repeats": args.repeats, "device": device, "wall_s": wall, "load": load,
                 "reference": ref_name, "command": "python experiments/bench_lcnn.py " + " ".join(sys.argv[1:]),
                 "batch_size": info[ref_name][0]}
-        _write_atomic(os.path.join(args.out, "bench.json"), json.dumps(
+        training.write_text_atomic(os.path.join(args.out, "bench.json"), json.dumps(
             {"meta": meta, "ratios": {r["variant"]: r["ratio"] for r in rows},
              "rows": [{**r, "params": info[r["variant"]][1], "regularizers": info[r["variant"]][2]} for r in rows]},
             indent=2))
-        _write_atomic(os.path.join(args.out, "bench.md"), "\n".join(md) + "\n")
+        training.write_text_atomic(os.path.join(args.out, "bench.md"), "\n".join(md) + "\n")
         print(f"wrote {args.out}/bench.json and bench.md")
 
 

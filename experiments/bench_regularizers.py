@@ -27,7 +27,6 @@ mnist5k images, one unit direction each, d = 1/255). Enables float64 in this pro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -59,13 +58,6 @@ VARIANTS = {
 }
 DEFAULT = ("datagrad", "spectreg", "jacreg", "derivative", "confidence_penalty")
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def round_robin_times(steps: dict, states: dict, batch, *, repeats: int, warmup: int = 2) -> dict:
@@ -268,7 +260,7 @@ def main() -> None:
     if args.derivative_accuracy:
         res = derivative_accuracy()
         training.write_json_atomic(os.path.join(args.out, "derivative_accuracy.json"), res)
-        write_text_atomic(os.path.join(args.out, "derivative_accuracy.md"), derivative_md(res))
+        training.write_text_atomic(os.path.join(args.out, "derivative_accuracy.md"), derivative_md(res))
         print(derivative_md(res))
         return
     names = [n for n in args.only.split(",") if n] or list(DEFAULT)
@@ -278,12 +270,12 @@ def main() -> None:
     if not args.skip_steps:
         res = step_cost(names, model_name=args.model, batch_size=args.batch_size, repeats=args.repeats)
         training.write_json_atomic(os.path.join(args.out, "step_cost.json"), res)
-        write_text_atomic(os.path.join(args.out, "step_cost.md"), step_cost_md(res))
+        training.write_text_atomic(os.path.join(args.out, "step_cost.md"), step_cost_md(res))
         print(step_cost_md(res), flush=True)
     if args.sweep:
         res = sweep_throughput()
         training.write_json_atomic(os.path.join(args.out, "sweep_throughput.json"), res)
-        write_text_atomic(os.path.join(args.out, "sweep_throughput.md"), sweep_md(res))
+        training.write_text_atomic(os.path.join(args.out, "sweep_throughput.md"), sweep_md(res))
         print(sweep_md(res))
 
 

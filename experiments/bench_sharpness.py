@@ -45,6 +45,7 @@ from jax.flatten_util import ravel_pytree
 from lcnn_jax.data import batches, load_split
 from lcnn_jax.measures import hessian_trace, layer_hessian_traces, minimum_sharpness, normalized_sharpness
 from lcnn_jax.nn import make_model
+from lcnn_jax.training import write_text_atomic
 
 
 def probes_for_relative_error(probe_std: float, mean: float, rel_se: float) -> int:
@@ -306,10 +307,7 @@ def write_report(args, report: dict) -> None:
               f"{report['normalized_sharpness']:.4g}."]
     for path, text in ((stem + ".md", "\n".join(lines) + "\n"),
                        (stem + ".json", json.dumps(report, indent=2, sort_keys=True))):
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     print(f"wrote {stem}.md and {stem}.json")
 
 

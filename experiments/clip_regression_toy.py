@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 from experiments.clip_table import pair_ascent_lipschitz
+from lcnn_jax import training
 from lcnn_jax.data import regression_toy
 from lcnn_jax.nn import make_model
 from lcnn_jax.regularizers.clip import clip, draw_pairs
@@ -283,10 +284,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "data_loss": args.data_loss,
             "warm_start_order": list(run.lams), "train_wall_s": run.wall_s, "command": cmd.strip(),
             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})"}
-    with open(os.path.join(args.out, "regression_toy.json"), "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    with open(os.path.join(args.out, "regression_toy.md"), "w") as fh:
-        fh.write(markdown_table(rows, meta))
+    training.write_text_atomic(os.path.join(args.out, "regression_toy.json"),
+                               json.dumps({"meta": meta, "rows": rows}, indent=2))
+    training.write_text_atomic(os.path.join(args.out, "regression_toy.md"), markdown_table(rows, meta))
     print(markdown_table(rows, meta))
     return {"meta": meta, "rows": rows}
 

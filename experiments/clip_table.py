@@ -41,7 +41,6 @@ Default ``--epochs`` is the config's 100.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import math
@@ -354,13 +353,9 @@ def write_outputs(results: Sequence[dict], meta: dict, out_dir: str, suffix: str
                                                "paper": {k: list(v) for k, v in PAPER.items()},
                                                "rows": [r["aggregate"] for r in results],
                                                "details": results})
-    with open(paths["csv"], "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
-        w.writeheader()
-        for r in results:
-            w.writerow({k: ("" if r["aggregate"].get(k) is None else r["aggregate"][k]) for k in CSV_COLUMNS})
-    with open(paths["md"], "w") as fh:
-        fh.write(markdown_table(results, meta))
+    training.write_csv_atomic(paths["csv"], CSV_COLUMNS, ({k: ("" if r["aggregate"].get(k) is None else r["aggregate"][k])
+                                                           for k in CSV_COLUMNS} for r in results))
+    training.write_text_atomic(paths["md"], markdown_table(results, meta))
     return paths
 
 

@@ -56,7 +56,6 @@ LCNN mean curvature >= 5x lower than standard, accuracy within 1 point, step <= 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -438,17 +437,9 @@ def write_outputs(results: Sequence[dict], meta: dict, out_dir: str, bench: Mapp
     training.write_json_atomic(paths["json"], {"meta": meta, "columns": list(CSV_COLUMNS), "rows": aggs,
                                                "targets": {s: targets(aggs, s) for s in meta["splits"]},
                                                "bench": bench, "details": results})
-    tmp = paths["csv"] + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
-        w.writeheader()
-        for a in aggs:
-            w.writerow({k: ("" if a.get(k) is None else a[k]) for k in CSV_COLUMNS})
-    os.replace(tmp, paths["csv"])
-    tmp = paths["md"] + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(markdown_table(aggs, meta))
-    os.replace(tmp, paths["md"])
+    training.write_csv_atomic(paths["csv"], CSV_COLUMNS,
+                              ({k: ("" if a.get(k) is None else a[k]) for k in CSV_COLUMNS} for a in aggs))
+    training.write_text_atomic(paths["md"], markdown_table(aggs, meta))
     if meta.get("plot", True):
         paths["png"] = os.path.join(out_dir, "curvature_accuracy.png")
         plot(results, meta["splits"][-1], paths["png"])

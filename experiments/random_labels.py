@@ -67,7 +67,7 @@ from lcnn_jax.data import Split, load_split, shuffle_labels, subset
 from lcnn_jax.measures import (hessian_top_eigenvalues, hessian_trace, layer_hessian_traces, layer_order,
                                minimum_sharpness_from_traces, normalized_sharpness_from_diagonal)
 from lcnn_jax.nn import make_model
-from lcnn_jax.training import write_json_atomic
+from lcnn_jax.training import write_json_atomic, write_text_atomic
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 # Spread order: after any prefix of finished ratios the table already covers the whole range of r.
@@ -523,10 +523,7 @@ def write_summary(out: str, models: Sequence[str], cfg_note: str = "") -> dict:
         f"r={k}: {v}" for k, v in PAPER_LENET_MS.items()) + ". Their LeNet is the reference code's variant "
         "(`ms_lenet`), trained on 60000 images; ours is LeNet-5 on a mnist5k subset, so only the trend compares."]
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f"kendall_tau.md.tmp.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "kendall_tau.md"))
+    write_text_atomic(os.path.join(out, "kendall_tau.md"), "\n".join(lines) + "\n")
     write_json_atomic(os.path.join(out, "kendall_tau.json"),
                       {"ours": table, "paper_spec_1_5": {f"{a}/{b}": v for (a, b), v in PAPER_TAU.items()}})
     if runs:

@@ -49,7 +49,6 @@ unit.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -386,12 +385,7 @@ def write_table(results: Sequence[dict], out_dir: str, name: str, title: str) ->
                                                                         "pgd_l2": PGD_L2})
     fields = ["model", "regularizer", "selected", "num_seeds", "epochs"] + [
         f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")]
-    tmp = os.path.join(out_dir, f".{name}.csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, os.path.join(out_dir, f"{name}.csv"))
+    training.write_csv_atomic(os.path.join(out_dir, f"{name}.csv"), fields, rows, extrasaction="ignore")
     pct = {c: not c.startswith(("jac", "deriv")) for c in COLUMNS}
     head = ["model", "regularizer", "selected (on val)", "seeds", "epochs"] + list(COLUMNS)
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -412,10 +406,7 @@ def write_table(results: Sequence[dict], out_dir: str, name: str, title: str) ->
               f"{s0['train_size']} training images; coefficient chosen on "
               f"{s0['val_size']} held-out validation images; test_* = 1000 mnist5k test images, official_* = "
               f"official MNIST test set (10000). Hardware: {results[0]['devices']}."]
-    tmp = os.path.join(out_dir, f".{name}.md.tmp")
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out_dir, f"{name}.md"))
+    training.write_text_atomic(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
 
 
 def write_grid(results: Sequence[dict], out_dir: str) -> None:
@@ -428,10 +419,7 @@ def write_grid(results: Sequence[dict], out_dir: str) -> None:
                          f"{_fmt(g['val_acc_mean'], g['val_acc_std'], True)} | "
                          f"{_fmt(g['test_acc_mean'], g['test_acc_std'], True)} | "
                          f"{'yes' if g['grid'] == r['selected'] else ''} |")
-    tmp = os.path.join(out_dir, ".grid.md.tmp")
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "grid.md"))
+    training.write_text_atomic(os.path.join(out_dir, "grid.md"), "\n".join(lines) + "\n")
 
 
 def write_all(out_dir: str) -> None:

@@ -426,13 +426,6 @@ def _json_safe(obj):
     return obj
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -446,17 +439,17 @@ def write_results(workdir: str, cells: Sequence[dict], cols: Sequence[dict], met
                   meta: dict) -> dict:
     """Write ``results.csv``, ``results_summary.csv``, ``results.json`` and ``results.md`` (atomically) and
     return the JSON object."""
-    from lcnn_jax.training import write_json_atomic
+    from lcnn_jax.training import write_json_atomic, write_text_atomic
 
     names = [c["name"] for c in cols]
     agg = aggregate(cells, names, methods)
     best = best_methods(agg, cols)
-    _write_text_atomic(os.path.join(workdir, "results.csv"), _csv_text(
+    write_text_atomic(os.path.join(workdir, "results.csv"), _csv_text(
         ["method", "seed", "member", "diverged"] + names,
         [[c["method"], c["seed"], c.get("member", ""), int(bool(c.get("diverged")))]
          + [c.get(n, math.nan) for n in names]
          for c in cells]))
-    _write_text_atomic(os.path.join(workdir, "results_summary.csv"), _csv_text(
+    write_text_atomic(os.path.join(workdir, "results_summary.csv"), _csv_text(
         ["method", "num_seeds"] + [f"{n}_{s}" for n in names for s in ("mean", "std")],
         [[m, sum(1 for c in cells if c["method"] == m and not c.get("diverged"))]
          + [agg[m][n][s] for n in names for s in ("mean", "std")] for m in methods]))
@@ -464,7 +457,7 @@ def write_results(workdir: str, cells: Sequence[dict], cols: Sequence[dict], met
            **meta}
     write_json_atomic(os.path.join(workdir, "results.json"), _json_safe(obj))
     notes = meta.get("notes", ())
-    _write_text_atomic(os.path.join(workdir, "results.md"),
+    write_text_atomic(os.path.join(workdir, "results.md"),
                        format_markdown(agg, cols, best, title=meta.get("title", ""), notes=notes))
     return obj
 

@@ -16,10 +16,11 @@ Example::
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import itertools
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -293,14 +294,33 @@ def jit_eval_step(eval_fn, mesh: Mesh):
 # Files
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``, so readers never see half a file."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, ``fsync`` and ``os.replace``, so a
+    reader (or a crash) sees the whole new file or the previous one, never half of one. Newlines are written as
+    given. Every result file of the library and the experiment scripts goes through here."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
+    with open(tmp, "w", newline="") as fh:
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON with sorted keys (numpy / jax values as lists), written by :func:`write_text_atomic`.
+    Nothing is written when ``obj`` cannot be serialised."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+
+def write_csv_atomic(path: str, fieldnames: Sequence[str], rows: Iterable[dict], *,
+                     extrasaction: str = "raise") -> None:
+    """The dict ``rows`` as CSV under the header ``fieldnames`` (missing keys empty; a key outside the header
+    raises ``ValueError`` unless ``extrasaction="ignore"``), written by :func:`write_text_atomic`."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction=extrasaction)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _json_default(o):
@@ -324,10 +344,7 @@ class MetricsLog:
             if resume_step is not None:
                 with open(path) as fh:
                     keep = [l for l in fh if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as fh:
-                fh.writelines(keep)
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(keep))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as fh:
