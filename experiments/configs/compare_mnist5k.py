@@ -7,7 +7,7 @@ Two sizes (the argument after the colon):
 
 * ``quick`` (default): small CNN at width 1/4 (conv8-conv16-fc256, 206k parameters), 3 epochs, 2 seeds, every
   method but JacReg (see ``QUICK_METHODS``), 256 measured test images, PGD 10 steps. Measured: 7.7 minutes on 2
-  CPU cores (x86-64, otherwise idle; 289 s training, 170 s measuring); not yet timed on a GPU.
+  CPU cores (x86-64, otherwise idle; 279 s training, 180 s measuring); not yet timed on a GPU.
 * ``full``: the same network and data, 4 epochs, 3 seeds, all eight methods (JacReg included), 512 measured test
   images, PGD 20 steps, more Hessian / Lipschitz iterations. Measured: 38 minutes on the same 2 CPU cores
   (JacReg's training 12.8 of them; measuring ~100 s per method).
