@@ -223,3 +223,94 @@ def robust_accuracy(
         hits = correct_jit(_pad(xs[start:stop], size), _pad(ys[start:stop], size), k)
         total += int(jnp.sum(hits[: stop - start]))
     return total / xs.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLIP reference's evaluation protocols (TimRoith/CLIP), to reproduce the paper's numbers only
+# ------------------------------------------------------------------------------------------------
+
+#: MNIST's pixel mean and standard deviation (the torchvision normalisation the CLIP reference used).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def gaussian_noise_normalized(xs: Array, *, key: PRNGKey, std: float = 1.0, data_std: float = MNIST_STD,
+                              clip: Clip = None) -> Array:
+    """Gaussian noise added in a normalised input space, returned in the pixel scale: ``x + data_std * std * N(0, I)``.
+
+    The CLIP paper's noise column was measured on inputs normalised as ``z = (x - mean) / data_std`` with
+    ``z + std * N(0, I)``, ``std = 1``, not clipped (the reference code of that time, March 2021; it moved to
+    ``clip(x + N(0, I), 0, 1)`` in pixels in April 2021, our :func:`gaussian_noise` with ``std=1``). For a model
+    that takes pixels, that is pixel noise of standard deviation ``data_std * std`` (0.3081 on MNIST), unclipped;
+    the mean cancels. ``clip`` (default None) optionally clips the result in the pixel scale. Same draws as
+    ``gaussian_noise(xs, key=key, std=data_std * std, clip=clip)``.
+    """
+    check_example_batch(xs)
+    _check_nonneg(std, "std")
+    _check_nonneg(data_std, "data_std")
+    return gaussian_noise(xs, key=key, std=std * data_std, clip=clip)
+
+
+def pgd_l2_clip_reference(
+    logits_fn: LogitsFn,
+    xs: Array,
+    ys: Array,
+    *,
+    key: PRNGKey,
+    eps: float = 2.0,
+    alpha: float = 0.5,
+    num_steps: int = 100,
+    clip: Clip = (0.0, 1.0),
+    unroll: int | bool = 1,
+) -> Array:
+    """The CLIP reference's PGD-L2 (``TimRoith/CLIP``, ``adversarial_attacks.pgd``), to reproduce the paper's PGD column.
+
+    A weaker attack than :func:`pgd` (use that one to evaluate robustness); it differs in four ways:
+
+    * **start on the sphere**: ``delta = U[-eps, eps]`` per input (drawn as
+      ``jax.random.uniform(key, xs.shape, xs.dtype, -eps, eps)``), clipped so that ``x + delta`` is in the box,
+      then rescaled to ``||delta|| = eps``;
+    * **sign steps**: ``delta + alpha * sign(grad_x CE)`` (an L-inf step, of L2 length ``alpha * sqrt(d)``);
+    * **sphere, not ball**: each proposal is clipped to the box and then rescaled to norm exactly ``eps``,
+      so every iterate lies on the eps-sphere;
+    * **per-sample early stop**: a sample's ``delta`` is updated only while the model still classifies
+      ``x + delta`` correctly, so the attack stops at the first misclassified iterate.
+
+    The iterates themselves may leave the box (the rescaling follows the clip); the result is
+    ``clip(x + delta)``. Defaults: eps 2, alpha 0.5 (the reference's L2 default), 100 steps (its test run).
+    Cost: ``num_steps`` gradients (the reference stops early once every sample is misclassified; here the
+    remaining steps leave everything unchanged).
+    """
+    _check_inputs(xs, ys)
+    _check_nonneg(eps, "eps")
+    _check_nonneg(alpha, "alpha")
+    _check_clip(clip)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}.")
+    if key is None:
+        raise ValueError("pgd_l2_clip_reference starts at a random point of the sphere: pass key=jax.random.key(...).")
+    eps = jnp.asarray(eps, xs.dtype)
+    alpha = jnp.asarray(alpha, xs.dtype)
+
+    def into_box(delta):
+        return delta if clip is None else jnp.clip(delta, clip[0] - xs, clip[1] - xs)
+
+    def onto_sphere(delta):
+        n = safe_norm(delta.reshape(delta.shape[0], -1), axis=1)
+        return delta * _per_example(eps / jnp.where(n > 0, n, 1.0), delta)
+
+    def loss_and_logits(x):
+        logits = logits_fn(x)
+        return jnp.sum(cross_entropy(logits, ys)), logits
+
+    def body(_, delta):
+        g, logits = jax.grad(loss_and_logits, has_aux=True)(xs + delta)
+        still_correct = jnp.argmax(logits, axis=-1) == ys
+        proposal = onto_sphere(into_box(delta + alpha * jnp.sign(g)))
+        return jnp.where(_per_example(still_correct, delta), proposal, delta)
+
+    delta = onto_sphere(into_box(jax.random.uniform(key, xs.shape, xs.dtype, -eps, eps)))
+    delta = lax.fori_loop(0, int(num_steps), body, delta, unroll=unroll)
+    return _box(xs + delta, clip)
+
+
+__all__ += ["MNIST_MEAN", "MNIST_STD", "gaussian_noise_normalized", "pgd_l2_clip_reference"]

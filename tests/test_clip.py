@@ -458,3 +458,238 @@ def test_regression_toy_lambda_10_is_smoother_than_lambda_0_long():
     lip10, mse10 = fit(10.0, steps=600)
     assert lip10 < 0.1 * lip0, (lip10, lip0)
     assert mse0 < 0.5 * mse10
+
+
+# ---------------------------------------------------------------------------------------------- fidelity to TimRoith/CLIP
+# Oracles below are plain NumPy (float64, gradients written by hand) re-statements of what the reference code does,
+# written from its behaviour as described in the library docs, never from the library's own functions.
+def tanh_net(seed=3, d=6, k=K):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((k, d)), 0.1 * rng.standard_normal(k)
+
+
+def reference_constant_step_ascent(w, b, u, v, reg_lr, steps):
+    """The reference's pair ascent as it actually runs: gradient ascent on the SQUARED quotient with the constant step
+    ``reg_lr`` (its x1.3 / /1.3 update is computed and dropped); a pair keeps a proposal only if its squared quotient
+    grew. ``f(x) = tanh(W x + b)``. Returns the final pairs and how many steps each pair accepted."""
+    f = lambda x: np.tanh(x @ w.T + b)  # noqa: E731
+
+    def sq_quotient(a, c):
+        return np.sum((f(a) - f(c)) ** 2, 1) / np.sum((a - c) ** 2, 1)
+
+    accepted = np.zeros(len(u), int)
+    for _ in range(steps):
+        fu, fv = f(u), f(v)
+        dy, dx = fu - fv, u - v
+        num, den = np.sum(dy ** 2, 1)[:, None], np.sum(dx ** 2, 1)[:, None]
+        # d/du ||f(u) - f(v)||^2 = 2 W^T ((1 - f(u)^2) * dy);  d/du ||u - v||^2 = 2 dx
+        gu = 2 * ((1 - fu ** 2) * dy) @ w / den - num * 2 * dx / den ** 2
+        gv = -2 * ((1 - fv ** 2) * dy) @ w / den + num * 2 * dx / den ** 2
+        un, vn = u + reg_lr * gu, v + reg_lr * gv
+        keep = (sq_quotient(un, vn) > sq_quotient(u, v))[:, None]
+        u, v = np.where(keep, un, u), np.where(keep, vn, v)
+        accepted += keep[:, 0]
+    return u, v, accepted
+
+
+def test_constant_step_ascent_follows_the_reference_trajectory(x64):
+    from lcnn_jax.measures.lipschitz import lipschitz_pair_ascent
+
+    w, b = tanh_net()
+    rng = np.random.default_rng(4)
+    u0 = rng.uniform(size=(12, 6))
+    v0 = u0 + 0.1 * rng.standard_normal((12, 6))
+    reg_lr, steps = 0.002, 50
+    u_ref, v_ref, accepted = reference_constant_step_ascent(w, b, u0, v0, reg_lr, steps)
+    assert accepted.min() > 0 and accepted.sum() < 0.5 * steps * 12  # both outcomes occur, for every pair
+
+    f_batched = lambda xs: jnp.tanh(xs.reshape(xs.shape[0], -1) @ jnp.asarray(w).T + jnp.asarray(b))  # noqa: E731
+    tau = 2 * reg_lr  # ours ascends L^2 / 2 (u += tau L grad L); the reference L^2 (u += lr 2 L grad L)
+    run = jax.jit(lambda u, v, adaptive: lipschitz_pair_ascent(f_batched, u, v, num_steps=steps, init_step=tau,
+                                                               min_separation=0.0, adaptive=adaptive),
+                  static_argnums=2)
+    res = run(jnp.asarray(u0), jnp.asarray(v0), False)
+    np.testing.assert_allclose(res.u, u_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(res.v, v_ref, rtol=1e-9, atol=1e-12)
+    adaptive = run(jnp.asarray(u0), jnp.asarray(v0), True)  # the paper's adaptive step takes another path
+    assert float(jnp.max(jnp.abs(adaptive.u - res.u))) > 1e-3
+
+    # the training path: CLIP's loss with adaptive=False on a fixed network runs the same ascent, step kept constant
+    params = {"w": jnp.asarray(w), "b": jnp.asarray(b)}
+    apply_fn = lambda p, xs: jnp.tanh(xs.reshape(xs.shape[0], -1) @ p["w"].T + p["b"])  # noqa: E731
+    reg = clip(1.0, num_pairs=12, adaptive=False, init_step=tau, redraw_every_epochs=None)
+    shaped = lambda a: jnp.asarray(a).reshape((12,) + EXAMPLE_SHAPE)  # noqa: E731
+    state = {**reg.init(jax.random.PRNGKey(0), params, make_batch()), "u": shaped(u0), "v": shaped(v0)}
+    step = jitted_loss(reg, apply_fn, params, make_batch())
+    rates = []
+    for i in range(steps):
+        _, state, metrics = step(state, jax.random.PRNGKey(i))
+        rates.append(float(metrics["accept_rate"]))
+    np.testing.assert_allclose(np.asarray(state["u"]).reshape(12, 6), u_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(state["v"]).reshape(12, 6), v_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(state["step"], np.full(12, tau))
+    np.testing.assert_allclose(np.sum(rates) * 12, accepted.sum())  # accept_rate counts accepted moves
+
+
+def test_uniform_perturbation_is_one_sided():
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(50, 40)), jnp.float32)
+    u, v = draw_pairs(jax.random.PRNGKey(1), images, 30, init="perturb", perturb_scale=0.1, perturb_dist="uniform")
+    assert np.all(rows_of(u, images) >= 0)
+    noise = np.asarray(v - u, np.float64)
+    assert noise.min() >= -1e-7 and noise.max() < 0.1 + 1e-7  # U[0, 0.1), up to float32 rounding of v - u
+    # 1200 draws: mean 0.05 and std 0.1 / sqrt(12) = 0.0289, each within ~4 standard errors
+    assert abs(noise.mean() - 0.05) < 0.004 and abs(noise.std() / (0.1 / np.sqrt(12)) - 1) < 0.08
+    with pytest.raises(ValueError, match="perturb_dist"):
+        draw_pairs(jax.random.PRNGKey(1), images, 3, perturb_dist="laplace")
+
+
+@pytest.mark.parametrize("use_pool, reset", [(True, True), (False, False)], ids=["pool-reset", "batch-keep_steps"])
+def test_redraw_every_steps(use_pool, reset):
+    params = {"w": jnp.zeros((K, 6), jnp.float32), "b": jnp.ones(K, jnp.float32)}  # constant: pairs never move
+    batches = [{**make_batch(s), "image": make_batch(s)["image"].astype(jnp.float32)} for s in range(1, 9)]
+    pool = np.random.default_rng(7).uniform(size=(40,) + EXAMPLE_SHAPE).astype(np.float32)
+    reg = clip(1.0, num_pairs=5, init="pairs", redraw_every_epochs=None, redraw_every_steps=3, init_step=0.5,
+               reset_step_on_redraw=reset, pool_images=pool if use_pool else None)
+    state = reg.init(jax.random.PRNGKey(0), params, batches[0])
+    loss = jax.jit(lambda st, b, k: reg.loss(params, st, b, k, affine_apply))
+    source = lambda i: pool if use_pool else batches[i]["image"]  # noqa: E731
+    draws = [np.asarray(state["u"])]
+    for i in range(1, 8):  # steps 0..6: redraws before the ascent of steps 3 and 6
+        _, state, _ = loss(state, batches[i], jax.random.PRNGKey(i))
+        u = np.asarray(state["u"])
+        if i - 1 in (3, 6):
+            assert np.all(rows_of(u, source(i)) >= 0) and not np.array_equal(u, draws[-1]), i
+            draws.append(u)
+        else:
+            np.testing.assert_array_equal(u, draws[-1])
+    # every step of a constant network rejects and divides the step by 1.3; a reset restarts from init_step
+    expected = 0.5 / 1.3 ** (1 if reset else 7)
+    np.testing.assert_allclose(state["step"], np.full(5, expected, np.float32), rtol=1e-6)
+    with pytest.raises(ValueError, match="redraw_every_steps"):
+        clip(1.0, redraw_every_epochs=2, redraw_every_steps=3)
+
+
+def reference_lamda_schedule(lam, accs, *, warmup, warmup_lamda, cooldown, goal, increment):
+    """The reference's lamda_scheduler, called once after each epoch; returns lambda after each call."""
+    current, out, cool = warmup_lamda, [], cooldown
+    for acc in accs:
+        if warmup > 0:
+            warmup -= 1
+            current = warmup_lamda
+        elif warmup == 0:
+            warmup = -1
+            current = lam
+        elif cool > 0:
+            cool -= 1
+        else:
+            cool = cooldown
+            current = current + increment if acc > goal else max(current - increment, 0.0)
+        out.append(current)
+    return out
+
+
+@pytest.mark.parametrize("cooldown", [0, 1, 2])
+def test_cooldown_reproduces_the_reference_scheduler(cooldown):
+    accs = np.random.default_rng(cooldown).uniform(0.8, 1.0, size=30)
+    # the reference's warmup=5 trains 6 epochs with warmup_lamda: our warmup_epochs=6
+    expected = reference_lamda_schedule(0.5, accs, warmup=5, warmup_lamda=0.0, cooldown=cooldown, goal=0.9,
+                                        increment=0.125)
+    initial, hook = discrepancy_principle(0.5, target=0.9, dlam=0.125, warmup_epochs=6, warmup_coeff=0.0,
+                                          cooldown=cooldown)
+    state, got = {"coeff": jnp.asarray(initial, jnp.float32)}, []
+    for epoch, acc in enumerate(accs):
+        state = hook(state, jnp.float32(acc), epoch)
+        got.append(float(state["coeff"]))
+    np.testing.assert_allclose(got, expected, atol=1e-6)  # dlam = 1/8: float32-exact sums
+    assert len(set(np.round(np.diff(got[6:]), 6))) > 1  # lambda moved both ways (the test could fail)
+    with pytest.raises(ValueError, match="cooldown"):
+        discrepancy_principle(0.5, target=0.9, dlam=0.1, cooldown=-1)
+
+
+def test_apply_epoch_end_runs_every_hook():
+    from lcnn_jax.regularizers import apply_epoch_end, jacreg
+
+    params, batch = affine_params(dtype=jnp.float32), make_batch()
+    regs = (clip(0.3, num_pairs=4, redraw_every_epochs=None, target=0.9, dlam=0.1),
+            weight_l2(0.2, target=0.9, dlam=0.05), jacreg(0.1))
+    states = tuple(r.init(jax.random.PRNGKey(i), params, batch) for i, r in enumerate(regs))
+    out = apply_epoch_end(states, regs, jnp.float32(0.95), 0)
+    assert float(out[0]["coeff"]) == pytest.approx(0.4) and float(out[1]["coeff"]) == pytest.approx(0.25)
+    assert out[2] is states[2]  # no hook: the state passes through
+    single = apply_epoch_end(states[0], regs[0], jnp.float32(0.5), 0)  # one regularizer, one state
+    assert float(single["coeff"]) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="one state per regularizer"):
+        apply_epoch_end(states[:2], regs, jnp.float32(0.5), 0)
+
+
+def test_pair_ascent_functions_share_one_min_separation_default():
+    import inspect
+
+    from lcnn_jax.measures.lipschitz import lipschitz_pair_ascent, pair_ascent_step
+
+    d_step = inspect.signature(pair_ascent_step).parameters["min_separation"].default
+    d_run = inspect.signature(lipschitz_pair_ascent).parameters["min_separation"].default
+    assert d_step is None and d_run is None  # sqrt(eps) of the dtype; CLIP's training passes its own 0.0
+
+
+# ---------------------------------------------------------------------------------------------- reference evaluation
+def softmax_linear(seed=5, d=6, k=3):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((k, d)), rng.standard_normal(k)
+
+
+def reference_pgd_l2(w, b, xs, ys, delta0, *, eps, alpha, steps, lo=0.0, hi=1.0):
+    """The reference's PGD-L2 on ``logits = x W^T + b``: start on the eps-sphere, sign steps of size alpha, each
+    iterate clamped to the box and rescaled onto the sphere, a sample frozen once misclassified, the result clamped
+    to the box. ``delta0``: the raw uniform draw in [-eps, eps]. Also returns each sample's last updated step."""
+    x = xs.reshape(len(xs), -1)
+    sphere = lambda d: d / np.linalg.norm(d, axis=1, keepdims=True) * eps  # noqa: E731
+    delta = sphere(np.clip(delta0.reshape(len(xs), -1), lo - x, hi - x))
+    last = np.full(len(xs), -1)
+    for t in range(steps):
+        z = (x + delta) @ w.T + b
+        active = z.argmax(1) == ys
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        grad = (p - np.eye(len(b))[ys]) @ w  # d CE / d x, per sample
+        d = sphere(np.clip(delta + alpha * np.sign(grad), lo - x, hi - x))
+        delta = np.where(active[:, None], d, delta)
+        last[active] = t
+    return np.clip(x + delta, lo, hi).reshape(xs.shape), last
+
+
+def test_pgd_l2_clip_reference_matches_the_reference_algorithm(x64):
+    from lcnn_jax import attacks
+
+    w, b = softmax_linear()
+    rng = np.random.default_rng(6)
+    xs = rng.uniform(size=(40,) + EXAMPLE_SHAPE)
+    ys = np.argmax(xs.reshape(40, -1) @ w.T + b, 1)  # every sample starts correctly classified
+    key = jax.random.PRNGKey(3)
+    eps, alpha, steps = 0.6, 0.1, 12
+    delta0 = np.asarray(jax.random.uniform(key, xs.shape, jnp.float64, -eps, eps))  # the documented start draw
+    x_ref, last = reference_pgd_l2(w, b, xs, ys, delta0, eps=eps, alpha=alpha, steps=steps)
+    assert np.any(last < steps - 1) and np.any(last == steps - 1)  # some froze early, some ran to the end
+
+    logits_fn = lambda x: x.reshape(x.shape[0], -1) @ jnp.asarray(w).T + jnp.asarray(b)  # noqa: E731
+    x_adv = jax.jit(lambda x, y, k: attacks.pgd_l2_clip_reference(logits_fn, x, y, key=k, eps=eps, alpha=alpha,
+                                                                  num_steps=steps))(xs, jnp.asarray(ys), key)
+    np.testing.assert_allclose(x_adv, x_ref, rtol=1e-12, atol=1e-12)
+    assert np.all(np.asarray(x_adv) >= 0) and np.all(np.asarray(x_adv) <= 1)
+    assert np.all(np.linalg.norm((np.asarray(x_adv) - xs).reshape(40, -1), axis=1) <= eps * (1 + 1e-12))
+    with pytest.raises(ValueError, match="alpha"):
+        attacks.pgd_l2_clip_reference(logits_fn, xs, jnp.asarray(ys), key=key, eps=eps, alpha=-1.0, num_steps=1)
+
+
+def test_paper_era_noise_is_unclipped_and_scaled_by_the_data_std():
+    from lcnn_jax import attacks
+
+    xs = jnp.asarray(np.random.default_rng(0).uniform(size=(64, 28, 28, 1)), jnp.float32)
+    key = jax.random.PRNGKey(2)
+    noisy = attacks.gaussian_noise_normalized(xs, key=key)
+    # N(0, 1) in the space (x - 0.1307) / 0.3081, mapped back to pixels and never clipped
+    expected = xs + 0.3081 * jax.random.normal(key, xs.shape, xs.dtype)
+    np.testing.assert_allclose(noisy, expected, rtol=1e-6, atol=1e-6)
+    assert float(jnp.min(noisy)) < -0.5 and float(jnp.max(noisy)) > 1.5
+    clipped = attacks.gaussian_noise_normalized(xs, key=key, std=2.0, data_std=0.5, clip=(0.0, 1.0))
+    np.testing.assert_allclose(clipped, jnp.clip(xs + jax.random.normal(key, xs.shape, xs.dtype), 0, 1), atol=1e-6)

@@ -40,7 +40,7 @@ __all__ = [
     "STEP_GROWTH",
 ]
 
-#: Per-pair step-size factor of the adaptive ascent: step *= 1.3 on success, /= 1.3 on failure.
+#: Per-pair step-size factor of the adaptive ascent: step *= 1.3 on success, /= 1.3 on failure (``adaptive=True``).
 STEP_GROWTH = 1.3
 
 
@@ -119,29 +119,42 @@ def _relative_floor(min_separation, dtype) -> Array:
 
 
 def pair_ascent_step(
-    f_batched: Callable[[Array], Array], u: Array, v: Array, step: Array, *, min_separation=0.0
+    f_batched: Callable[[Array], Array],
+    u: Array,
+    v: Array,
+    step: Array,
+    *,
+    min_separation=None,
+    adaptive: bool = True,
 ) -> tuple[Array, Array, Array, Array]:
-    """One adaptive gradient-ascent step on each pair's quotient (CLIP, SPEC 1.3).
+    """One gradient-ascent step on each pair's quotient (CLIP, SPEC 1.3).
 
     With ``L_i = ||f(u_i) - f(v_i)|| / ||u_i - v_i||`` evaluated under the current ``f``, proposes
     ``u_i + step_i * L_i * grad_u L_i`` and ``v_i + step_i * L_i * grad_v L_i`` (ascent on ``L^2 / 2``).
-    A pair accepts the proposal only if its quotient increased, and then ``step_i *= 1.3``;
-    otherwise it keeps its members and ``step_i /= 1.3``.
+    A pair accepts the proposal only if its quotient increased; otherwise it keeps its members.
+    ``adaptive=True`` (the paper's rule): ``step_i *= 1.3`` after an accepted proposal, ``/= 1.3`` after a
+    rejected one. ``adaptive=False`` keeps every ``step_i`` as given: what the reference code
+    (``TimRoith/CLIP``) actually runs, since it computes the x1.3 / /1.3 step and then drops it, so its
+    ascent moves at the constant ``reg_lr`` (its ``u + reg_lr * grad(L^2)`` is ours with ``step = 2 reg_lr``).
 
     Returns ``(u, v, step, quotient)``, with ``quotient`` the exact quotient of the returned pair
     under ``f``. The quotient at the input pair is recomputed rather than passed in, because in
     training ``f`` changes between steps. All outputs are under ``stop_gradient``; to penalise the
     quotient, recompute ``pair_quotients`` on the returned pair inside the differentiated loss.
+
     ``min_separation`` (relative): a proposal is also rejected if ``||u_i - v_i|| < m * max(||u_i||, ||v_i||)``
-    or ``||f(u_i) - f(v_i)|| < m * max(||f(u_i)||, ||f(v_i)||)``, with ``m = min_separation``. The ascent shrinks pairs towards the steepest point, and once
-    ``||u - v||`` is a few ulps the quotient is a ratio of rounding errors that the accept-if-larger rule
-    selects upwards (in float32 it can exceed the true Lipschitz constant by 50 % or more). ``None`` means
-    ``sqrt(eps)`` of the dtype, which bounds the relative rounding error of the quotient by ~``sqrt(eps)``; ``0.0``
-    (the default here, as in the CLIP reference's training step) applies no floor.
+    or ``||f(u_i) - f(v_i)|| < m * max(||f(u_i)||, ||f(v_i)||)``, with ``m = min_separation``. The ascent
+    shrinks pairs towards the steepest point, and once ``||u - v||`` is a few ulps the quotient is a ratio of
+    rounding errors that the accept-if-larger rule selects upwards (in float32 it can exceed the true
+    Lipschitz constant by 50 % or more). ``None`` (the default, shared with :func:`lipschitz_pair_ascent`)
+    means ``sqrt(eps)`` of the dtype, which bounds the relative rounding error of the quotient by
+    ~``sqrt(eps)``; ``0.0`` applies no floor (CLIP's training step passes 0.0, as the reference does).
     Cost: one forward + backward pass and one forward pass, each on a batch of 2B.
     """
     if jnp.shape(step) != u.shape[:1]:
         raise ValueError(f"step must have shape (num_pairs,) = {u.shape[:1]}, got {jnp.shape(step)}.")
+    if not isinstance(adaptive, (bool, np.bool_)):
+        raise ValueError(f"adaptive must be True (x1.3 / /1.3 steps) or False (constant steps), got {adaptive!r}.")
     u, v, step = lax.stop_gradient((u, v, step))
     q, pullback = jax.vjp(lambda a, b: pair_quotients(f_batched, a, b), u, v)
     # The pairs do not interact, so the gradient of sum_i L_i holds each pair's own gradient.
@@ -161,7 +174,7 @@ def pair_ascent_step(
     out = (
         jnp.where(mask, u_new, u),
         jnp.where(mask, v_new, v),
-        jnp.where(accept, step * STEP_GROWTH, step / STEP_GROWTH),
+        jnp.where(accept, step * STEP_GROWTH, step / STEP_GROWTH) if adaptive else step,
         jnp.where(accept, q_new, q),
     )
     return lax.stop_gradient(out)
@@ -184,16 +197,18 @@ def lipschitz_pair_ascent(
     num_steps: int,
     init_step: float = 1.0,
     min_separation=None,
+    adaptive: bool = True,
 ) -> PairAscentResult:
     """CLIP Lipschitz estimate: ``max_i ||f(u_i) - f(v_i)|| / ||u_i - v_i||`` after ``num_steps`` ascent steps.
 
-    Runs :func:`pair_ascent_step` in a ``lax.fori_loop`` from per-pair step ``init_step``. Every
+    Runs :func:`pair_ascent_step` in a ``lax.fori_loop`` from per-pair step ``init_step`` (adapted by
+    x1.3 / /1.3 per pair, or constant with ``adaptive=False``, the reference code's behaviour). Every
     quotient is attained by an actual pair of inputs, so the estimate never exceeds the Lipschitz
     constant of ``f`` (on the region the pairs visit), and per pair it never decreases. No box
-    constraint is applied to the pairs. ``min_separation`` (relative, see :func:`pair_ascent_step`)
-    defaults to ``sqrt(eps)`` of the dtype here, so that a float32 estimate is not a rounding artefact of
-    pairs collapsed to a few ulps; pass ``0.0`` for CLIP's unfloored ascent. Cost: ``num_steps * (2 forward + 1 backward)`` passes on 2B
-    inputs. Returns a :class:`PairAscentResult` (unpacks as ``max_q, quotients, u, v``).
+    constraint is applied to the pairs. ``min_separation`` (relative, see :func:`pair_ascent_step`, with the
+    same default) is ``sqrt(eps)`` of the dtype for None, so that a float32 estimate is not a rounding artefact
+    of pairs collapsed to a few ulps; pass ``0.0`` for CLIP's unfloored ascent. Cost: ``num_steps * (2 forward
+    + 1 backward)`` passes on 2B inputs. Returns a :class:`PairAscentResult` (unpacks as ``max_q, quotients, u, v``).
     """
     _check_pairs(u, v)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
@@ -205,7 +220,7 @@ def lipschitz_pair_ascent(
 
     def body(_, carry):
         u, v, step, _ = carry
-        return pair_ascent_step(f_batched, u, v, step, min_separation=min_separation)
+        return pair_ascent_step(f_batched, u, v, step, min_separation=min_separation, adaptive=adaptive)
 
     u, v, _, q = lax.fori_loop(0, num_steps, body, (u, v, step0, q0))
     return PairAscentResult(max_quotient=jnp.max(q), quotients=q, u=u, v=v)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from lcnn_jax.regularizers.base import Regularizer, empty_state
+from lcnn_jax.regularizers.base import Regularizer, apply_epoch_end, empty_state
 from lcnn_jax.regularizers.derivative import derivative
 from lcnn_jax.regularizers.gradient import (confidence_penalty, datagrad, jacobian_penalty, jacreg,
                                             penalty_regularizer, spectreg)
@@ -44,5 +44,6 @@ def make_regularizer(name: str, dataset_info=None, **kwargs) -> Regularizer:
         raise ValueError(f"Bad arguments for regularizer {name!r}: {e}") from e
 
 
-__all__ = ["Regularizer", "REGULARIZERS", "empty_state", "make_regularizer", "jacobian_penalty", "datagrad",
+__all__ = ["Regularizer", "REGULARIZERS", "apply_epoch_end", "empty_state", "make_regularizer", "jacobian_penalty",
+           "datagrad",
            "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "weight_l2", "cure", "lcnn_gradnorm", "lcnn_penalty", "lcnn_terms"]

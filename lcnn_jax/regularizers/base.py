@@ -16,7 +16,7 @@ A regularizer is a pair of pure functions, in the spirit of ``optax.GradientTran
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 from lcnn_jax.types import Array, ApplyFn, Batch, Params, PRNGKey, PyTree
 
@@ -46,3 +46,30 @@ def empty_state(coeff: Any = None) -> dict:
     import jax.numpy as jnp
 
     return {} if coeff is None else {"coeff": jnp.asarray(coeff, jnp.float32)}
+
+
+def apply_epoch_end(states: Any, regularizers: "Union[Regularizer, Sequence[Regularizer]]", train_accuracy: Any,
+                    epoch: int) -> Any:
+    """Run the regularizers' ``epoch_end`` hooks after an epoch, for a custom training loop.
+
+    ``states``: one state per regularizer, in order (a tuple; or a single state with a single regularizer).
+    ``train_accuracy``: the epoch's training accuracy as a fraction (the fit loop passes the mean of its batch
+    accuracies as a float32 scalar); ``epoch``: the epoch just finished, counted from 0. Returns the states in
+    the same structure, each replaced by ``epoch_end(state, train_accuracy, epoch)`` where the regularizer has a
+    hook (CLIP's discrepancy principle and pair redraws, ``weight_l2``'s schedule) and passed through unchanged
+    otherwise. Runs on the host, between compiled steps; the states keep their shapes and dtypes.
+
+    Example::
+
+        for epoch in range(num_epochs):
+            ...  # compiled steps, each returning the new regularizer states
+            reg_states = apply_epoch_end(reg_states, regularizers, jnp.float32(epoch_accuracy), epoch)
+    """
+    if isinstance(regularizers, Regularizer):
+        return regularizers.epoch_end(states, train_accuracy, epoch) if regularizers.epoch_end else states
+    regularizers, states = tuple(regularizers), tuple(states)
+    if len(states) != len(regularizers):
+        raise ValueError(f"apply_epoch_end needs one state per regularizer, got {len(states)} states for "
+                         f"{len(regularizers)} regularizers ({[r.name for r in regularizers]}).")
+    return tuple(r.epoch_end(s, train_accuracy, epoch) if r.epoch_end is not None else s
+                 for r, s in zip(regularizers, states))
