@@ -239,6 +239,19 @@ def test_pool_images_redraw_on_the_host_every_n_epochs():
     assert int(after1["redraw"]) == 0
 
 
+def test_traced_init_with_a_pool_draws_the_same_pairs():
+    params, batch = affine_params(dtype=jnp.float32), make_batch()
+    batch = {**batch, "image": batch["image"].astype(jnp.float32)}
+    pool = np.random.default_rng(7).uniform(size=(40,) + EXAMPLE_SHAPE).astype(np.float32)
+    reg = clip(1.0, num_pairs=10, perturb_dist="uniform", pool_images=pool)
+    host = reg.init(jax.random.PRNGKey(4), params, batch)
+    traced = jax.jit(reg.init)(jax.random.PRNGKey(4), params, batch)  # e.g. a config check under eval_shape
+    np.testing.assert_array_equal(traced["u"], host["u"])  # the same pool rows
+    for k in host:  # v = u + noise may differ by one float32 rounding (the compiled add fuses differently)
+        np.testing.assert_allclose(traced[k], host[k], rtol=0, atol=1e-7)
+    assert np.all(rows_of(host["u"], pool) >= 0)
+
+
 def test_without_pool_a_redraw_takes_the_next_batch():
     params = {"w": jnp.zeros((K, 6)), "b": jnp.ones(K)}  # constant network: the ascent never moves a pair
     batch0, batch1 = make_batch(1), make_batch(2)

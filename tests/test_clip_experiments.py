@@ -127,9 +127,9 @@ def test_table_one_epoch_one_seed_row(tmp_path, monkeypatch):
         sweep_res = json.load(fh)
     assert seed["train_acc"] == pytest.approx(sweep_res["members"][0]["train_accuracy"], abs=1e-9)
     assert sweep_res["members"][0]["num_train"] == 3500
-    # one epoch is inside the 5 warm-up epochs, where lambda is the warm-up value 0
+    # one epoch is inside the 6 warm-up epochs, where lambda is the warm-up value 0
     assert seed["final_coeff"] == 0.0
-    for k in ("train_acc", "test_acc", "noise_acc", "pgd_acc"):
+    for k in ("train_acc", "test_acc", "noise_acc", "noise_paper_acc", "pgd_acc", "pgd_ref_acc"):
         assert 0.0 <= seed[k] <= 1.0
     assert "official_test_acc" not in seed
     assert seed["lipschitz"] > 0 and np.isfinite(seed["lipschitz"])
@@ -149,9 +149,36 @@ def test_table_one_epoch_one_seed_row(tmp_path, monkeypatch):
     assert float(row["train_acc_mean"]) == pytest.approx(seed["train_acc"])
     assert row["official_test_acc_mean"] == ""
     md = open(paths["md"]).read()
-    assert "paper: 91.8/91.6/78/36.2" in md and "54000" in md and "3500" in md
+    assert "clip90: 91.8/91.6/78/36.2" in md and "54000" in md and "3500" in md
+    assert "Our PGD is the stronger evaluation" in md and "PGD (ref. attack) %" in md
 
 
 def test_unknown_row_is_rejected():
     with pytest.raises(ValueError, match="unknown row"):
         table.row_config("clip80", epochs=1)
+
+
+def test_reference_variants_and_config_digest():
+    from lcnn_jax.configs import load_config
+
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
+    cfg = lambda name: load_config(os.path.join(base, name))  # noqa: E731
+    ours, ref, fixed = (cfg(f"clip_mnist5k.py:{v}").regularizers.clip.to_dict()
+                        for v in ("clip90", "clip_reference90", "clip_reference"))
+    # the reference code's settings: constant step, uniform U[0, 0.1), redraw every 2000 steps, lambda every 2nd epoch
+    assert (ref["adaptive"], ref["perturb_dist"], ref["redraw_every_steps"], ref["redraw_every_epochs"],
+            ref["cooldown"]) == (False, "uniform", 2000, None, 1)
+    assert (ours["adaptive"], ours["perturb_dist"], ours["redraw_every_epochs"], ours["cooldown"]) == (
+        True, "gaussian", 5, 0)
+    for c in (ours, ref, fixed):  # its 6 warm-up epochs at lambda 0, its ascent step and squared, skipped term
+        assert (c["warmup_epochs"], c["warmup_coeff"], c["coeff"], c["init_step"], c["squared"], c["skip_above"]) == (
+            6, 0.0, 0.1, 20.0, True, 5000.0)
+    assert fixed["target"] is None and ref["target"] == 0.9  # the shipped example never moves lambda
+    # Fashion-MNIST holds out the reference's 6000 training images as the pair pool, like MNIST its 500
+    assert cfg("clip_fashion_mnist.py:clip85").data.pair_pool_size == 6000
+    assert cfg("clip_mnist5k.py:standard").data.pair_pool_size == 500
+    # a changed row config gets another checkpoint folder and invalidates saved rows
+    a, b = table.row_config("clip90", epochs=3), table.row_config("clip90", epochs=3, seed=5)
+    assert table.config_digest(a) == table.config_digest(b)  # seeds are listed separately
+    b.regularizers.clip.cooldown = 1
+    assert table.config_digest(a) != table.config_digest(b)

@@ -5,11 +5,16 @@
 Needs the prepared TFDS dataset (``--config.data.download=True`` once, with network and the ``tfds-prepare``
 extra) or a folder of Fashion-MNIST IDX files as ``--config.data.data_dir``.
 
-Variants: ``standard``, ``clip85`` / ``90`` / ``95`` and ``weightreg85`` / ``90`` / ``95``, with the regularizer
-settings of clip_mnist5k.py (the paper reports Standard and CLIP85). Network: conv32 5x5 -> pool -> conv64 5x5 ->
-pool -> fc1024 (``small_cnn``, ReLU; it has no output sigmoid option). SGD lr 0.1, momentum 0.9, batch 128,
-constant learning rate, 30 epochs (14040 steps). With 500 pairs the CLIP ascent runs the network on 1000 extra
-inputs per step (forward + backward, then forward): a CLIP row costs several standard rows; use a GPU.
+Variants: ``standard``, ``clip85`` / ``90`` / ``95``, ``weightreg85`` / ``90`` / ``95``, ``clip_reference`` and
+``clip_reference85`` / ``90`` / ``95``, with the regularizer settings of clip_mnist5k.py (the paper reports Standard
+and CLIP85). Network: conv32 5x5 -> pool -> conv64 5x5 -> pool -> fc1024 (``small_cnn``, ReLU; it has no output
+sigmoid option). SGD lr 0.1, momentum 0.9, batch 128, constant learning rate, 30 epochs.
+
+Pair pool: as on MNIST, every row holds training images out as CLIP's pool (``data.pair_pool_size``): 6000 of the
+60000, the reference's 90/10 train/validation split (it draws its pairs from batches of that validation set), so
+every row trains on the same 54000 images (422 steps per epoch, 12660 steps). Without a pool, the 500 pairs would be
+drawn, with replacement, from one 128-image training batch. With 500 pairs the CLIP ascent runs the network on 1000
+extra inputs per step (forward + backward, then forward): a CLIP row costs several standard rows; use a GPU.
 """
 import os
 
@@ -28,6 +33,7 @@ def get_config(variant: str = "clip85"):
         raise ValueError("small_cnn has no output activation: drop the '_sigmoid' suffix for Fashion-MNIST.")
     config = default_config()
     config.data.name = "fashion_mnist"
+    config.data.pair_pool_size = 6000
     config.model.name = "small_cnn"
     config.model.kwargs = ml_collections.ConfigDict()
 

@@ -39,7 +39,8 @@ Either way the pool has the fixed shape ``(num_pairs, *example_shape)``. Epoch r
 ``epoch_end``: a custom training loop that never calls it keeps its initial pairs (and their ascent); call
 :func:`lcnn_jax.regularizers.apply_epoch_end` after each epoch. Step redraws (``redraw_every_steps``) happen
 inside ``loss`` and need no hook; with a pool, the pool is then a constant of the compiled step.
-``loss`` is jittable; ``init`` and ``epoch_end`` run on the host (with a pool they index it in NumPy).
+``loss`` is jittable; ``init`` and ``epoch_end`` run on the host (with a pool they index it in NumPy; a traced
+``init``, e.g. under ``jax.eval_shape``, draws the same pairs on the device).
 
 Cost per training step, on top of the step's own: the ascent is one forward + backward and one forward
 pass on ``2 * num_pairs`` inputs; the penalty one forward + backward pass on 2 inputs. The ascent and
@@ -359,6 +360,9 @@ def clip(
 
     def from_pool(key: PRNGKey, dtype) -> "tuple[Array, Array]":
         # indices on the device, gather on the host: the pool itself never leaves host memory
+        if isinstance(key, jax.core.Tracer):  # init traced (jit / eval_shape): the same draw, on the device
+            return draw_pairs(key, jnp.asarray(pool, dtype), num_pairs, init=init, perturb_scale=perturb_scale,
+                              perturb_dist=perturb_dist)
         k_idx, k_noise = jax.random.split(key)
         iu, iv = (np.asarray(i) for i in _pair_indices(k_idx, pool.shape[0], num_pairs, init))
         rows_u, rows_v = jnp.asarray(pool[iu], dtype), jnp.asarray(pool[iv], dtype)
