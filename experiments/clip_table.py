@@ -24,8 +24,8 @@ column                 meaning
 ``train_acc``          clean accuracy on the 3500 training images
 ``test_acc``           clean accuracy on the mnist5k test split
 ``noise_acc``          accuracy on ``clip(x + N(0, 1), 0, 1)`` (one draw per image), mnist5k test split
-``noise_paper_acc``    the paper-era noise protocol: ``N(0, 1)`` added in the normalised space ``(x - 0.1307) / 0.3081``,
-                       not clipped, i.e. ``x + 0.3081 N(0, 1)`` (:func:`lcnn_jax.attacks.gaussian_noise_normalized`)
+``noise_paper_acc``    the paper-era noise protocol: ``N(0, 1)`` added in the normalised space
+                       ``(x - 0.1307) / 0.3081``, not clipped, i.e. ``x + 0.3081 N(0, 1)`` (:func:`lcnn_jax.attacks.gaussian_noise_normalized`)
 ``pgd_acc``            accuracy under our PGD-L2 (eps 2, step 0.25, 100 steps, random start), mnist5k test split
 ``pgd_ref_acc``        accuracy under the reference's PGD-L2 (eps 2, sign steps of 0.5, iterates on the eps-sphere,
                        per-sample early stop, 100 steps: :func:`lcnn_jax.attacks.pgd_l2_clip_reference`), the attack
@@ -41,10 +41,11 @@ Each is reported as mean and sample std (ddof=1) over the seeds (``<column>_mean
 Files in ``--out``: ``rows/<row>.json`` per row (per-seed values, aggregates, timings; a row whose file exists
 with the same epochs, seeds, output activation, test sets, evaluation columns and row config is skipped, so the
 script is resumable; training itself also resumes from the sweep checkpoints in ``--workdir``, in a folder named
-after a digest of the row's config, so a changed config never resumes from stale checkpoints), ``table.json``, ``table.csv`` and ``table.md``
-(suffix ``_sigmoid`` with ``--sigmoid_output``). The markdown table puts the paper's numbers (SPEC 1.3) beside ours,
-labelled as the paper's: they trained on 54000 MNIST images, we on 3500. Their noise column matches the
-``noise_paper`` protocol and their PGD column the reference attack (``pgd_ref``), not our stronger PGD.
+after a digest of the row's config, so a changed config never resumes from stale checkpoints), ``table.json``,
+``table.csv`` and ``table.md`` (suffix ``_sigmoid`` with ``--sigmoid_output``). The markdown table puts the
+paper's numbers (SPEC 1.3) beside ours, labelled as the paper's: they trained on 54000 MNIST images, we on 3500.
+Their noise column matches the ``noise_paper`` protocol and their PGD column the reference attack (``pgd_ref``),
+not our stronger PGD.
 
 Default ``--epochs`` is the config's 100.
 """

@@ -262,7 +262,7 @@ def pgd_l2_clip_reference(
     clip: Clip = (0.0, 1.0),
     unroll: int | bool = 1,
 ) -> Array:
-    """The CLIP reference's PGD-L2 (``TimRoith/CLIP``, ``adversarial_attacks.pgd``), to reproduce the paper's PGD column.
+    """The CLIP reference's PGD-L2 (``TimRoith/CLIP``, ``adversarial_attacks.pgd``), for the paper's PGD column only.
 
     A weaker attack than :func:`pgd` (use that one to evaluate robustness); it differs in four ways:
 

@@ -389,6 +389,11 @@ def test_coefficient_grid_vmaps():
     ({"skip_above": 0.0}, "skip_above"),
     ({"redraw_every_epochs": 0}, "redraw_every_epochs"),
     ({"pool_images": np.zeros((0, 6), np.float32)}, "pool_images"),
+    ({"adaptive": "yes"}, "adaptive"),
+    ({"perturb_dist": "laplace"}, "perturb_dist"),
+    ({"redraw_every_steps": 0, "redraw_every_epochs": None}, "redraw_every_steps"),
+    ({"cooldown": -1}, "cooldown"),
+    ({"min_separation": -0.1}, "min_separation"),
 ])
 def test_bad_arguments_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -473,7 +478,7 @@ def test_regression_toy_lambda_10_is_smoother_than_lambda_0_long():
     assert mse0 < 0.5 * mse10
 
 
-# ---------------------------------------------------------------------------------------------- fidelity to TimRoith/CLIP
+# ---------------------------------------------------------------------------------------------- the reference code
 # Oracles below are plain NumPy (float64, gradients written by hand) re-statements of what the reference code does,
 # written from its behaviour as described in the library docs, never from the library's own functions.
 def tanh_net(seed=3, d=6, k=K):

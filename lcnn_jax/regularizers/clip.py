@@ -331,7 +331,8 @@ def clip(
     if redraw_every_epochs is not None and redraw_every_steps is not None:
         raise ValueError(f"redraw_every_steps={redraw_every_steps} and redraw_every_epochs={redraw_every_epochs} "
                          f"are exclusive: set redraw_every_epochs=None to redraw by steps.")
-    for flag, flag_name in ((squared, "squared"), (adaptive, "adaptive"), (reset_step_on_redraw, "reset_step_on_redraw")):
+    flags = {"squared": squared, "adaptive": adaptive, "reset_step_on_redraw": reset_step_on_redraw}
+    for flag_name, flag in flags.items():
         if not isinstance(flag, (bool, np.bool_)):
             raise ValueError(f"{flag_name} must be True or False, got {flag!r}.")
     skip_above = _finite_number(skip_above, "skip_above", positive=True, allow_none=True)
