@@ -1,12 +1,10 @@
-"""Tests for LCNN: lcnn_jax.nn.lcnn, lcnn_jax.measures.bounds, lcnn_jax.regularizers.lcnn, configs.
+"""Tests for LCNN: lcnn_jax.nn.lcnn, lcnn_jax.regularizers.lcnn, configs (the curvature bound: test_bounds.py).
 
 Oracles: closed forms of the centred softplus and its derivatives (NumPy float64); dense Jacobians
 (``jax.jacfwd``) and their SVD for batch norm and the spectrally normalised layers; the transposed
-convolution from ``jax.vjp`` (independent of the layer's ``jax.linear_transpose``); dense input Hessians
-(``jax.hessian``, float64) and ``numpy.linalg.eigvalsh`` for the curvature bound; the reference code's
+convolution from ``jax.vjp`` (independent of the layer's ``jax.linear_transpose``); the reference code's
 penalty formulas written out literally (gradient of the batch-mean loss, its sign direction).
 """
-import contextlib
 import math
 import os
 
@@ -17,36 +15,21 @@ import optax
 import pytest
 from flax.linen.linear import canonicalize_padding
 
+from _lcnn_helpers import F64, KEY, random_variables, to64, xla_optimizations
 from lcnn_jax.measures import bounds as cb
 from lcnn_jax.nn import layers, lcnn, models
 from lcnn_jax.regularizers import lcnn as lcnn_regs
 
-KEY = jax.random.PRNGKey(0)
-F64 = jnp.float64
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
-
-
-@contextlib.contextmanager
-def _xla_optimizations(enabled):
-    """XLA:CPU spends tens of seconds optimising the init or the Hessian of a ResNet, far more than these tiny
-    programs then run; the tests need correctness, not speed, so most of them compile unoptimised."""
-    prev = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", not enabled)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", prev)
 
 
 @pytest.fixture(autouse=True)
 def quick_compile():
-    with _xla_optimizations(False):
+    with xla_optimizations(False):
         yield
 
 
-def _to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, F64) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
-                        tree)
+_to64 = to64
 
 
 def _closed_forms(x, b):
@@ -154,7 +137,7 @@ def test_lipschitz_bn_eval_lipschitz_constant(x64, var, gamma, branch):
     expected = (np.asarray(x) - [0.3, -1.0, 2.0]) / np.sqrt(np.asarray(var) + 1e-5) * s * want
     np.testing.assert_allclose(f(x), expected, rtol=1e-12)
     bound, _ = cb.layer_bound(bn, variables, (2, 2, 3), key=KEY)
-    np.testing.assert_allclose(float(bound.lipschitz), want, rtol=1e-6)
+    assert want <= float(bound.lipschitz) <= want * (1 + 1e-12)  # certified, float64 margin only
     assert float(bound.curvature) == 0.0
 
 
@@ -250,203 +233,14 @@ def test_spectral_dense_matrix_norm(x64):
     np.testing.assert_allclose(_lipschitz_of(lin, jnp.zeros(6, F64)), 1.0, atol=1e-6)
 
 
-def test_bound_uses_true_norm_of_unconverged_layer(x64):
-    """With no initial iterations the stored sigma underestimates ||A_W||; the bound must not."""
-    conv = lcnn.SpectralConv(features=3, kernel_size=(3, 3), padding="SAME", n_init_iter=0)
-    x = jax.random.normal(KEY, (1, 5, 5, 2))
-    variables = _to64(conv.init(KEY, x))
-    actual = _lipschitz_of(lambda t: conv.apply(variables, t[None])[0] - conv.apply(variables, 0 * t[None])[0],
-                           jnp.zeros((5, 5, 2), F64))
-    assert actual > 1.05  # the layer, as applied, is not 1-Lipschitz yet
-    bound, out_shape = cb.layer_bound(conv, variables, (5, 5, 2), key=KEY)
-    assert out_shape == (5, 5, 3)
-    np.testing.assert_allclose(float(bound.lipschitz), actual, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------
-# The curvature bound
-# ------------------------------------------------------------------------------------------------
-def test_layer_bounds_of_standard_layers(x64):
-    """Plain Flax conv (strided, SAME) and batch norm: the slopes equal the dense Jacobians' largest singular values."""
-    conv = layers.Conv(features=3, kernel_size=(3, 3), strides=(2, 2), padding="SAME", use_bias=True)
-    variables = _to64(conv.init(KEY, jnp.zeros((1, 6, 5, 2))))
-    bound, out_shape = cb.layer_bound(conv, variables, (6, 5, 2), key=KEY)
-    lin = lambda t: conv.apply(variables, t[None])[0] - variables["params"]["bias"]  # noqa: E731
-    assert out_shape == (3, 3, 3)
-    np.testing.assert_allclose(float(bound.lipschitz), _lipschitz_of(lin, jnp.zeros((6, 5, 2), F64)), rtol=1e-5)
-    bn = layers.BatchNorm()
-    bvars = _to64(bn.init(KEY, jnp.zeros((1, 2, 2, 3))))
-    bvars["params"]["scale"] = jnp.asarray([0.5, -3.0, 1.0], F64)
-    bvars["batch_stats"]["var"] = jnp.asarray([0.1, 4.0, 0.5], F64)
-    bound, _ = cb.layer_bound(bn, bvars, (2, 2, 3), key=KEY)
-    f = lambda t: bn.apply(bvars, t[None])[0]  # noqa: E731
-    np.testing.assert_allclose(float(bound.lipschitz), _lipschitz_of(f, jnp.zeros((2, 2, 3), F64)), rtol=1e-6)
-    relu, _ = cb.layer_bound(layers.Activation(kind="relu"), {}, (3,), key=KEY)
-    assert relu == (1.0, math.inf)  # not twice differentiable: no finite curvature bound
-
-
-def test_bound_algebra_closed_forms():
-    f, g = cb.Bound(2.0, 3.0), cb.Bound(0.5, 7.0)
-    assert cb.compose(f, g) == (1.0, 3.0 * 0.25 + 2.0 * 7.0)
-    assert cb.chain(g, f) == cb.compose(f, g)
-    assert cb.add(f, g) == (2.5, 10.0)
-    assert cb.scale(-0.5, f) == (1.0, 1.5)
-    assert cb.compose(cb.linear(3.0), cb.IDENTITY) == (3.0, 0.0)
-
-
-def test_bound_is_attained_by_one_hidden_unit(x64):
-    """logit = w2 s(w1 . x + b1) + b2 with unit-norm w1, w2: the max Hessian norm is exactly b/4."""
-    net = models.MLP(widths=(1,), num_classes=1, act=lcnn.CenteredSoftplus, dense=lcnn.SpectralDense)
-    w1, w2 = np.array([0.3, -1.2, 0.5]), np.array([-0.7])
-    variables = {  # converged power-iteration vectors: the top right singular vectors, w1/||w1|| and 1
-        "params": {"dense0": {"kernel": jnp.asarray(w1[:, None], F64), "bias": jnp.asarray([0.4], F64)},
-                   "act0": {"log_beta": jnp.asarray(math.log(7.3), F64)},
-                   "head": {"kernel": jnp.asarray(w2[:, None], F64), "bias": jnp.asarray([0.1], F64)}},
-        "spectral": {"dense0": {"v": jnp.asarray(w1 / np.linalg.norm(w1), F64)}, "head": {"v": jnp.ones(1, F64)}}}
-    assert jax.tree.structure(variables) == jax.tree.structure(
-        jax.eval_shape(net.init, KEY, jax.ShapeDtypeStruct((1, 3), jnp.float32)))
-    res = cb.curvature_bound(net, variables, (3,), key=KEY)
-    # the pre-activation w1/||w1|| . x + b1 vanishes here, where |s''| = b/4
-    x_star = jnp.asarray(-0.4 * w1 / np.linalg.norm(w1), F64)
-    hess = jax.hessian(lambda t: net.apply(variables, t[None])[0, 0])(x_star)
-    measured = np.max(np.abs(np.linalg.eigvalsh(np.asarray(hess))))
-    b = 7.3 + 1e-3
-    np.testing.assert_allclose(measured, b / 4, rtol=1e-6)
-    np.testing.assert_allclose(float(res.curvature[0]), measured, rtol=1e-5)
-    np.testing.assert_allclose(float(res.lipschitz[0]), 1.0, rtol=1e-5)
-
-
-def test_bound_standard_mlp_tanh_sigmoid(x64):
-    """A standard (non-LCNN) MLP: plain dense layers, tanh, sigmoid output activation."""
-    net = models.MLP(widths=(5, 4), num_classes=3, act=layers.activation("tanh"),
-                     output_activation=layers.activation("sigmoid"))
-    variables = _to64(net.init(KEY, jnp.zeros((1, 6))))
-    res = cb.curvature_bound(net, variables, (6,), key=KEY)
-    hess_fn = jax.jit(jax.vmap(jax.hessian(lambda t: net.apply(variables, t[None])[0])))
-    xs = jax.random.normal(jax.random.PRNGKey(3), (64, 6), F64) * 2.0
-    measured = np.max(np.abs(np.linalg.eigvalsh(np.asarray(hess_fn(xs)))), axis=(0, 2))  # (3,)
-    assert np.all(measured <= np.asarray(res.curvature)), (measured, res.curvature)
-    with pytest.raises(ValueError, match="supports"):
-        cb.curvature_bound(models.VGG11(), variables, (6,), key=KEY)
-
-
-def _randomise(variables, seed):
-    """Spread the LCNN parameters and statistics so every branch of the bound is exercised."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = getattr(path[-1], "key", "")
-        if name == "log_beta":
-            return jnp.asarray(rng.uniform(math.log(1.0), math.log(20.0)), leaf.dtype)
-        if name == "log_gamma":
-            return jnp.asarray(rng.uniform(math.log(0.5), math.log(10.0)), leaf.dtype)
-        if name == "var":
-            return jnp.asarray(rng.uniform(0.05, 2.0, size=leaf.shape), leaf.dtype)
-        if name in ("mean", "bias"):
-            return jnp.asarray(0.3 * rng.normal(size=leaf.shape), leaf.dtype)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(fill, variables)
-
-
-def _random_variables(model, input_shape, seed):
-    """Variables on ``model.init``'s shapes without running it (its PRNG calls cost many seconds to compile on
-    CPU): LeCun-normal kernels, random unit power-iteration vectors (the bound must not assume they converged),
-    then :func:`_randomise`."""
-    shapes = jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = getattr(path[-1], "key", "")
-        if name == "kernel":
-            return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1])), leaf.dtype)
-        if name == "v":
-            v = rng.normal(size=leaf.shape)
-            return jnp.asarray(v / np.linalg.norm(v), leaf.dtype)
-        return jnp.zeros(leaf.shape, leaf.dtype)
-
-    return _randomise(jax.tree_util.tree_map_with_path(fill, shapes), seed)
-
-
-def _hessian_norms(model, variables, xs):
-    """(N, K): spectral norm of the input Hessian of every logit at every x (dense, float64)."""
-    f = lambda t: model.apply(variables, t[None], train=False)[0]  # noqa: E731
-    hess = jax.jit(jax.hessian(f))
-    out = []
-    for x in xs:
-        h = np.asarray(hess(x))
-        k = h.shape[0]
-        h = h.reshape(k, x.size, x.size)
-        out.append(np.max(np.abs(np.linalg.eigvalsh(h)), axis=1))
-    return np.stack(out)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from lcnn_jax.data import load_split
-
-    return load_split("mnist5k", "test").images[:3]
-
-
-def _downsample(images, factor):
-    """Real digits at lower resolution (block means), so that dense Hessians stay cheap."""
-    n, h, w, c = images.shape
-    return np.asarray(images).reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-
-
-def _check_bound(model, variables, xs, shape, optimize_hessian):
-    res = cb.curvature_bound(model, variables, shape, key=jax.random.PRNGKey(7))
-    with _xla_optimizations(optimize_hessian):
-        measured = _hessian_norms(model, _to64(variables), jnp.asarray(xs, F64))
-    bound = np.asarray(res.curvature)
-    assert bound.shape == (model.num_classes,) and np.all(np.isfinite(bound))
-    assert np.all(measured <= bound[None, :]), (measured.max(0), bound)
-    assert np.all(measured.max(0) > 0)
-    return res, measured
-
-
-def test_bound_small_cnn_lcnn(x64, digits):
-    model = lcnn.make_lcnn_model("small_cnn", 10, width_mult=1 / 8)
-    variables = _random_variables(model, (14, 14, 1), 0)
-    xs = np.concatenate([_downsample(digits, 2)[:2], np.random.default_rng(0).uniform(size=(1, 14, 14, 1))])
-    # this Hessian compiles quickly but runs slowly unoptimised (the ResNet's is the other way round)
-    res, measured = _check_bound(model, variables, xs, (14, 14, 1), optimize_hessian=True)
-    names = [n for n, _ in res.layers]
-    assert names[:6] == ["conv1", "norm1", "act1", "pool1", "conv2", "norm2"] and names[-1] == "head"
-    np.testing.assert_allclose(float(dict(res.layers)["pool1"].lipschitz), 0.5)
-
-
-RESNET_INPUT = (7, 7, 1)  # 28x28 digits averaged over 4x4 blocks
+RESNET_INPUT = (7, 7, 1)
 
 
 @pytest.fixture(scope="module")
 def tiny_lcnn_resnet():
-    """A two-stage LCNN ResNet (an identity block and a strided block with a conv shortcut): every piece of
-    ResNet-18 at a fraction of the compile time; ResNet-18 itself is in the slow test below."""
+    """A two-stage LCNN ResNet (an identity block and a strided block with a conv shortcut)."""
     model = lcnn.make_lcnn_model("resnet18", 10, width_mult=1 / 16, stage_sizes=(1, 1))
-    return model, _random_variables(model, RESNET_INPUT, 1)
-
-
-def _resnet_digits(digits):
-    return np.concatenate([_downsample(digits, 4)[:2], np.random.default_rng(1).uniform(size=(1,) + RESNET_INPUT)])
-
-
-def test_bound_resnet_lcnn(x64, digits, tiny_lcnn_resnet):
-    model, variables = tiny_lcnn_resnet
-    res, _ = _check_bound(model, variables, _resnet_digits(digits), RESNET_INPUT, optimize_hessian=False)
-    layers_ = dict(res.layers)
-    assert "stage2_block0/shortcut_conv" in layers_ and "stage1_block0/shortcut_conv" not in layers_
-    np.testing.assert_allclose(float(layers_["global_avg_pool"].lipschitz), 1 / 4)  # 7 -> 4: mean over 4x4
-
-
-@pytest.mark.slow
-def test_bound_resnet18_lcnn(x64, digits):
-    model = lcnn.make_lcnn_model("resnet18", 10, width_mult=1 / 16)  # stages 7 -> 4 -> 2 -> 1
-    variables = _random_variables(model, RESNET_INPUT, 3)
-    res, _ = _check_bound(model, variables, _resnet_digits(digits), RESNET_INPUT, optimize_hessian=False)
-    layers_ = dict(res.layers)
-    assert sum(name.endswith("/act2") for name in layers_) == 8  # 8 blocks
-    np.testing.assert_allclose(float(layers_["global_avg_pool"].lipschitz), 1.0)  # 1x1 feature map
+    return model, random_variables(model, RESNET_INPUT, 1)
 
 
 def test_lcnn_resnet_block_structure(tiny_lcnn_resnet):

@@ -1,72 +1,94 @@
-"""Data-independent upper bound on the input curvature of every logit (LCNN, SPEC 1.1).
+"""Certified, data-independent bounds on the slope and curvature of a network's outputs (LCNN, SPEC 1.1).
 
-For a twice-differentiable map ``f`` define its slope ``L_f = sup_x ||Df(x)||_2`` and curvature
-``K_f = sup_x sup_{||u|| = 1} ||D^2 f(x)[u, u]||_2``; for a scalar ``f``, ``K_f`` bounds the spectral norm of
-the input Hessian everywhere. A :class:`Bound` ``(L, K)`` obeys a small algebra:
+For a twice-differentiable map ``f`` let ``L_f = sup_x ||Df(x)||_2`` (its Lipschitz constant) and
+``K_f = sup_{x != y} ||Df(x) - Df(y)||_2 / ||x - y||`` (the Lipschitz constant of its derivative); for a scalar
+``f``, ``K_f`` bounds the spectral norm of the input Hessian everywhere. A :class:`Bound` ``(L, K)`` obeys a
+small algebra:
 
 * composition ``f . g``:  ``L = L_f L_g``,  ``K = K_f L_g^2 + L_f K_g``  (chain rule for ``D^2``),
 * sum ``f + g`` (residual branches): ``L = L_f + L_g``,  ``K = K_f + K_g``,
-* scalar multiple ``c f``: both scale by ``|c|``; a linear map has ``K = 0``, an input scaling ``f(c x)`` is
-  the composition with ``Bound(|c|, 0)``.
+* scalar multiple ``c f``: both scale by ``|c|``; a linear map has ``K = 0``.
 
-Unrolled over a chain this is SPEC's ``K <= sum_i K_i prod_{j<i} L_j^2 prod_{j>i} L_j``. Per-layer facts:
+Unrolled over a chain this is SPEC's ``K <= sum_i K_i prod_{j<i} L_j^2 prod_{j>i} L_j``.
 
-* conv / dense (plain): ``L = ||A_W||_2`` (power iteration / SVD), ``K = 0``;
-* :class:`~lcnn_jax.nn.lcnn.SpectralConv` / ``SpectralDense``: ``L = ||A_W||_2 / sigma_stored`` (~1), ``K = 0``;
-* :class:`~lcnn_jax.nn.lcnn.CenteredSoftplus`: ``L = 1``, ``K = b / 4``;
-* fixed activations: softplus(beta) ``(1, beta/4)``, sigmoid ``(1/4, 1/(6 sqrt3))``, tanh ``(1, 4/(3 sqrt3))``,
-  identity ``(1, 0)``, relu ``(1, inf)`` (not twice differentiable);
-* :class:`~lcnn_jax.nn.lcnn.LipschitzBatchNorm` (eval): ``L = min(1/s, gamma)``, ``K = 0``;
-  BatchNorm (eval): ``L = max_c |scale_c| / sqrt(var_c + eps)``, ``K = 0``;
-* 2x2/2 average pool ``(1/2, 0)``; max pool ``(1, 0)`` (almost everywhere); global average pool over
-  ``H x W`` ``(1/sqrt(H W), 0)``; flatten ``(1, 0)``.
+How a model is bounded
+----------------------
+:func:`curvature_bound` (a Flax module and its variables) and :func:`function_bound` (any function of one
+input) trace the computation with ``jax.make_jaxpr``, the parameters as concrete constants, and interpret
+the traced program: every value that depends on the input carries a :class:`Bound` of the map from the
+input to it; everything computed from parameters alone (a spectral layer's ``sigma``, batch-norm scales) is
+evaluated exactly as the model computes it. So any model built from supported operations is bounded,
+whatever its Python structure (residual blocks, custom modules), and nothing relies on a list of
+architectures. Rules per operation (``u`` = the input's bound):
 
-(``|s''| = |b s'(1 - s')| <= b/4`` for the centred softplus; an elementwise map with ``|s''| <= k`` has
-``||s''(x) * u^2||_2 <= k ||u||_4^2 <= k ||u||_2^2``.) The last, linear layer gives one bound per logit:
-``logit_k = w_k^T h + b_k`` has ``K_k = ||w_k|| K_h`` and ``L_k = ||w_k|| L_h``.
+* convolution with a constant kernel: ``L *= ||A_W||_2``, certified from above by the circular-embedding
+  bound of :mod:`lcnn_jax.measures.operator_norms` (with a power-iteration value from below);
+* ``dot_general`` with a constant matrix (dense layers): ``L *= sigma_max`` (float64 SVD);
+* elementwise multiplication/division by constants (batch norm in eval mode, ``x / sqrt 2``, the
+  ``1/sigma`` of spectral layers, average pooling's ``1/count``): the scales of a chain of such operations in
+  one module are multiplied first and bounded by their largest magnitude; adding constants changes nothing;
+* sums of two input-dependent values: slopes and curvatures add; concatenation: ``L = sqrt(sum L_i^2)``;
+* ``reduce_sum``/``broadcast_in_dim``: ``sqrt`` of the number of summed/duplicated entries;
+  ``reduce_window_sum`` (pooling): ``sqrt(prod w * prod ceil(w / s))`` (rows times columns of its 0/1 matrix);
+* smooth elementwise activations ``(L, K)``: centred softplus and softplus ``(1, 1/4)`` in ``b x`` (so
+  ``(1, b/4)`` with their scales), logistic ``(1/4, 1/(6 sqrt3))``, tanh ``(1, 4/(3 sqrt3))``, silu
+  ``(1.1, 1/2)``, sin/cos ``(1, 1)``;
+* piecewise-linear maps (ReLU, max, max pooling ``L = sqrt(prod ceil(w / s))``, abs): ``K = inf`` -- their
+  derivative jumps -- unless ``almost_everywhere=True``, which bounds the Hessian wherever it exists (``K = 0``
+  for them, and the result says so);
+* reshapes, transposes, slices, padding with constants, type conversions: ``L`` unchanged.
 
-Spectral layers are bounded by the TRUE norm of the map the model actually applies, ``W / sigma_stored``:
-the stored power-iteration vector gives a ``sigma`` that underestimates ``||A_W||`` until it has
-converged, so here ``||A_W||`` is recomputed with ``num_iters`` power iterations on ``A^T A`` (from the stored
-vector, perturbed by ``key``), which approach the norm from below; with the defaults the relative error is
-far below the slack of the bound. Dense kernels use an exact SVD.
+An operation without a rule (a product of two input-dependent values, ``exp``, a comparison of the input)
+raises ``ValueError`` naming it and the module it came from.
 
-The walker knows the architectures of :mod:`lcnn_jax.nn.models` (``MLP``, ``LeNet``, ``SmallCNN``,
-``ResNet``/``ResNet18`` with ``BasicBlock`` or :class:`~lcnn_jax.nn.lcnn.LCNNBasicBlock`) and rebuilds
-each site from the model's factories, so LCNN and standard variants alike are bounded.
+Per output: the affine part after the last nonlinearity (typically the head ``h -> W^T h + b``) is bounded
+row by row: ``output_k`` gets ``L_k = ||w_k|| L_h`` and ``K_k = ||w_k|| K_h`` (``|w_k^T D^2 h[u, u]| <=
+||w_k|| ||D^2 h[u, u]||``), with ``||w_k||`` in float64.
+
+Rounding: the norms are computed in float64 on the host and each certified factor is multiplied by
+``1 + 64 eps`` of its dtype (:func:`~lcnn_jax.measures.operator_norms.safety_margin`), which covers the float64
+errors and the few units in the last place by which constants computed under ``jit`` may differ from the
+eager evaluation here. The bound is for the exact real-number function the model's parameters define; the
+rounding of the model's own float32 arithmetic on an input is not part of it.
 
 Example::
 
     import jax, jax.numpy as jnp
     from lcnn_jax.nn.lcnn import make_lcnn_model
     from lcnn_jax.measures.bounds import curvature_bound
-    net = make_lcnn_model("small_cnn", 10, width_mult=0.25)
-    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-    res = curvature_bound(net, variables, (28, 28, 1), key=jax.random.PRNGKey(1))
+    net = make_lcnn_model("small_cnn", 10, width_mult=0.125)
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 1)))
+    res = curvature_bound(net, variables, (12, 12, 1), key=jax.random.PRNGKey(1))
     res.curvature          # (10,): sup_x ||d^2 logit_k / dx^2||_2 <= res.curvature[k], model in eval mode
-    dict(res.layers)       # per-site Bound(lipschitz, curvature)
+    dict(res.layers)       # per-module Bound(lipschitz, curvature)
 
-Cost: ``num_iters`` convolutions and transposed convolutions on one image per convolution (early exit at
-``tol``), an SVD per dense layer; independent of any data.
+Cost: one trace of the model; per convolution ``P_1 P_2 / 2`` small float64 SVDs (host) for the upper side
+and ``num_iters`` convolutions and transposed convolutions on one image for the lower side; one SVD per dense
+layer. Independent of any data.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
+import inspect
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.linear import canonicalize_padding
+import numpy as np
+from jax.extend import core as jcore
 
-from lcnn_jax.estimators import power_iteration
-from lcnn_jax.nn import layers as layers_lib
-from lcnn_jax.nn import lcnn, models
+from lcnn_jax.measures.operator_norms import (
+    NormBounds,
+    conv_general_norm_bounds,
+    matrix_norm_bounds,
+    safety_margin,
+)
 from lcnn_jax.types import Array, PRNGKey
 
-__all__ = ["Bound", "IDENTITY", "linear", "compose", "chain", "add", "scale", "layer_bound", "CurvatureBound",
-           "curvature_bound", "SUPPORTED_MODELS"]
+__all__ = ["Bound", "IDENTITY", "linear", "compose", "chain", "add", "scale", "Factor", "CurvatureBound",
+           "curvature_bound", "function_bound", "layer_bound", "ACTIVATION_BOUNDS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,309 +134,558 @@ def scale(c: float, a: Bound) -> Bound:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-layer bounds
+# Elementwise nonlinearities: (sup |s'|, sup |s''|) over the real line
 # --------------------------------------------------------------------------------------------
-_SIGMOID_K = 1.0 / (6.0 * math.sqrt(3.0))  # max |sigmoid''|
-_TANH_K = 4.0 / (3.0 * math.sqrt(3.0))  # max |tanh''|
+_PL = "piecewise-linear"
+#: ``(L, K)`` of the smooth elementwise functions the interpreter knows, by primitive or jitted-function name.
+#: Proofs: softplus' = sigmoid in (0, 1), softplus'' = sigmoid' <= 1/4 (also for ``log((1 + e^z)/2)``, the
+#: centred softplus before its ``1/b``, and ``logaddexp(z, c)`` in ``z``; ``log_sigmoid(z) = -softplus(-z)``);
+#: sigmoid' <= 1/4 and |sigmoid''| <= 1/(6 sqrt3) (at ``sigmoid = (3 +- sqrt3)/6``); tanh' <= 1 and
+#: |tanh''| <= 4/(3 sqrt3) (at ``tanh = 1/sqrt3``); silu' = s(1 + z(1 - s)) <= 1.0999 and
+#: silu'' = s(1 - s)(2 + z(1 - 2s)), largest in magnitude at 0 (1/2) (checked on a fine grid in the tests).
+ACTIVATION_BOUNDS = {
+    "softplus": (1.0, 0.25),
+    "_log_half_one_plus_exp": (1.0, 0.25),
+    "logaddexp": (1.0, 0.25),
+    "log_sigmoid": (1.0, 0.25),
+    "logistic": (0.25, 1.0 / (6.0 * math.sqrt(3.0))),
+    "tanh": (1.0, 4.0 / (3.0 * math.sqrt(3.0))),
+    "silu": (1.1, 0.5),
+    "swish": (1.1, 0.5),
+    "sin": (1.0, 1.0),
+    "cos": (1.0, 1.0),
+    "relu": (1.0, _PL),
+    "relu6": (1.0, _PL),
+    "abs": (1.0, _PL),
+}
+# jitted wrappers whose body the interpreter can walk by itself (no entry needed): sigmoid -> logistic, ...
+_FRIENDLY = {"_log_half_one_plus_exp": "centered_softplus"}
+_PASS_THROUGH = ("convert_element_type", "copy", "copy_p", "reduce_precision", "stop_gradient",
+                 "optimization_barrier")
+_STRUCTURAL = ("reshape", "squeeze", "expand_dims", "transpose", "rev", "slice", "dynamic_slice")
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+          "remat", "checkpoint", "custom_lin")
 
 
-@functools.partial(jax.jit, static_argnames=("strides", "padding", "num_iters", "tol"))
-def _conv_norm(kernel: Array, v0: Array, *, strides: tuple, padding: Any, num_iters: int, tol: float) -> Array:
-    """``||A||_2`` of ``v -> conv(v, kernel)`` by power iteration on ``A^T A`` (an estimate from below).
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+class Factor(NamedTuple):
+    """One factor of the bound, in forward order.
 
-    Jitted with the geometry static, so the many same-shaped convolutions of a ResNet compile once.
+    path: the module path it came from (``"stage2_block0/conv1"``; ``""`` = the model's own code).
+    op: ``conv``, ``dense``, ``scale`` (elementwise constants), ``sum`` (reduce_sum), ``pool_sum``,
+      ``max_pool``, ``broadcast``, ``concatenate`` or the activation's name.
+    lower, upper: ``lower <= slope <= upper``; ``upper`` is what the bound uses (certified), ``lower`` an
+      estimate from below (power iteration for convolutions; the same value where it is exact).
+    curvature: ``K`` of an elementwise nonlinearity (0 for linear factors).
     """
-    op = lambda v: lcnn.conv_nhwc(v, kernel, strides, padding)  # noqa: E731
-    transpose = jax.linear_transpose(op, jax.ShapeDtypeStruct(v0.shape, v0.dtype))
-    res = power_iteration(lambda v: transpose(op(v))[0], v0, num_iters, tol=tol)
-    return jnp.sqrt(jnp.maximum(res.eigenvalue, 0.0))
+
+    path: str
+    op: str
+    lower: float
+    upper: float
+    curvature: float
+
+    @property
+    def looseness(self) -> float:
+        """``upper / lower`` of the slope (1 where the factor is known exactly)."""
+        return NormBounds(self.lower, self.upper).looseness
 
 
-def _hashable_padding(padding: Any) -> Any:
-    return padding if isinstance(padding, str) else tuple(tuple(int(p) for p in pair) for pair in padding)
-
-
-def _conv_geometry(m: nn.Module) -> tuple:
-    """``(strides, padding)`` of a :class:`SpectralConv` or plain Flax ``Conv`` site, validated."""
-    for field, default in (("kernel_dilation", 1), ("input_dilation", 1), ("feature_group_count", 1)):
-        value = getattr(m, field, default)
-        if value not in (None, default, (default, default)):
-            raise ValueError(f"curvature_bound supports plain convolutions only ({field}={value!r} on {m.name!r})")
-    padding = canonicalize_padding(m.padding, 2)
-    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
-        raise ValueError(f"curvature_bound supports SAME/VALID/explicit zero padding, got {padding!r} on {m.name!r}")
-    strides = (1, 1) if m.strides is None else lcnn._pair(m.strides, "strides")
-    return tuple(strides), _hashable_padding(padding)
-
-
-def _start_vector(key: PRNGKey, shape: tuple, stored: Array | None) -> Array:
-    noise = jax.random.normal(key, shape, jnp.float32)
-    if stored is None:
-        return noise
-    # Start at the stored singular-vector estimate; a small random component rules out a start
-    # orthogonal to the top singular vector.
-    stored = stored.astype(jnp.float32)
-    return stored / jnp.linalg.norm(stored) + 1e-2 * noise / jnp.linalg.norm(noise)
-
-
-def _effective_dense_kernel(m: nn.Module, site: Mapping) -> Array:
-    """The matrix the layer applies: ``W / sigma_stored`` for :class:`SpectralDense`, ``W`` for Dense."""
-    kernel = site["params"]["kernel"]
-    if isinstance(m, lcnn.SpectralDense):
-        v = site[lcnn.SPECTRAL]["v"].astype(kernel.dtype)
-        sigma = jnp.linalg.norm(v @ kernel)
-        return kernel / jnp.maximum(sigma, m.eps)
-    if isinstance(m, nn.Dense):
-        return kernel
-    raise ValueError(f"no bound for dense layer {type(m).__name__} at {m.name!r}")
-
-
-def layer_bound(m: nn.Module, site: Mapping, in_shape: tuple, *, key: PRNGKey, num_iters: int = 200,
-                tol: float = 1e-7) -> tuple[Bound, tuple]:
-    """``(Bound, out_shape)`` of one eval-mode layer ``m`` whose variables are ``site`` (``{collection:
-    {name: array}}``) on per-example inputs of shape ``in_shape`` (no batch axis). See the module table."""
-    params = site.get("params", {})
-    if m is None or isinstance(m, layers_lib.Identity):
-        return IDENTITY, in_shape
-    if isinstance(m, lcnn.CenteredSoftplus):
-        return Bound(1.0, lcnn.beta_from_log(params["log_beta"]) / 4.0), in_shape
-    if isinstance(m, layers_lib.Activation):
-        kind = m.kind
-        table = {"identity": IDENTITY, "sigmoid": Bound(0.25, _SIGMOID_K), "tanh": Bound(1.0, _TANH_K),
-                 "softplus": Bound(1.0, m.beta / 4.0), "relu": Bound(1.0, math.inf)}
-        if kind not in table:
-            raise ValueError(f"no bound for activation kind {kind!r}")
-        return table[kind], in_shape
-    if isinstance(m, lcnn.LipschitzBatchNorm):
-        s = lcnn.lipschitz_bn_scale(site["batch_stats"]["var"], m.epsilon)
-        return linear(jnp.minimum(1.0 / s, jnp.exp(params["log_gamma"]))), in_shape
-    if isinstance(m, nn.BatchNorm):
-        var = site["batch_stats"]["var"]
-        gain = jnp.abs(params["scale"]) if m.use_scale else jnp.ones_like(var)
-        return linear(jnp.max(gain * jax.lax.rsqrt(var + m.epsilon))), in_shape
-    if isinstance(m, (lcnn.SpectralConv, nn.Conv)):
-        kernel = params["kernel"].astype(jnp.float32)
-        strides, padding = _conv_geometry(m)
-        shape = (1,) + tuple(in_shape)
-        stored, sigma_stored = None, 1.0
-        if isinstance(m, lcnn.SpectralConv):  # the layer applies W / ||A_W v_stored||
-            stored = site[lcnn.SPECTRAL]["v"].astype(jnp.float32)
-            if stored.shape != shape:
-                raise ValueError(f"SpectralConv {m.name!r} was initialised for inputs {stored.shape[1:]}, but the "
-                                 f"bound walks inputs {tuple(in_shape)}: pass the input_shape the model was built for.")
-            sigma_stored = jnp.maximum(jnp.linalg.norm(lcnn.conv_nhwc(stored, kernel, strides, padding)), m.eps)
-        true = _conv_norm(kernel, _start_vector(key, shape, stored), strides=strides, padding=padding,
-                          num_iters=num_iters, tol=tol)
-        out = jax.eval_shape(lambda v: lcnn.conv_nhwc(v, kernel, strides, padding),
-                             jax.ShapeDtypeStruct(shape, jnp.float32))
-        return linear(true / sigma_stored), out.shape[1:]
-    if isinstance(m, (lcnn.SpectralDense, nn.Dense)):
-        w = _effective_dense_kernel(m, site)
-        return linear(jnp.linalg.svd(w, compute_uv=False)[0]), tuple(in_shape[:-1]) + (w.shape[1],)
-    raise ValueError(f"curvature_bound has no rule for layer {type(m).__name__} at {m.name!r}; supported: "
-                     "CenteredSoftplus, Activation, LipschitzBatchNorm, BatchNorm, Identity, SpectralConv, Conv, "
-                     "SpectralDense, Dense.")
-
-
-# --------------------------------------------------------------------------------------------
-# The model walker
-# --------------------------------------------------------------------------------------------
 class CurvatureBound(NamedTuple):
-    """Result of :func:`curvature_bound`.
+    """Result of :func:`curvature_bound` / :func:`function_bound`.
 
-    curvature: ``(num_classes,)``; ``||d^2 logit_k / dx^2 (x)||_2 <= curvature[k]`` for every input ``x``.
-    lipschitz: ``(num_classes,)``; ``||d logit_k / dx (x)|| <= lipschitz[k]``.
-    network: the :class:`Bound` of the whole logit vector (slope and curvature of ``x -> logits``).
-    layers: ``((path, Bound), ...)`` for every site in forward order (``path`` like ``stage2_block0/conv1``).
+    curvature: ``(num_outputs,)``; ``||D^2 output_k (x)||_2 <= curvature[k]`` for every input ``x``.
+    lipschitz: ``(num_outputs,)``; ``||grad output_k (x)|| <= lipschitz[k]``.
+    network: the :class:`Bound` of the whole output vector.
+    layers: ``((path, Bound), ...)``: for every innermost module, the composition of its factors in order
+      (e.g. a spectral conv's ``||A_W|| / sigma``, a Lipschitz BN's ``min(1/s, gamma)``, a centred
+      softplus's ``(1, b/4)``).
+    factors: every :class:`Factor`, in forward order (including the model's own pooling, sums, scalings).
+    curvature_terms: ``((path, value), ...)``: each nonlinearity's share of ``network.curvature`` (its
+      ``K_i`` times the slopes before (squared) and after it); they sum to ``network.curvature``.
+    almost_everywhere: True if piecewise-linear operations were counted with ``K = 0`` (the bound then
+      holds wherever the output is twice differentiable).
     """
 
     curvature: Array
     lipschitz: Array
     network: Bound
     layers: tuple
+    factors: tuple
+    curvature_terms: tuple
+    almost_everywhere: bool
 
 
-def _subtree(variables: Mapping, name: str) -> dict:
-    return {col: tree[name] for col, tree in variables.items() if isinstance(tree, Mapping) and name in tree}
+# --------------------------------------------------------------------------------------------
+# The interpreter
+# --------------------------------------------------------------------------------------------
+def _mul(a: float, b: float) -> float:
+    """``a * b`` with ``0 * inf = 0`` (a constant map after a kink has no curvature)."""
+    return 0.0 if a == 0.0 or b == 0.0 else a * b
 
 
-class _Walker:
-    def __init__(self, key: PRNGKey, num_iters: int, tol: float):
-        self.key, self.num_iters, self.tol = key, num_iters, tol
-        self.records: list = []
+@dataclasses.dataclass
+class _Sym:
+    """An input-dependent value: ``value = diag * base + const`` where ``x -> base`` has slope ``lip`` and
+    curvature ``sum(curv.values())`` (contributions per nonlinearity site).
+
+    ``anchor``: the value where the current affine segment starts (the input or a nonlinearity's output);
+    ``seg``: a certified bound on the norm of the affine map ``anchor -> value``; ``rows``: per element, a
+    bound on the gradient norm of that element with respect to ``anchor`` (``None``: ``seg`` for all).
+    """
+
+    shape: tuple
+    dtype: Any
+    lip: float
+    curv: dict
+    diag: Any = None
+    diag_path: str = ""
+    anchor: Any = None
+    seg: float = 1.0
+    rows: Any = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class _Interpreter:
+    def __init__(self, key: PRNGKey | None, num_iters: int, almost_everywhere: bool, strip_prefix: str = ""):
+        self.key, self.num_iters, self.ae = key, num_iters, almost_everywhere
+        self.strip = strip_prefix
+        self.factors: list[Factor] = []
         self.count = 0
+        self.sites: dict = {}
 
-    def site(self, m, variables: Mapping, shape: tuple, prefix: str) -> tuple[Bound, tuple]:
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def record(self, path, op, lower, upper, curvature=0.0):
+        self.factors.append(Factor(path, op, float(lower), float(upper), float(curvature)))
+
+    def site_key(self, base: str) -> str:
+        """A unique name per nonlinearity call site: ``act1/centered_softplus``, ``tanh``, ``tanh#2``."""
+        self.sites[base] = self.sites.get(base, 0) + 1
+        n = self.sites[base]
+        return base if n == 1 else f"{base}#{n}"
+
+    def next_key(self):
         self.count += 1
-        name = getattr(m, "name", None)
-        b, out = layer_bound(m, _subtree(variables, name) if name else {}, shape,
-                             key=jax.random.fold_in(self.key, self.count), num_iters=self.num_iters, tol=self.tol)
-        self.records.append((f"{prefix}{name}", b))
-        return b, out
+        return None if self.key is None else jax.random.fold_in(self.key, self.count)
 
-    def note(self, path: str, b: Bound) -> Bound:
-        self.records.append((path, b))
-        return b
+    def materialize(self, s: _Sym) -> _Sym:
+        """Apply a pending elementwise scale: the slope grows by ``max |diag|``."""
+        if s.diag is None:
+            return s
+        mags = np.abs(s.diag)
+        m = float(np.max(mags)) if mags.size else 0.0
+        up = m * (1.0 + safety_margin(s.dtype))
+        self.record(s.diag_path, "scale", m, up)
+        rows = None
+        if s.anchor is not None:
+            base = s.seg if s.rows is None else s.rows
+            rows = np.broadcast_to(base * mags * (1.0 + safety_margin(s.dtype)), s.shape)
+        return dataclasses.replace(s, lip=_mul(up, s.lip), curv={k: _mul(up, v) for k, v in s.curv.items()},
+                                   diag=None, seg=_mul(up, s.seg), rows=rows)
+
+    def linear_map(self, s: _Sym, out_shape, out_dtype, up: float, path: str, op: str, lower: float,
+                   rows=None, keep_rows=False) -> _Sym:
+        """A linear map of certified norm ``up`` applied to ``s`` (already materialised)."""
+        self.record(path, op, lower, up)
+        new_rows = None
+        if s.anchor is not None:
+            if keep_rows:
+                new_rows = s.rows
+            elif rows is not None:
+                new_rows = rows
+        return _Sym(tuple(out_shape), out_dtype, _mul(up, s.lip), {k: _mul(up, v) for k, v in s.curv.items()},
+                    anchor=s.anchor, seg=_mul(up, s.seg), rows=new_rows)
+
+    def nonlinear(self, s: _Sym, lk: tuple, path: str, name: str, out_aval) -> _Sym:
+        """An elementwise function with ``|f'| <= L``, ``|f''| <= K``: ``K_out = K L_in^2 + L K_in``."""
+        s = self.materialize(s)
+        lip_f, curv_f = lk
+        if curv_f == _PL:
+            curv_f = 0.0 if self.ae else math.inf
+        name = _FRIENDLY.get(name, name)
+        self.record(path, name, lip_f, lip_f, curv_f)
+        curv = {k: _mul(lip_f, v) for k, v in s.curv.items()}
+        site = self.site_key(_join(path, name))
+        curv[site] = _mul(curv_f, s.lip ** 2)
+        out = _Sym(tuple(out_aval.shape), out_aval.dtype, _mul(lip_f, s.lip), curv)
+        out.anchor = out
+        return out
+
+    # ---- the walk ----------------------------------------------------------------------------
+    def run(self, jaxpr, consts, args, prefix: str = ""):
+        env: dict = {}
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return v.val
+            return env[v]
+
+        for var, val in zip(jaxpr.constvars, consts):
+            env[var] = val
+        for var, val in zip(jaxpr.invars, args):
+            env[var] = val
+        for eqn in jaxpr.eqns:
+            vals = [read(v) for v in eqn.invars]
+            path = _join(prefix, str(eqn.source_info.name_stack))
+            if self.strip and not prefix:
+                path = path[len(self.strip) + 1:] if path.startswith(self.strip + "/") else (
+                    "" if path == self.strip else path)
+            if not any(isinstance(v, _Sym) for v in vals):
+                outs = _eval_eqn(eqn, vals)
+            else:
+                outs = self.apply(eqn, vals, path)
+            for var, val in zip(eqn.outvars, outs):
+                env[var] = val
+        return [read(v) for v in jaxpr.outvars]
+
+    def apply(self, eqn, vals, path) -> list:
+        name = eqn.primitive.name
+        sym_idx = [i for i, v in enumerate(vals) if isinstance(v, _Sym)]
+        outs = eqn.outvars
+        out_aval = outs[0].aval
+        if len(outs) == 1 and not jnp.issubdtype(out_aval.dtype, jnp.floating):
+            raise _unsupported(name, path, "it turns the input into a non-float value (a comparison or an "
+                                           "index): the output is then not a smooth function of the input")
+        if name in _CALLS:
+            return self.call(eqn, vals, path)
+        # elementwise-scale folding: these keep a pending diagonal, within one module
+        s = vals[sym_idx[0]]
+        if s.diag is not None and (s.diag_path != path):
+            vals = list(vals)
+            vals[sym_idx[0]] = s = self.materialize(s)
+        if name in _PASS_THROUGH:
+            return [dataclasses.replace(s, shape=tuple(out_aval.shape), dtype=out_aval.dtype)]
+        if name == "neg":
+            return [s]
+        if name in ("add", "sub", "add_any"):
+            if len(sym_idx) == 1:  # adding a constant: affine
+                return [self.broadcast_if_needed(s, out_aval, path)]
+            return [self.sum(vals[0], vals[1], out_aval, path)]
+        if name in ("mul", "div"):
+            if len(sym_idx) == 2:
+                raise _unsupported(name, path, "it multiplies two input-dependent values")
+            if name == "div" and sym_idx[0] != 0:
+                raise _unsupported(name, path, "it divides by an input-dependent value")
+            c = np.asarray(vals[1 - sym_idx[0]], np.float64)
+            if name == "div":
+                c = 1.0 / c
+            s = self.broadcast_if_needed(s, out_aval, path)
+            diag = c if s.diag is None else s.diag * c
+            return [dataclasses.replace(s, diag=np.asarray(diag, np.float64), diag_path=path)]
+        s = self.materialize(s)
+        vals = [self.materialize(v) if isinstance(v, _Sym) else v for v in vals]
+        if name in _STRUCTURAL:
+            rows = None
+            if s.rows is not None:
+                rows = _move_rows(name, s.rows, eqn.params, out_aval.shape)
+            return [dataclasses.replace(s, shape=tuple(out_aval.shape), dtype=out_aval.dtype, rows=rows)]
+        if name == "pad":
+            if len(sym_idx) != 1 or sym_idx[0] != 0:
+                raise _unsupported(name, path, "its padding value depends on the input")
+            return [dataclasses.replace(s, shape=tuple(out_aval.shape), rows=None)]
+        if name == "broadcast_in_dim":
+            return [self.broadcast_if_needed(s, out_aval, path)]
+        if name == "reduce_sum":
+            n = s.size // max(1, int(np.prod(out_aval.shape, dtype=np.int64)))
+            return [self.linear_map(s, out_aval.shape, out_aval.dtype, math.sqrt(n), path, "sum", math.sqrt(n))]
+        if name == "reduce_window_sum":
+            return [self.window(s, eqn.params, out_aval, path, pool="sum")]
+        if name == "reduce_window_max" or name == "reduce_window_min":
+            return [self.window(s, eqn.params, out_aval, path, pool="max")]
+        if name in ("reduce_max", "reduce_min"):
+            return [self.nonlinear(s, (1.0, _PL), path, name, out_aval)]
+        if name in ("max", "min"):
+            if len(sym_idx) == 2:
+                a, b = vals
+                lip = math.sqrt(a.lip ** 2 + b.lip ** 2)
+                both = dataclasses.replace(self.sum(a, b, out_aval, path), lip=lip, anchor=None)
+                return [self.nonlinear(both, (1.0, _PL), path, name, out_aval)]
+            return [self.nonlinear(s, (1.0, _PL), path, name, out_aval)]
+        if name == "select_n":
+            if 0 in sym_idx:
+                raise _unsupported(name, path, "it selects by a condition on the input (piecewise)")
+            syms = [v for v in vals[1:] if isinstance(v, _Sym)]
+            out = syms[0]
+            for other in syms[1:]:
+                out = self.sum(out, other, out_aval, path)
+            return [dataclasses.replace(out, shape=tuple(out_aval.shape), rows=None, anchor=None)]
+        if name == "concatenate":
+            syms = [v for v in vals if isinstance(v, _Sym)]
+            lip = math.sqrt(sum(v.lip ** 2 for v in syms))
+            curv: dict = {}
+            for v in syms:
+                for k, c in v.curv.items():
+                    curv[k] = curv.get(k, 0.0) + c
+            self.record(path, "concatenate", 1.0, 1.0)
+            return [_Sym(tuple(out_aval.shape), out_aval.dtype, lip, curv)]
+        if name == "dot_general":
+            return [self.dot(eqn, vals, sym_idx, out_aval, path)]
+        if name == "conv_general_dilated":
+            if sym_idx != [0]:
+                raise _unsupported(name, path, "its kernel depends on the input")
+            kernel = vals[1]
+            nb = conv_general_norm_bounds(kernel, s.shape, key=self.next_key(), num_iters=self.num_iters,
+                                          **eqn.params)
+            return [self.linear_map(s, out_aval.shape, out_aval.dtype, nb.upper, path, "conv", nb.lower)]
+        if name in ACTIVATION_BOUNDS:
+            return [self.nonlinear(s, ACTIVATION_BOUNDS[name], path, name, out_aval)]
+        raise _unsupported(name, path, "no bound rule is known for it")
+
+    def call(self, eqn, vals, path):
+        """Higher-order primitives: a named smooth activation, or walk into the body."""
+        fname = _call_name(eqn)
+        sym_idx = [i for i, v in enumerate(vals) if isinstance(v, _Sym)]
+        if fname in ACTIVATION_BOUNDS and len(eqn.outvars) == 1:
+            if len(sym_idx) != 1:
+                raise _unsupported(fname, path, "it is applied to several input-dependent values")
+            return [self.nonlinear(vals[sym_idx[0]], ACTIVATION_BOUNDS[fname], path, fname, eqn.outvars[0].aval)]
+        closed = _call_jaxpr(eqn)
+        if closed is None:
+            raise _unsupported(eqn.primitive.name, path, "its body could not be read")
+        return self.run(closed.jaxpr, closed.consts, vals, prefix=path)
+
+    def sum(self, a: _Sym, b: _Sym, out_aval, path) -> _Sym:
+        a, b = self.materialize(a), self.materialize(b)
+        curv = dict(a.curv)
+        for k, v in b.curv.items():
+            curv[k] = curv.get(k, 0.0) + v
+        out = _Sym(tuple(out_aval.shape), out_aval.dtype, a.lip + b.lip, curv)
+        if a.anchor is not None and a.anchor is b.anchor:
+            ra = a.seg if a.rows is None else a.rows
+            rb = b.seg if b.rows is None else b.rows
+            rows = None if (a.rows is None and b.rows is None) else np.broadcast_to(ra + rb, out.shape)
+            out.anchor, out.seg, out.rows = a.anchor, a.seg + b.seg, rows
+        return out
+
+    def broadcast_if_needed(self, s: _Sym, out_aval, path) -> _Sym:
+        n_out = int(np.prod(out_aval.shape, dtype=np.int64))
+        if n_out == s.size:
+            return dataclasses.replace(s, shape=tuple(out_aval.shape)) if s.diag is None else s
+        s = self.materialize(s)
+        factor = math.sqrt(n_out / max(1, s.size))  # each entry duplicated n_out / n_in times
+        return self.linear_map(s, out_aval.shape, out_aval.dtype, factor, path, "broadcast", factor)
+
+    def window(self, s: _Sym, params, out_aval, path, pool: str) -> _Sym:
+        dims, strides = params["window_dimensions"], params["window_strides"]
+        wdil = params.get("window_dilation") or (1,) * len(dims)
+        if any(d != 1 for d in (params.get("base_dilation") or ())):
+            raise _unsupported(f"reduce_window_{pool}", path, "base dilation is not supported")
+        extent = [(w - 1) * d + 1 for w, d in zip(dims, wdil)]
+        per_input = math.prod(-(-e // st) for e, st in zip(extent, strides))  # windows covering one input
+        if pool == "sum":  # ||A||_2 <= sqrt(||A||_1 ||A||_inf) for the 0/1 window matrix
+            f = math.sqrt(per_input * math.prod(dims))
+            return self.linear_map(s, out_aval.shape, out_aval.dtype, f, path, "pool_sum",
+                                   math.sqrt(math.prod(dims)) if per_input == 1 else 1.0)
+        # |max over a window of (a - b)| <= the window's l2 norm of a - b; each input in <= per_input windows
+        return self.nonlinear(s, (math.sqrt(per_input), _PL), path, "max_pool", out_aval)
+
+    def dot(self, eqn, vals, sym_idx, out_aval, path) -> _Sym:
+        if len(sym_idx) != 1:
+            raise _unsupported("dot_general", path, "it multiplies two input-dependent values")
+        (contract, batch) = eqn.params["dimension_numbers"]
+        if batch[0] or batch[1]:
+            raise _unsupported("dot_general", path, "batched matrix products are not supported")
+        i = sym_idx[0]
+        s, m = vals[i], np.asarray(vals[1 - i])
+        m_contract = contract[1 - i]
+        free = [d for d in range(m.ndim) if d not in m_contract]
+        mat = np.transpose(m, tuple(m_contract) + tuple(free)).reshape(
+            int(np.prod([m.shape[d] for d in m_contract], dtype=np.int64)), -1)
+        nb = matrix_norm_bounds(mat)
+        rows = None
+        if s.anchor is not None:
+            # output element (..., j) = <x-part, column j>: its gradient norm <= seg * ||column j||
+            cols = np.linalg.norm(mat.astype(np.float64), axis=0) * (1.0 + safety_margin(m.dtype))
+            cols = cols.reshape([m.shape[d] for d in free])
+            # dot_general's output is (lhs free dims, rhs free dims): the matrix's columns are the trailing
+            # dims when the input is the lhs, the leading ones when it is the rhs
+            if i == 1:
+                cols = cols.reshape(cols.shape + (1,) * (len(out_aval.shape) - cols.ndim))
+            rows = np.broadcast_to(s.seg * cols, out_aval.shape)
+        return self.linear_map(s, out_aval.shape, out_aval.dtype, nb.upper, path, "dense", nb.lower, rows=rows)
 
 
-def _pool(kind: str, shape: tuple) -> tuple[Bound, tuple]:
-    # 2x2 windows, stride 2, VALID: each input enters at most one window with weight 1/4 (avg), so
-    # ||avg|| = sqrt(4) / 4 = 1/2; max-pool selects one entry per window (slope 1, piecewise linear).
-    out = (shape[0] // 2, shape[1] // 2, shape[2])
-    return (linear(0.5) if kind == "avg" else IDENTITY), out
+def _unsupported(name: str, path: str, why: str) -> ValueError:
+    where = f"module {path!r}" if path else "the model's own code"
+    return ValueError(
+        f"curvature_bound: no rule for `{name}` in {where}: {why}. Supported: convolutions and dense layers "
+        f"with constant weights, sums, scaling by constants, pooling, reshapes, and the activations "
+        f"{sorted(ACTIVATION_BOUNDS)} (plus sigmoid, Lipschitz/plain batch norm in eval mode, spectral layers).")
 
 
-def _conv_site(factory, features, kernel, stride, padding, use_bias, name):
-    return factory(features=features, kernel_size=(kernel, kernel), strides=(stride, stride), padding=padding,
-                   use_bias=use_bias, name=name)
+def _join(prefix: str, stack: str) -> str:
+    """Module path from a jaxpr name stack: Flax's scopes for helper methods (``block._norm``) are dropped."""
+    parts = [p for p in "/".join((prefix, stack)).split("/") if p and "." not in p]
+    return "/".join(parts)
 
 
-def _norm_site(w: _Walker, factory, variables, shape, name, prefix):
-    if factory is None:
-        return IDENTITY
-    return w.site(factory(name=name), variables, shape, prefix)[0]
+def _call_name(eqn) -> str:
+    if "name" in eqn.params and isinstance(eqn.params["name"], str):
+        return eqn.params["name"]
+    closed = _call_jaxpr(eqn)
+    info = getattr(getattr(closed, "jaxpr", None), "debug_info", None)
+    src = getattr(info, "func_src_info", None) or ""
+    return src.split(" ")[0] if src else ""
 
 
-def _head(w: _Walker, model, variables, body: Bound, features_in: tuple, name: str = "head"):
-    m = model.dense(features=model.num_classes, use_bias=True, name=name)
-    site = _subtree(variables, name)
-    kernel = _effective_dense_kernel(m, site)
-    if kernel.shape[0] != features_in[-1]:
-        raise ValueError(f"head kernel expects {kernel.shape[0]} features, walked {features_in[-1]}")
-    col = jnp.linalg.norm(kernel, axis=0)  # ||w_k||: logit k = w_k^T h + b_k
-    head = w.note(name, linear(jnp.linalg.svd(kernel, compute_uv=False)[0]))
-    return Bound(col * body.lipschitz, col * body.curvature), compose(head, body)
+def _call_jaxpr(eqn):
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        closed = eqn.params.get(key)
+        if closed is not None:
+            if isinstance(closed, jcore.Jaxpr):
+                return jcore.ClosedJaxpr(closed, ())
+            return closed
+    return None
 
 
-def _walk_mlp(w, model, variables, shape):
-    body = IDENTITY
-    shape = (math.prod(shape),)
-    for i, width in enumerate(model.widths):
-        b, shape = w.site(model.dense(features=width, use_bias=True, name=f"dense{i}"), variables, shape, "")
-        a, _ = w.site(model.act(name=f"act{i}"), variables, shape, "")
-        body = chain(body, b, a)
-    per_logit, network = _head(w, model, variables, body, shape)
-    if model.output_activation is not None:
-        a, _ = w.site(model.output_activation(name="out_act"), variables, (model.num_classes,), "")
-        per_logit, network = compose(a, per_logit), compose(a, network)
-    return per_logit, network
+def _eval_eqn(eqn, vals) -> list:
+    """Evaluate an equation whose inputs are all constants, exactly as the model does (eagerly)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*vals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _walk_lenet(w, model, variables, shape):
-    body = IDENTITY
-    for i, (c, pad) in enumerate(((6, "SAME"), (16, "VALID")), start=1):
-        b, shape = w.site(_conv_site(model.conv, c, 5, 1, pad, True, f"conv{i}"), variables, shape, "")
-        a, _ = w.site(model.act(name=f"act{i}"), variables, shape, "")
-        p, shape = _pool(model.pool, shape)
-        body = chain(body, b, a, w.note(f"pool{i}", p))
-    shape = (math.prod(shape),)
-    for i, width in enumerate((120, 84), start=1):
-        b, shape = w.site(model.dense(features=width, use_bias=True, name=f"fc{i}"), variables, shape, "")
-        a, _ = w.site(model.act(name=f"act{i + 2}"), variables, shape, "")
-        body = chain(body, b, a)
-    return _head(w, model, variables, body, shape)
+def _move_rows(name: str, rows, params, out_shape):
+    """Per-element row bounds follow reshapes/transposes; slices keep a subset (others: forget them)."""
+    rows = np.asarray(rows)
+    if name in ("reshape", "squeeze", "expand_dims"):
+        return rows.reshape(out_shape)
+    if name == "transpose":
+        return np.transpose(rows, params["permutation"])
+    if name == "rev":
+        return np.flip(rows, axis=tuple(params["dimensions"]))
+    if name == "slice":
+        idx = tuple(slice(s, e, st) for s, e, st in zip(params["start_indices"], params["limit_indices"],
+                                                          params.get("strides") or (1,) * rows.ndim))
+        return rows[idx]
+    return None
 
 
-def _walk_small_cnn(w, model, variables, shape):
-    body = IDENTITY
-    for i, c in enumerate((32, 64), start=1):
-        conv = _conv_site(model.conv, models._scaled(c, model.width_mult), 5, 1, "SAME", model.norm is None,
-                          f"conv{i}")
-        b, shape = w.site(conv, variables, shape, "")
-        n = _norm_site(w, model.norm, variables, shape, f"norm{i}", "")
-        a, _ = w.site(model.act(name=f"act{i}"), variables, shape, "")
-        p, shape = _pool(model.pool, shape)
-        body = chain(body, b, n, a, w.note(f"pool{i}", p))
-    shape = (math.prod(shape),)
-    b, shape = w.site(model.dense(features=models._scaled(1024, model.width_mult), use_bias=True, name="fc1"),
-                      variables, shape, "")
-    a, _ = w.site(model.act(name="act3"), variables, shape, "")
-    return _head(w, model, variables, chain(body, b, a), shape)
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+def _group_layers(factors: Sequence[Factor]) -> tuple:
+    paths = [f.path for f in factors if f.path]
+    leaves = []
+    for p in dict.fromkeys(paths):
+        if not any(q != p and q.startswith(p + "/") for q in paths):
+            leaves.append(p)
+    out = []
+    for p in leaves:
+        b = IDENTITY
+        for f in factors:
+            if f.path == p:
+                b = compose(Bound(f.upper, f.curvature), b)
+        out.append((p, b))
+    return tuple(out)
 
 
-def _walk_block(w, block, variables, shape, prefix):
-    """Bound of one residual block (``BasicBlock`` or ``LCNNBasicBlock``) and its output shape."""
-    lcnn_block = isinstance(block, lcnn.LCNNBasicBlock)
-    if not (lcnn_block or isinstance(block, models.BasicBlock)):
-        raise ValueError(f"curvature_bound knows BasicBlock and LCNNBasicBlock, got {type(block).__name__}")
-    bias = block.norm is None
-    changes = block.strides != 1 or shape[-1] != block.features
-    conv = lambda f, k, s, n: _conv_site(block.conv, f, k, s, "SAME", bias, n)  # noqa: E731
-    c1, s1 = w.site(conv(block.features, 3, block.strides, "conv1"), variables, shape, prefix)
-    n1 = _norm_site(w, block.norm, variables, s1, "norm1", prefix)
-    a1, _ = w.site(block.act(name="act1"), variables, s1, prefix)
-    c2, s2 = w.site(conv(block.features, 3, 1, "conv2"), variables, s1, prefix)
-    n2 = _norm_site(w, block.norm, variables, s2, "norm2", prefix)
-    main = chain(c1, n1, a1, c2, n2)
-    shortcut = IDENTITY
-    if changes:
-        cs, _ = w.site(conv(block.features, 1, block.strides, "shortcut_conv"), variables, shape, prefix)
-        shortcut = chain(cs, _norm_site(w, block.norm, variables, s2, "shortcut_norm", prefix))
-    a2, _ = w.site(block.act(name="act2"), variables, s2, prefix)
-    if lcnn_block:  # act2(0.5 (main + shortcut) . (x / sqrt2))
-        inner = scale(0.5, add(main, shortcut))
-        return chain(linear(1.0 / math.sqrt(2.0)), inner, a2), s2
-    return chain(add(main, shortcut), a2), s2
+def function_bound(fn: Callable[[Array], Array], example: Any, *, key: PRNGKey | None = None,
+                   num_iters: int = 30, almost_everywhere: bool = False,
+                   strip_prefix: str = "") -> CurvatureBound:
+    """Certified slope and curvature bounds of ``fn`` over all inputs of ``example``'s shape and dtype.
+
+    ``fn`` maps one input (an array, e.g. a batch of one image) to one output array; its parameters must be
+    closed over as concrete arrays (they are evaluated, not traced). See the module docstring for the rules.
+    ``key`` randomises the power-iteration starts of the lower sides; ``num_iters`` power iterations per
+    convolution. Per-output arrays have the output's size (flattened). ``strip_prefix``: a leading module
+    name removed from the reported paths (``curvature_bound`` passes the model's class name).
+    """
+    shape = tuple(getattr(example, "shape", example))
+    dtype = getattr(example, "dtype", jnp.float32)
+    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(shape, dtype))
+    interp = _Interpreter(key, int(num_iters), bool(almost_everywhere), strip_prefix)
+    x = _Sym(shape, dtype, 1.0, {})
+    x.anchor = x
+    outs = interp.run(closed.jaxpr, closed.consts, [x])
+    syms = [o for o in outs if isinstance(o, _Sym)]
+    if len(outs) != 1:
+        raise ValueError(f"function_bound needs a function with one output array, got {len(outs)} outputs")
+    if not syms:
+        raise ValueError("the output does not depend on the input (a constant function): nothing to bound")
+    out = interp.materialize(syms[0])
+    k_net = float(sum(out.curv.values()))
+    n_out = out.size
+    per_l = np.full(n_out, out.lip)
+    per_k = np.full(n_out, k_net)
+    anchor = out.anchor
+    if anchor is not None and out.rows is not None:
+        rows = np.asarray(out.rows, np.float64).reshape(-1)
+        k_anchor = float(sum(anchor.curv.values()))
+        per_l = np.minimum(per_l, np.array([_mul(r, anchor.lip) for r in rows]))
+        per_k = np.minimum(per_k, np.array([_mul(r, k_anchor) for r in rows]))
+    factors = tuple(interp.factors)
+    curv_terms = tuple(out.curv.items())
+    return CurvatureBound(curvature=jnp.asarray(per_k, jnp.float32 if dtype != jnp.float64 else dtype),
+                          lipschitz=jnp.asarray(per_l, jnp.float32 if dtype != jnp.float64 else dtype),
+                          network=Bound(float(out.lip), k_net), layers=_group_layers(factors), factors=factors,
+                          curvature_terms=curv_terms, almost_everywhere=bool(almost_everywhere))
 
 
-def _walk_resnet(w, model, variables, shape):
-    conv = _conv_site(model.conv, models._scaled(64, model.width_mult), 3, 1, "SAME", model.norm is None,
-                      "stem_conv")
-    b, shape = w.site(conv, variables, shape, "")
-    n = _norm_site(w, model.norm, variables, shape, "stem_norm", "")
-    a, _ = w.site(model.act(name="stem_act"), variables, shape, "")
-    body = chain(b, n, a)
-    for i, n_blocks in enumerate(model.stage_sizes):
-        for j in range(n_blocks):
-            name = f"stage{i + 1}_block{j}"
-            block = model.block(features=models._scaled(64 * 2 ** i, model.width_mult),
-                                strides=2 if (i > 0 and j == 0) else 1, conv=model.conv, norm=model.norm,
-                                act=model.act, name=name)
-            bb, shape = _walk_block(w, block, _subtree(variables, name), shape, f"{name}/")
-            body = chain(body, w.note(name, bb))
-    gap = w.note("global_avg_pool", linear(1.0 / math.sqrt(shape[0] * shape[1])))
-    return _head(w, model, variables, chain(body, gap), (shape[-1],))
+def _eval_kwargs(model: nn.Module) -> dict:
+    """``train=False`` for models whose ``__call__`` takes ``train`` (eval mode: running statistics)."""
+    try:
+        params = inspect.signature(model.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"train": False} if "train" in params else {}
 
 
-_WALKERS = ((models.MLP, _walk_mlp), (models.LeNet, _walk_lenet), (models.SmallCNN, _walk_small_cnn),
-            (models.ResNet, _walk_resnet))
-#: Model classes :func:`curvature_bound` can walk (subclasses included, e.g. ``ResNet18``).
-SUPPORTED_MODELS = tuple(cls.__name__ for cls, _ in _WALKERS)
+def _params_dtype(variables: Mapping) -> Any:
+    leaves = [a for a in jax.tree_util.tree_leaves(variables.get("params", variables))
+              if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)]
+    return jnp.result_type(*leaves) if leaves else jnp.float32
 
 
-def curvature_bound(model: nn.Module, variables: Mapping, input_shape: Sequence[int], *, key: PRNGKey,
-                    num_iters: int = 200, tol: float = 1e-7) -> CurvatureBound:
-    """Upper bounds on the input-Hessian spectral norm (and gradient norm) of every logit, for all inputs.
+def curvature_bound(model: nn.Module, variables: Mapping, input_shape: Sequence[int], *,
+                    key: PRNGKey | None = None, num_iters: int = 30, almost_everywhere: bool = False,
+                    apply_kwargs: Mapping | None = None) -> CurvatureBound:
+    """Certified upper bounds on the input-Hessian spectral norm and gradient norm of every output.
 
     Args:
-      model: a model of :data:`SUPPORTED_MODELS` (any activations/norms/convs/dense layers with a rule in
-        :func:`layer_bound`; LCNN variants and standard ones alike). Pooling must be ``avg`` for a bound that
-        holds everywhere (``max`` pooling: where the logits are twice differentiable, i.e. almost everywhere).
-      variables: ``{"params": ..., "batch_stats": ..., "spectral": ...}`` as returned by ``model.init`` or
-        training; the bound is for the model in eval mode (``train=False``: running BN statistics, stored
-        spectral vectors).
-      input_shape: one example's shape, e.g. ``(28, 28, 1)``; must match the shape the spectral layers were
+      model: any Flax module built from supported operations (the library's layers, plain Flax ``Conv``/
+        ``Dense``/``BatchNorm``, pooling, residual sums, your own modules around them). Modules whose
+        ``__call__`` takes ``train`` are applied with ``train=False``: the bound is for eval mode (running
+        BN statistics, stored spectral vectors), per example.
+      variables: ``{"params": ..., "batch_stats": ..., "spectral": ...}`` as from ``model.init``/training.
+      input_shape: one example's shape, e.g. ``(28, 28, 1)``; must match the shape spectral layers were
         initialised for.
-      key: randomness for the power-iteration starts (plain convolutions, and a perturbation of the stored
-        vectors of spectral ones).
-      num_iters, tol: power iterations per convolution (early exit at relative residual ``tol``).
+      key: randomness for the power-iteration starts of the lower sides (``None``: deterministic starts).
+      num_iters: power iterations per convolution for the lower side (the upper side does not iterate).
+      almost_everywhere: count ReLU/max-pool kinks as ``K = 0`` (a bound wherever the Hessian exists).
+      apply_kwargs: extra keywords for ``model.apply`` (override the detected ``train=False``).
 
     Returns:
-      :class:`CurvatureBound`. Cost: about ``num_iters`` forward+transposed convolutions on one image per
-      convolution, one SVD per dense layer.
+      :class:`CurvatureBound` (per-output arrays of length ``num_classes``).
     """
-    for cls, walker in _WALKERS:
-        if isinstance(model, cls):
-            break
-    else:
-        raise ValueError(f"curvature_bound supports {SUPPORTED_MODELS}, got {type(model).__name__}")
-    if "params" not in variables:
-        raise ValueError("variables must contain 'params' (and the model's other collections), as from model.init")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError("variables must be a mapping with 'params' (and the model's other collections), "
+                         "as returned by model.init or training")
     if not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
-    w = _Walker(key, num_iters, tol)
-    per_logit, network = walker(w, model, variables, tuple(int(d) for d in input_shape))
-    to_array = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.float32), (model.num_classes,))  # noqa: E731
-    return CurvatureBound(curvature=to_array(per_logit.curvature), lipschitz=to_array(per_logit.lipschitz),
-                          network=Bound(jnp.asarray(network.lipschitz), jnp.asarray(network.curvature)),
-                          layers=tuple(w.records))
+    kwargs = {**_eval_kwargs(model), **dict(apply_kwargs or {})}
+    dtype = _params_dtype(variables)
+    fn = lambda x: model.apply(variables, x, **kwargs)  # noqa: E731
+    res = function_bound(fn, jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype), key=key,
+                         num_iters=num_iters, almost_everywhere=almost_everywhere,
+                         strip_prefix=type(model).__name__)
+    return res
+
+
+def layer_bound(m: nn.Module, site: Mapping, in_shape: Sequence[int], *, key: PRNGKey | None = None,
+                num_iters: int = 30, almost_everywhere: bool = False) -> tuple[Bound, tuple]:
+    """``(Bound, out_shape)`` of one eval-mode layer ``m`` with variables ``site`` on per-example inputs of
+    shape ``in_shape`` (no batch axis): the whole layer's slope and curvature bounds."""
+    kwargs = _eval_kwargs(m)
+    dtype = _params_dtype(site) if site else jnp.float32
+    fn = lambda x: m.apply(dict(site), x, **kwargs)  # noqa: E731
+    example = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in in_shape), dtype)
+    out_shape = jax.eval_shape(fn, example).shape[1:]
+    res = function_bound(fn, example, key=key, num_iters=num_iters, almost_everywhere=almost_everywhere)
+    return Bound(res.network.lipschitz, res.network.curvature), tuple(out_shape)
