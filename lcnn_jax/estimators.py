@@ -40,6 +40,8 @@ __all__ = [
     "tree_rademacher",
     "power_iteration",
     "auto_unroll",
+    "hutchinson_samples",
+    "hutchinson_summary",
     "hutchinson_trace",
     "lanczos",
     "lanczos_top_eigenvalues",
@@ -200,9 +202,45 @@ def auto_unroll(num_iters: int, unroll: int | bool | None = None) -> int | bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def hutchinson_samples(
+    matvec: MatVec, key: PRNGKey, like: PyTree, num_probes: int, *, batch_size: int | None = None,
+    unroll: int | bool | None = None, host_loop: bool = False,
+) -> Array:
+    """The ``num_probes`` Hutchinson samples ``z_i^T A z_i`` (shape ``(num_probes,)``), with Rademacher probes
+    ``z_i`` drawn with the structure of ``like`` from ``fold_in(key, i)``; see :func:`hutchinson_trace`.
+    Summing the samples of several operators with the same ``key`` gives the samples of their sum (the same
+    probes), which is how the data-set mode of :func:`lcnn_jax.measures.hessian_trace` adds up batches."""
+    num_probes = _check_positive_int(num_probes, "num_probes")
+    batch_size = _check_positive_int(batch_size, "batch_size", allow_none=True)
+    _check_float_tree(like, "like")
+
+    def sample(i):
+        z = tree_rademacher(jax.random.fold_in(key, i), like)
+        return tree_vdot(z, matvec(z))
+
+    if host_loop:
+        return jnp.stack([sample(i) for i in range(num_probes)])
+    if num_probes == 1:  # a length-1 scan still becomes a rolled loop on XLA:CPU (measured 25x slower)
+        return sample(0)[None]
+    if batch_size is None:
+        _, samples = lax.scan(lambda c, i: (c, sample(i)), None, jnp.arange(num_probes),
+                              unroll=auto_unroll(num_probes, unroll))
+        return samples
+    return lax.map(sample, jnp.arange(num_probes), batch_size=batch_size)
+
+
+def hutchinson_summary(samples: Array) -> tuple[Array, Array]:
+    """``(mean, standard_error)`` of Hutchinson samples; the standard error is ``std(ddof=1) / sqrt(P)``,
+    0 for a single sample (where it is unknown)."""
+    estimate = jnp.mean(samples)
+    if samples.shape[0] == 1:
+        return estimate, jnp.zeros_like(estimate)
+    return estimate, jnp.std(samples, ddof=1) / jnp.sqrt(samples.shape[0])
+
+
 def hutchinson_trace(
     matvec: MatVec, key: PRNGKey, like: PyTree, num_probes: int, *, batch_size: int | None = None,
-    unroll: int | bool | None = None,
+    unroll: int | bool | None = None, host_loop: bool = False,
 ) -> tuple[Array, Array]:
     """Hutchinson estimate of ``tr(A)``: mean of ``z^T A z`` over Rademacher probes ``z``.
 
@@ -213,26 +251,11 @@ def hutchinson_trace(
     is that of ``batch_size`` matvecs, not ``num_probes``. Cost: ``num_probes`` matvecs.
     Without ``batch_size`` the probe loop is a ``lax.scan`` unrolled by ``auto_unroll(num_probes, unroll)``:
     on XLA:CPU a convolutional network's HVP ran ~25x slower inside a rolled loop than unrolled.
+    ``host_loop=True`` runs the probes in a Python loop instead, for a ``matvec`` that cannot be traced
+    (one that loops over a data set on the host); the probes and the result are the same.
     """
-    num_probes = _check_positive_int(num_probes, "num_probes")
-    batch_size = _check_positive_int(batch_size, "batch_size", allow_none=True)
-    _check_float_tree(like, "like")
-
-    def sample(i):
-        z = tree_rademacher(jax.random.fold_in(key, i), like)
-        return tree_vdot(z, matvec(z))
-
-    if num_probes == 1:  # a length-1 scan still becomes a rolled loop on XLA:CPU (measured 25x slower)
-        samples = sample(0)[None]
-    elif batch_size is None:
-        _, samples = lax.scan(lambda c, i: (c, sample(i)), None, jnp.arange(num_probes),
-                              unroll=auto_unroll(num_probes, unroll))
-    else:
-        samples = lax.map(sample, jnp.arange(num_probes), batch_size=batch_size)
-    estimate = jnp.mean(samples)
-    if num_probes == 1:
-        return estimate, jnp.zeros_like(estimate)
-    return estimate, jnp.std(samples, ddof=1) / jnp.sqrt(num_probes)
+    return hutchinson_summary(hutchinson_samples(matvec, key, like, num_probes, batch_size=batch_size,
+                                                 unroll=unroll, host_loop=host_loop))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,9 +283,56 @@ class LanczosResult(NamedTuple):
         return jnp.diag(self.alphas) + jnp.diag(self.betas, 1) + jnp.diag(self.betas, -1)
 
 
+def _lanczos_step(j, basis, alphas, betas, w, breakdown_tol):
+    """One Lanczos step after the matvec ``w = A q_j``: reorthogonalise, store ``alpha_j``, ``beta_j``, ``q_{j+1}``."""
+    q = basis[j]
+    w = lax.stop_gradient(w)
+    w_scale = jnp.linalg.norm(w)
+    alpha = jnp.dot(q, w)
+    # Full reorthogonalisation against every stored row (unfilled rows are zero, so harmless);
+    # it subsumes the three-term recurrence w -= alpha q_j + beta q_{j-1}.
+    w = w - basis.T @ (basis @ w)
+    w = w - basis.T @ (basis @ w)
+    beta = jnp.linalg.norm(w)
+    broke = beta <= breakdown_tol * w_scale
+    beta = jnp.where(broke, 0.0, beta)
+    q_next = jnp.where(broke, 0.0, w / jnp.where(broke, 1.0, beta))
+    alphas = alphas.at[j].set(alpha)
+    betas = betas.at[j].set(beta)
+    # On the last step j = m-1 the index is out of range and the update is dropped.
+    basis = basis.at[j + 1].set(q_next, mode="drop")
+    return basis, alphas, betas
+
+
+def _lanczos_init(key, like, v0, num_iters):
+    """The empty basis with ``q_1 = v0 / ||v0||`` in its first row, the alphas, betas and breakdown tolerance."""
+    flat_like, _ = ravel_pytree(like)
+    n, dtype = flat_like.shape[0], flat_like.dtype
+    if v0 is None:
+        v0 = tree_rademacher(key, like)
+    q0, _ = ravel_pytree(v0)
+    q0 = lax.stop_gradient(q0.astype(dtype))
+    q0 = q0 / jnp.maximum(jnp.linalg.norm(q0), jnp.finfo(dtype).tiny)
+    # Rounding left after two Gram-Schmidt passes against j <= m vectors is ~ sqrt(m) eps ||A q||;
+    # a beta below that is noise (the Krylov space is invariant to working precision).
+    breakdown_tol = 10 * jnp.sqrt(jnp.asarray(num_iters, dtype)) * jnp.finfo(dtype).eps
+    basis = jnp.zeros((num_iters, n), dtype).at[0].set(q0)
+    alphas = jnp.zeros((num_iters,), dtype)
+    betas = jnp.zeros((num_iters,), dtype)  # betas[j] couples q_j and q_{j+1}; betas[m-1] is last_beta
+    return basis, alphas, betas, breakdown_tol
+
+
+# The host loop's glue, each one cached program (keyed by shapes), so a host-loop Lanczos compiles a fixed
+# handful of programs besides the matvec, however many steps it runs.
+_lanczos_init_jit = jax.jit(_lanczos_init, static_argnums=3)
+_row_as_tree_jit = jax.jit(lambda basis, j, like: ravel_pytree(like)[1](basis[j]))
+_lanczos_step_tree_jit = jax.jit(lambda j, basis, alphas, betas, w, tol: _lanczos_step(
+    j, basis, alphas, betas, ravel_pytree(w)[0].astype(basis.dtype), tol))
+
+
 def lanczos(
     matvec: MatVec, key: PRNGKey, like: PyTree, num_iters: int, *, v0: PyTree | None = None,
-    unroll: int | bool | None = None,
+    unroll: int | bool | None = None, host_loop: bool = False,
 ) -> LanczosResult:
     """Lanczos tridiagonalisation with full reorthogonalisation.
 
@@ -275,51 +345,28 @@ def lanczos(
 
     Cost: ``m = num_iters`` matvecs plus ``O(m^2 n)`` flops; memory ``m * n`` floats for the basis.
     Vectors are under ``stop_gradient`` (no gradients flow through the result). The loop is unrolled
-    by ``auto_unroll(num_iters, unroll)`` (see :func:`hutchinson_trace` for why).
+    by ``auto_unroll(num_iters, unroll)`` (see :func:`hutchinson_trace` for why). ``host_loop=True``
+    runs the ``m`` steps in a Python loop (everything but the matvec in cached jitted programs), for a
+    ``matvec`` that cannot be traced, e.g. one that loops over a data set on the host; same arithmetic.
     """
     num_iters = _check_positive_int(num_iters, "num_iters")
     _check_float_tree(like, "like")
-    flat_like, unravel = ravel_pytree(like)
-    n = flat_like.shape[0]
-    dtype = flat_like.dtype
-    if v0 is None:
-        v0 = tree_rademacher(key, like)
-    q0, _ = ravel_pytree(v0)
-    q0 = lax.stop_gradient(q0.astype(dtype))
-    q0 = q0 / jnp.maximum(jnp.linalg.norm(q0), jnp.finfo(dtype).tiny)
-    # Rounding left after two Gram-Schmidt passes against j <= m vectors is ~ sqrt(m) eps ||A q||;
-    # a beta below that is noise (the Krylov space is invariant to working precision).
-    breakdown_tol = 10 * jnp.sqrt(jnp.asarray(num_iters, dtype)) * jnp.finfo(dtype).eps
-
-    def flat_matvec(q):
-        return ravel_pytree(matvec(unravel(q)))[0].astype(dtype)
-
     m = num_iters
-    basis = jnp.zeros((m, n), dtype).at[0].set(q0)
-    alphas = jnp.zeros((m,), dtype)
-    betas = jnp.zeros((m,), dtype)  # betas[j] couples q_j and q_{j+1}; betas[m-1] is last_beta
+    if host_loop:
+        basis, alphas, betas, tol = _lanczos_init_jit(key, like, v0, m)
+        for j in range(m):
+            w = matvec(_row_as_tree_jit(basis, j, like))
+            basis, alphas, betas = _lanczos_step_tree_jit(j, basis, alphas, betas, w, tol)
+    else:
+        basis, alphas, betas, tol = _lanczos_init(key, like, v0, m)
+        _, unravel = ravel_pytree(like)
 
-    def body(j, carry):
-        basis, alphas, betas = carry
-        q = basis[j]
-        w = lax.stop_gradient(flat_matvec(q))
-        w_scale = jnp.linalg.norm(w)
-        alpha = jnp.dot(q, w)
-        # Full reorthogonalisation against every stored row (unfilled rows are zero, so harmless);
-        # it subsumes the three-term recurrence w -= alpha q_j + beta q_{j-1}.
-        w = w - basis.T @ (basis @ w)
-        w = w - basis.T @ (basis @ w)
-        beta = jnp.linalg.norm(w)
-        broke = beta <= breakdown_tol * w_scale
-        beta = jnp.where(broke, 0.0, beta)
-        q_next = jnp.where(broke, 0.0, w / jnp.where(broke, 1.0, beta))
-        alphas = alphas.at[j].set(alpha)
-        betas = betas.at[j].set(beta)
-        # On the last step j = m-1 the index is out of range and the update is dropped.
-        basis = basis.at[j + 1].set(q_next, mode="drop")
-        return basis, alphas, betas
+        def body(j, carry):
+            basis, alphas, betas = carry
+            w = ravel_pytree(matvec(unravel(basis[j])))[0].astype(basis.dtype)
+            return _lanczos_step(j, basis, alphas, betas, w, tol)
 
-    basis, alphas, betas = lax.fori_loop(0, m, body, (basis, alphas, betas), unroll=auto_unroll(m, unroll))
+        basis, alphas, betas = lax.fori_loop(0, m, body, (basis, alphas, betas), unroll=auto_unroll(m, unroll))
     return LanczosResult(alphas=alphas, betas=betas[:-1], last_beta=betas[-1], basis=basis)
 
 
@@ -359,12 +406,14 @@ def lanczos_top_eigenvalues(
     which: str = "largest",
     v0: PyTree | None = None,
     unroll: int | bool | None = None,
+    host_loop: bool = False,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator from ``num_iters`` Lanczos steps (Ritz pairs).
 
     ``which="largest"`` returns the ``k`` largest (algebraic) eigenvalues, ``"magnitude"`` the ``k``
     of largest ``|lambda|``. Extreme eigenvalues converge first; use ``num_iters`` several times
-    ``k`` (e.g. ``>= 2k + 10``) and check ``residuals``. Cost: ``num_iters`` matvecs.
+    ``k`` (e.g. ``>= 2k + 10``) and check ``residuals``. Cost: ``num_iters`` matvecs. ``host_loop``: see
+    :func:`lanczos`.
     """
     k = _check_positive_int(k, "k")
     num_iters = _check_positive_int(num_iters, "num_iters")
@@ -372,7 +421,11 @@ def lanczos_top_eigenvalues(
         raise ValueError(f"k={k} eigenvalues need num_iters >= k Lanczos steps, got num_iters={num_iters}.")
     if which not in ("largest", "magnitude"):
         raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}.")
-    res = lanczos(matvec, key, like, num_iters, v0=v0, unroll=unroll)
+    res = lanczos(matvec, key, like, num_iters, v0=v0, unroll=unroll, host_loop=host_loop)
+    return (_top_ritz_pairs_jit if host_loop else _top_ritz_pairs)(res, like, k, which)
+
+
+def _top_ritz_pairs(res: LanczosResult, like: PyTree, k: int, which: str) -> EigenResult:
     theta, s, live = _ritz(res)
     score = jnp.where(live, theta if which == "largest" else jnp.abs(theta), -jnp.inf)
     order = jnp.argsort(-score)[:k]
@@ -382,6 +435,9 @@ def lanczos_top_eigenvalues(
     eigvecs = jax.vmap(unravel)((res.basis.T @ s_k).T)
     residuals = jnp.abs(res.last_beta * s_k[-1, :])
     return EigenResult(eigenvalues=theta_k, eigenvectors=eigvecs, residuals=residuals)
+
+
+_top_ritz_pairs_jit = jax.jit(_top_ritz_pairs, static_argnums=(2, 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +468,8 @@ def spectral_density(
     num_runs: int = 1,
     grid: int | Array = 1000,
     sigma: float | None = None,
+    *,
+    host_loop: bool = False,
 ) -> SpectralDensity:
     """Eigenvalue density by stochastic Lanczos quadrature (SLQ) with Gaussian broadening.
 
@@ -424,20 +482,38 @@ def spectral_density(
     ``grid``: an array of evaluation points, or a number of points spread over the Ritz-value range
     padded by ``3 sigma`` (then G is static). ``sigma``: broadening width; default 1% of that range
     (at least ``1e-6``, scale-free). Runs are evaluated sequentially (``lax.map``), so memory is one
-    Lanczos basis (``num_iters * n`` floats). Cost: ``num_runs * num_iters`` matvecs.
+    Lanczos basis (``num_iters * n`` floats). Cost: ``num_runs * num_iters`` matvecs. ``host_loop``: runs and
+    steps in Python loops, for a ``matvec`` that cannot be traced (see :func:`lanczos`).
     """
     num_iters = _check_positive_int(num_iters, "num_iters")
     num_runs = _check_positive_int(num_runs, "num_runs")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be a positive float or None, got {sigma!r}.")
+    if isinstance(grid, int) and grid < 2:
+        raise ValueError(f"grid must be an array of points or an integer >= 2, got {grid!r}.")
     _check_float_tree(like, "like")
 
     def one_run(i):
-        res = lanczos(matvec, jax.random.fold_in(key, i), like, num_iters)
-        theta, s, live = _ritz(res)
-        return theta, jnp.where(live, jnp.square(s[0, :]), 0.0), live
+        res = lanczos(matvec, jax.random.fold_in(key, i), like, num_iters, host_loop=host_loop)
+        return (_quadrature_jit if host_loop else _quadrature)(res)
 
-    nodes, weights, live = lax.map(one_run, jnp.arange(num_runs))
+    if host_loop:
+        nodes, weights, live = (jnp.stack(a) for a in zip(*[one_run(i) for i in range(num_runs)]))
+    else:
+        nodes, weights, live = lax.map(one_run, jnp.arange(num_runs))
+    num_points = grid if isinstance(grid, int) else None
+    return (_broadening_jit if host_loop else _broadening)(
+        nodes, weights, live, None if num_points else grid, sigma, num_points=num_points)
+
+
+def _quadrature(res: LanczosResult) -> tuple[Array, Array, Array]:
+    """Gauss quadrature nodes (Ritz values), weights (squared first components) and the live mask of one run."""
+    theta, s, live = _ritz(res)
+    return theta, jnp.where(live, jnp.square(s[0, :]), 0.0), live
+
+
+def _broadening(nodes, weights, live, grid, sigma, num_points: int | None = None) -> SpectralDensity:
+    """Gaussian broadening of the quadrature rules of all runs on ``grid`` (or ``num_points`` points)."""
     lo = jnp.min(jnp.where(live, nodes, jnp.inf))
     hi = jnp.max(jnp.where(live, nodes, -jnp.inf))
     span = hi - lo
@@ -445,10 +521,8 @@ def spectral_density(
         sig = jnp.maximum(0.01 * span, 1e-6 * jnp.maximum(jnp.max(jnp.abs(nodes)), 1.0))
     else:
         sig = jnp.asarray(sigma, nodes.dtype)
-    if isinstance(grid, int):
-        if grid < 2:
-            raise ValueError(f"grid must be an array of points or an integer >= 2, got {grid!r}.")
-        pts = jnp.linspace(lo - 3 * sig, hi + 3 * sig, grid).astype(nodes.dtype)
+    if num_points is not None:
+        pts = jnp.linspace(lo - 3 * sig, hi + 3 * sig, num_points).astype(nodes.dtype)
     else:
         pts = jnp.asarray(grid, nodes.dtype)
         if pts.ndim != 1:
@@ -457,3 +531,7 @@ def spectral_density(
     gauss = jnp.exp(-0.5 * z * z) / (sig * jnp.sqrt(2 * jnp.pi))
     density = jnp.mean(jnp.sum(weights[..., None] * gauss, axis=1), axis=0)
     return SpectralDensity(grid=pts, density=density, nodes=nodes, weights=weights)
+
+
+_quadrature_jit = jax.jit(_quadrature)
+_broadening_jit = jax.jit(_broadening, static_argnames="num_points")

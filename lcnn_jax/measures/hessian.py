@@ -1,42 +1,180 @@
 """Parameter-space Hessian of a loss: trace, top eigenvalues and spectral density (PyHessian in JAX).
 
-``loss_fn(params) -> scalar`` is the loss on a fixed batch (or data set) as a function of the
-parameter pytree alone, e.g. ``lambda p: mean_ce(model.apply({"params": p}, xs), ys)``. All
-products are forward-over-reverse Hessian-vector products through one ``jax.linearize`` of the
-gradient, so the forward and backward pass run once and each HVP evaluates the tangent program only.
-The functions are pure and traceable (jit them with ``loss_fn`` closed over)::
+Two modes, as in PyHessian (one batch, or a whole data loader):
 
-    import jax
-    from lcnn_jax.measures.hessian import hessian_trace, hessian_top_eigenvalues, hessian_spectral_density
+* **one batch** (closure): ``loss_fn(params) -> scalar`` is the loss on a fixed batch as a function of the
+  parameter pytree alone, e.g. ``lambda p: mean_ce(model.apply({"params": p}, xs), ys)``. All products are
+  forward-over-reverse Hessian-vector products through one ``jax.linearize`` of the gradient, so the forward
+  and backward pass run once and each HVP evaluates the tangent program only. The functions are pure and
+  traceable (jit them with ``loss_fn`` closed over); the batch lives in device memory.
+* **data set** (``data=``): ``loss_fn(params, batch) -> (B,)`` returns the PER-EXAMPLE losses of one batch,
+  and the measured loss is the mean over all ``N`` examples of the data set,
+  ``L(theta) = (1/N) sum_i l_i(theta)``, so ``H v = (1/N) sum_batches sum_{i in batch} hess(l_i) v``: every
+  example weighs ``1/N`` and a smaller last batch counts in proportion to its size (PyHessian's dataloader
+  convention; NOT the plain mean of batch means). ``data`` is an iterable of batches (a list, a re-iterable
+  loader, or a zero-argument function returning a fresh iterator; pytrees of arrays with the examples on the
+  leading axis), or arrays such as ``(xs, ys)`` split into chunks of ``chunk_size``. Batches are split or
+  padded (masked) to one chunk size, the first batch's (capped by ``chunk_size``), and the per-chunk
+  function is jitted with ``params`` and the batch as arguments, so it compiles ONCE and device memory holds
+  one chunk at a time. These calls loop over the data on the host and are not themselves jittable; arrays
+  closed over by ``loss_fn`` (e.g. ``batch_stats``) are baked into the program as constants, so keep them small.
 
-    trace, stderr = hessian_trace(loss_fn, params, key=jax.random.key(0), num_probes=100)
-    top = hessian_top_eigenvalues(loss_fn, params, key=jax.random.key(1), k=5)     # .eigenvalues (5,)
-    sd = hessian_spectral_density(loss_fn, params, key=jax.random.key(2))         # .grid, .density
+Example::
+
+    import jax, jax.numpy as jnp, numpy as np
+    from lcnn_jax.measures import hessian_trace, hessian_top_eigenvalues, hessian_spectral_density
+
+    params = {"w": jnp.ones((3, 2)) / 3, "b": jnp.zeros(2)}
+    xs, ys = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32), np.arange(100) % 2
+    def per_example_ce(p, batch):                                  # (B,) losses of one batch
+        x, y = batch
+        z = x @ p["w"] + p["b"]
+        return jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, y[:, None], 1)[:, 0]
+
+    loss_fn = lambda p: per_example_ce(p, (xs, ys)).mean()         # one batch, closed over
+    trace, stderr = hessian_trace(loss_fn, params, key=jax.random.key(0), num_probes=20)
+    top = hessian_top_eigenvalues(loss_fn, params, key=jax.random.key(1), k=2)     # .eigenvalues (2,)
+    sd = hessian_spectral_density(loss_fn, params, key=jax.random.key(2), num_iters=8)  # .grid, .density
+    # the same over the data set, 32 examples at a time (a list of batches or a loader works too)
+    trace_d, _ = hessian_trace(per_example_ce, params, key=jax.random.key(0), num_probes=20,
+                               data=(xs, ys), chunk_size=32)                  # == trace up to rounding
+    top_d = hessian_top_eigenvalues(per_example_ce, params, key=jax.random.key(1), k=2,
+                                    data=(xs, ys), chunk_size=32)
+
+Cost of the data-set mode: Hutchinson makes ONE pass, each chunk one linearisation
+(a forward and a backward pass) plus ``num_probes`` tangent evaluations; Lanczos makes ``num_iters`` passes and
+SLQ ``num_runs * num_iters`` passes, each chunk one forward-over-reverse HVP (about 2-3 gradient evaluations).
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import inspect
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from lcnn_jax.autodiff import check_positive_int, linearized_param_hvp
 from lcnn_jax.estimators import (
     EigenResult,
     SpectralDensity,
+    hutchinson_samples,
+    hutchinson_summary,
     hutchinson_trace,
     lanczos_top_eigenvalues,
     spectral_density,
 )
+from lcnn_jax.measures._dataset import Batches
 from lcnn_jax.types import Array, Params, PRNGKey
 
-__all__ = ["hessian_trace", "hessian_top_eigenvalues", "hessian_spectral_density"]
+__all__ = ["hessian_trace", "hessian_top_eigenvalues", "hessian_spectral_density", "dataset_hvp", "DatasetHVP"]
+
+
+def _check_params(params: Params) -> None:
+    if not jax.tree_util.tree_leaves(params):
+        raise ValueError("params has no array leaves; pass the parameter pytree the loss depends on.")
 
 
 def _hvp(loss_fn: Callable[[Params], Array], params: Params) -> Callable[[Params], Params]:
-    if not jax.tree_util.tree_leaves(params):
-        raise ValueError("params has no array leaves; pass the parameter pytree the loss depends on.")
+    _check_params(params)
     _, hvp = linearized_param_hvp(loss_fn, params)
     return hvp
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-set mode
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_data_mode(loss_fn: Callable, params: Params, data: Any, chunk_size: int | None) -> None:
+    _check_params(params)
+    if data is None:
+        if chunk_size is not None:
+            raise ValueError("chunk_size splits the arrays of data= into batches; pass data= too, or drop chunk_size.")
+        return
+    try:
+        inspect.signature(loss_fn).bind(params, None)
+    except TypeError:
+        raise ValueError("with data=, loss_fn(params, batch) must take the parameters and one batch and return the "
+                         "per-example losses (B,); without data=, loss_fn(params) is the loss of a fixed batch."
+                         ) from None
+    except ValueError:  # no signature available (a builtin or C function): let the call decide
+        pass
+
+
+def _masked_sum(loss_fn: Callable, params: Params, batch: Any, mask: Array) -> Array:
+    losses = loss_fn(params, batch)
+    if jnp.shape(losses) != mask.shape:
+        raise ValueError(
+            f"with data=, loss_fn(params, batch) must return the per-example losses, shape ({mask.shape[0]},) for a "
+            f"chunk of {mask.shape[0]} examples; got shape {jnp.shape(losses)}. Drop the final .mean(): the mean "
+            "over the whole data set is taken here (every example weighs 1/N).")
+    return jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hvp_sum(loss_fn, params, batch, mask, v, acc):
+    """``acc + sum_{i in chunk, real} hess(l_i) v`` (forward-over-reverse; params and batch are arguments)."""
+    hv = jax.jvp(jax.grad(lambda p: _masked_sum(loss_fn, p, batch, mask)), (params,), (v,))[1]
+    return jax.tree_util.tree_map(jnp.add, acc, hv)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "batch_size", "unroll"))
+def _trace_samples(loss_fn, params, batch, mask, key, *, num_probes, batch_size, unroll):
+    """Hutchinson samples ``z_p^T (sum_{i in chunk} hess(l_i)) z_p`` with the probes of ``fold_in(key, p)``."""
+    _, hvp = jax.linearize(jax.grad(lambda p: _masked_sum(loss_fn, p, batch, mask)), params)
+    return hutchinson_samples(hvp, key, params, num_probes, batch_size=batch_size, unroll=unroll)
+
+
+# Host-side glue as cached programs (a handful of compilations in all, not one per eager operation).
+_zeros_like_jit = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree))
+_divide_jit = jax.jit(lambda tree, n: jax.tree_util.tree_map(lambda a: a / n.astype(a.dtype), tree))
+_add_jit = jax.jit(jnp.add)
+_trace_summary_jit = jax.jit(lambda total, n: hutchinson_summary(total / n.astype(total.dtype)))
+
+
+class DatasetHVP:
+    """``v -> H v`` for the Hessian of the mean per-example loss over a data set (see :func:`dataset_hvp`).
+
+    Attributes: ``num_examples`` (``N``, known after the first product), ``chunk_size`` (examples per compiled
+    call, known after the first product), ``num_passes`` (products computed so far = passes over the data).
+    """
+
+    def __init__(self, loss_fn: Callable, params: Params, data: Any, *, chunk_size: int | None = None,
+                 multi_pass: bool = True):
+        _check_data_mode(loss_fn, params, data, chunk_size)
+        self.loss_fn, self.params = loss_fn, params
+        self._batches = Batches(data, chunk_size, multi_pass=multi_pass)
+        self.num_passes = 0
+
+    @property
+    def num_examples(self) -> int | None:
+        return self._batches.num_examples
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self._batches.size
+
+    def __call__(self, v: Params) -> Params:
+        acc = _zeros_like_jit(self.params)
+        for batch, mask in self._batches.chunks():
+            acc = _hvp_sum(self.loss_fn, self.params, batch, mask, v, acc)
+        self.num_passes += 1
+        return _divide_jit(acc, self._batches.num_examples)
+
+
+def dataset_hvp(loss_fn: Callable[[Params, Any], Array], params: Params, data: Any, *,
+                chunk_size: int | None = None) -> DatasetHVP:
+    """The Hessian-vector product of the mean loss over a data set, ``v -> H v`` (curvlinops' / PyHessian's
+    data-loader operator).
+
+    ``H v = (1/N) sum_batches sum_{i in batch} d^2 l_i / d params^2 v`` with ``l = loss_fn(params, batch)`` the
+    per-example losses ``(B,)``; ``data`` and ``chunk_size`` as in the module docstring. Each call is one pass
+    over the data: per chunk one forward-over-reverse HVP in a program compiled once. The result is a
+    :class:`DatasetHVP`; plug it into :mod:`lcnn_jax.estimators` with ``host_loop=True`` (it loops on the host,
+    so it cannot be traced).
+    """
+    return DatasetHVP(loss_fn, params, data, chunk_size=chunk_size)
 
 
 def hessian_trace(
@@ -47,15 +185,32 @@ def hessian_trace(
     num_probes: int = 100,
     batch_size: int | None = None,
     unroll: int | bool | None = None,
+    data: Any = None,
+    chunk_size: int | None = None,
 ) -> tuple[Array, Array]:
     """Hutchinson estimate of ``tr(d^2 loss / d params^2)``: returns ``(estimate, standard_error)``.
 
     Mean of ``z^T H z`` over ``num_probes`` Rademacher probes ``z`` shaped like ``params``; the
     standard error is ``std / sqrt(num_probes)``. Probes run sequentially (``batch_size`` at a time),
     so memory is one linearisation plus ``batch_size`` HVPs. Cost: ``num_probes`` HVPs.
+
+    With ``data=`` (the data-set mode of the module docstring, ``loss_fn(params, batch) -> (B,)``): the same
+    probes ``z_p`` (``fold_in(key, p)``) for every chunk, ``z_p^T H z_p = (1/N) sum_chunks z_p^T H_chunk z_p``,
+    so ONE pass over the data (a generator is fine), each chunk one linearisation and ``num_probes`` HVPs.
     """
     num_probes = check_positive_int(num_probes, "num_probes")
-    return hutchinson_trace(_hvp(loss_fn, params), key, params, num_probes, batch_size=batch_size, unroll=unroll)
+    _check_data_mode(loss_fn, params, data, chunk_size)
+    if data is None:
+        return hutchinson_trace(_hvp(loss_fn, params), key, params, num_probes, batch_size=batch_size,
+                                unroll=unroll)
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
+    batches = Batches(data, chunk_size, multi_pass=False)
+    total = None
+    for batch, mask in batches.chunks():
+        samples = _trace_samples(loss_fn, params, batch, mask, key, num_probes=num_probes, batch_size=batch_size,
+                                 unroll=unroll)
+        total = samples if total is None else _add_jit(total, samples)
+    return _trace_summary_jit(total, batches.num_examples)
 
 
 def hessian_top_eigenvalues(
@@ -67,6 +222,8 @@ def hessian_top_eigenvalues(
     num_iters: int | None = None,
     which: str = "largest",
     unroll: int | bool | None = None,
+    data: Any = None,
+    chunk_size: int | None = None,
 ) -> EigenResult:
     """Top-``k`` Hessian eigenpairs by Lanczos with full reorthogonalisation.
 
@@ -75,10 +232,18 @@ def hessian_top_eigenvalues(
     ``num_iters`` defaults to ``max(2k + 20, 30)`` Lanczos steps (= HVPs); check ``residuals``
     (``||H y - lambda y||``) and raise it if they are not small. Memory: ``num_iters`` copies of the
     parameters (the Lanczos basis).
+
+    With ``data=`` (data-set mode, ``loss_fn(params, batch) -> (B,)``): ``num_iters`` passes over the data,
+    one :func:`dataset_hvp` product each; the Lanczos steps run in a host loop (``unroll`` is ignored).
     """
     k = check_positive_int(k, "k")
     num_iters = max(2 * k + 20, 30) if num_iters is None else check_positive_int(num_iters, "num_iters")
-    return lanczos_top_eigenvalues(_hvp(loss_fn, params), key, params, k, num_iters, which=which, unroll=unroll)
+    _check_data_mode(loss_fn, params, data, chunk_size)
+    if data is None:
+        return lanczos_top_eigenvalues(_hvp(loss_fn, params), key, params, k, num_iters, which=which,
+                                       unroll=unroll)
+    return lanczos_top_eigenvalues(DatasetHVP(loss_fn, params, data, chunk_size=chunk_size), key, params, k,
+                                   num_iters, which=which, host_loop=True)
 
 
 def hessian_spectral_density(
@@ -90,6 +255,8 @@ def hessian_spectral_density(
     num_runs: int = 1,
     grid: int | Array = 1000,
     sigma: float | None = None,
+    data: Any = None,
+    chunk_size: int | None = None,
 ) -> SpectralDensity:
     """Hessian eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019; PyHessian).
 
@@ -97,5 +264,12 @@ def hessian_spectral_density(
     ``sigma`` (default 1% of the Ritz-value range); see :func:`lcnn_jax.estimators.spectral_density`.
     Returns ``(grid, density, nodes, weights)``; the density integrates to ~1. Cost:
     ``num_runs * num_iters`` HVPs; memory one Lanczos basis (``num_iters`` parameter copies).
+
+    With ``data=`` (data-set mode, ``loss_fn(params, batch) -> (B,)``): ``num_runs * num_iters`` passes over
+    the data, one :func:`dataset_hvp` product each, in host loops.
     """
-    return spectral_density(_hvp(loss_fn, params), key, params, num_iters, num_runs, grid, sigma)
+    _check_data_mode(loss_fn, params, data, chunk_size)
+    if data is None:
+        return spectral_density(_hvp(loss_fn, params), key, params, num_iters, num_runs, grid, sigma)
+    return spectral_density(DatasetHVP(loss_fn, params, data, chunk_size=chunk_size), key, params, num_iters,
+                            num_runs, grid, sigma, host_loop=True)

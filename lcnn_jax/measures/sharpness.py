@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lcnn_jax.measures._dataset import Batches, inputs_of
 from lcnn_jax.types import Array, Params, PyTree
 
 __all__ = [
@@ -137,7 +138,7 @@ def _restore_order(template: PyTree, tree: PyTree) -> PyTree:
 def layer_hessian_traces(
     logits_fn: LogitsFn,
     params: Params,
-    xs: Array,
+    xs,
     *,
     chunk_size: int = 256,
     diagonal: bool = False,
@@ -157,7 +158,12 @@ def layer_hessian_traces(
     Args:
       logits_fn: ``logits_fn(params, x) -> (K,)`` logits for ONE example.
       params: a pytree (usually a Flax ``params`` dict).
-      xs: inputs ``(N, ...)``; N need not be a multiple of ``chunk_size``.
+      xs: inputs ``(N, ...)``; N need not be a multiple of ``chunk_size``. Or a data set too large for device
+        memory: an iterable of batches (a list, a loader, a generator, or a zero-argument function returning
+        an iterator), each an array of inputs, an ``(inputs, labels)`` tuple or a ``{"image": ...}`` dict. The
+        mean is then over all ``N`` examples (every example weighs ``1/N``, a smaller last batch in proportion
+        to its size), in ONE pass, with one chunk on the device at a time and one compilation (chunks of
+        ``min(chunk_size, first batch size)`` examples, the last padded and masked).
       chunk_size: examples processed together (``vmap``); chunks run in a ``lax.scan``, the last one padded
         and masked. Memory is about ``3 * chunk_size * num_params`` numbers.
       diagonal: return the full diagonal instead of the per-leaf traces.
@@ -168,11 +174,13 @@ def layer_hessian_traces(
     Returns:
       A tree with the structure and key order of ``params``: scalars, or arrays shaped like the leaves.
     """
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+    if not isinstance(xs, (np.ndarray, jax.Array)):
+        return _layer_traces_over_batches(logits_fn, params, xs, int(chunk_size), diagonal)
     xs = jnp.asarray(xs)
     if xs.ndim < 1 or xs.shape[0] == 0:
         raise ValueError(f"xs must be a non-empty batch (N, ...) of inputs; got shape {xs.shape}.")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
     n = xs.shape[0]
     chunk = min(int(chunk_size), n)
     n_chunks = -(-n // chunk)
@@ -186,8 +194,22 @@ def layer_hessian_traces(
         xs_padded.reshape((n_chunks, chunk) + xs.shape[1:]),
         weights.reshape(n_chunks, chunk),
     )
+    return _finish_traces(params, total, n, diagonal)
+
+
+def _finish_traces(params: Params, total: Params, n: int, diagonal: bool) -> Params:
     result = jax.tree_util.tree_map(lambda t: t / n if diagonal else jnp.sum(t) / n, total)
     return _restore_order(params, result)
+
+
+def _layer_traces_over_batches(logits_fn: LogitsFn, params: Params, data, chunk_size: int, diagonal: bool):
+    """The data-set mode of :func:`layer_hessian_traces`: one chunk per call of the compiled sum."""
+    batches = Batches(data, chunk_size, multi_pass=False, name="xs", select=inputs_of)
+    total = None
+    for chunk, mask in batches.chunks():
+        part = _diag_sum_jit(logits_fn, params, chunk[None], mask[None].astype(np.float32))
+        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+    return _finish_traces(params, total, batches.num_examples, diagonal)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -519,7 +541,7 @@ def minimum_sharpness_from_traces(
 def minimum_sharpness(
     logits_fn: LogitsFn,
     params: Params,
-    xs: Array,
+    xs,
     *,
     include_bias: bool = True,
     layers: Optional[Sequence[str]] = None,
@@ -534,7 +556,8 @@ def minimum_sharpness(
     :func:`layer_hessian_traces`; see :func:`minimum_sharpness_from_traces` for the closed form without
     biases and the Newton solve with them. Invariant (up to ``tol``) under :func:`rescale_params`.
     Valid for chains of ReLU / pooling / dense / conv layers without normalisation or skip connections; with
-    ``layers=None`` every parameter must belong to a layer (kernel or bias), else a ``ValueError``.
+    ``layers=None`` every parameter must belong to a layer (kernel or bias), else a ``ValueError``. ``xs``: an
+    array of inputs or an iterable of batches (a data set, one pass; see :func:`layer_hessian_traces`).
 
     Cost: one forward and ``K`` backward passes per example (the traces), then a tiny host-side solve.
     """
@@ -694,7 +717,7 @@ def normalized_sharpness_from_diagonal(
 def normalized_sharpness(
     logits_fn: LogitsFn,
     params: Params,
-    xs: Array,
+    xs,
     *,
     layers: Optional[Sequence[str]] = None,
     tol: float = 1e-10,
@@ -706,7 +729,8 @@ def normalized_sharpness(
     Per layer ``min_{s1, s2 > 0} sum_ij H_ij s2_i s1_j + W_ij^2 / (s2_i s1_j)`` (see
     :func:`normalized_layer_sharpness`), summed over layers. Invariant under layer-wise and neuron-wise
     (channel-wise for convs) rescalings of ReLU networks, since ``H -> H / g^2``, ``W^2 -> g^2 W^2`` is
-    absorbed by ``s2 -> g^2 s2`` (or ``s1``).
+    absorbed by ``s2 -> g^2 s2`` (or ``s1``). ``xs``: an array of inputs or an iterable of batches (see
+    :func:`layer_hessian_traces`).
 
     Cost: one forward and ``K`` backward passes per example, then ``O(in * out)`` host work per iteration.
     """
