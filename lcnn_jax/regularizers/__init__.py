@@ -2,17 +2,27 @@
 
 See :mod:`lcnn_jax.regularizers.base` for the interface. Build one by name with :func:`make_regularizer`
 (what the config's ``regularizers`` section does), or call a constructor directly.
+
+Names: ``lcnn_jax.regularizers.clip`` and ``lcnn_jax.regularizers.derivative`` are the constructors (functions),
+as the README lists them; they shadow the submodules of the same name as attributes of this package. The helpers
+of those submodules are imported by their full path, which still works:
+``from lcnn_jax.regularizers.clip import draw_pairs`` (``import lcnn_jax.regularizers.clip as m`` would give
+the function, so use the ``from`` form).
 """
 from __future__ import annotations
 
 import importlib
 
 from lcnn_jax.regularizers.base import Regularizer, apply_epoch_end, empty_state
-from lcnn_jax.regularizers.derivative import derivative
 from lcnn_jax.regularizers.gradient import (confidence_penalty, datagrad, jacobian_penalty, jacreg,
                                             penalty_regularizer, spectreg)
 from lcnn_jax.regularizers.lcnn import cure, lcnn_gradnorm, lcnn_penalty, lcnn_terms
 from lcnn_jax.regularizers.weight import weight_l2
+
+# Last: importing these submodules binds the package attributes `clip` / `derivative` to the modules; rebinding
+# them to the functions here makes `from lcnn_jax.regularizers import clip` give the regularizer, as documented.
+from lcnn_jax.regularizers.clip import clip  # noqa: E402
+from lcnn_jax.regularizers.derivative import derivative  # noqa: E402
 
 # name -> "module:constructor"; imported lazily so a config error never pays for every import.
 REGULARIZERS = {
@@ -46,4 +56,4 @@ def make_regularizer(name: str, dataset_info=None, **kwargs) -> Regularizer:
 
 __all__ = ["Regularizer", "REGULARIZERS", "apply_epoch_end", "empty_state", "make_regularizer", "jacobian_penalty",
            "datagrad",
-           "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "weight_l2", "cure", "lcnn_gradnorm", "lcnn_penalty", "lcnn_terms"]
+           "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "clip", "weight_l2", "cure", "lcnn_gradnorm", "lcnn_penalty", "lcnn_terms"]
