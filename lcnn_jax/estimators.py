@@ -322,8 +322,9 @@ def _lanczos_init(key, like, v0, num_iters):
     return basis, alphas, betas, breakdown_tol
 
 
-# The host loop's glue, each one cached program (keyed by shapes), so a host-loop Lanczos compiles a fixed
-# handful of programs besides the matvec, however many steps it runs.
+# The glue around the matvecs as cached programs (keyed by shapes): a host-loop Lanczos compiles a fixed handful
+# of programs besides the matvec however many steps it runs, and an eager call does not run op by op.
+# Inside an outer jit they are simply inlined.
 _lanczos_init_jit = jax.jit(_lanczos_init, static_argnums=3)
 _row_as_tree_jit = jax.jit(lambda basis, j, like: ravel_pytree(like)[1](basis[j]))
 _lanczos_step_tree_jit = jax.jit(lambda j, basis, alphas, betas, w, tol: _lanczos_step(
@@ -352,13 +353,12 @@ def lanczos(
     num_iters = _check_positive_int(num_iters, "num_iters")
     _check_float_tree(like, "like")
     m = num_iters
+    basis, alphas, betas, tol = _lanczos_init_jit(key, like, v0, m)
     if host_loop:
-        basis, alphas, betas, tol = _lanczos_init_jit(key, like, v0, m)
         for j in range(m):
             w = matvec(_row_as_tree_jit(basis, j, like))
             basis, alphas, betas = _lanczos_step_tree_jit(j, basis, alphas, betas, w, tol)
     else:
-        basis, alphas, betas, tol = _lanczos_init(key, like, v0, m)
         _, unravel = ravel_pytree(like)
 
         def body(j, carry):
@@ -422,7 +422,7 @@ def lanczos_top_eigenvalues(
     if which not in ("largest", "magnitude"):
         raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}.")
     res = lanczos(matvec, key, like, num_iters, v0=v0, unroll=unroll, host_loop=host_loop)
-    return (_top_ritz_pairs_jit if host_loop else _top_ritz_pairs)(res, like, k, which)
+    return _top_ritz_pairs_jit(res, like, k, which)
 
 
 def _top_ritz_pairs(res: LanczosResult, like: PyTree, k: int, which: str) -> EigenResult:
@@ -495,15 +495,14 @@ def spectral_density(
 
     def one_run(i):
         res = lanczos(matvec, jax.random.fold_in(key, i), like, num_iters, host_loop=host_loop)
-        return (_quadrature_jit if host_loop else _quadrature)(res)
+        return _quadrature_jit(res)
 
     if host_loop:
         nodes, weights, live = (jnp.stack(a) for a in zip(*[one_run(i) for i in range(num_runs)]))
     else:
         nodes, weights, live = lax.map(one_run, jnp.arange(num_runs))
     num_points = grid if isinstance(grid, int) else None
-    return (_broadening_jit if host_loop else _broadening)(
-        nodes, weights, live, None if num_points else grid, sigma, num_points=num_points)
+    return _broadening_jit(nodes, weights, live, None if num_points else grid, sigma, num_points=num_points)
 
 
 def _quadrature(res: LanczosResult) -> tuple[Array, Array, Array]:

@@ -7,9 +7,14 @@ with ``std`` the estimator's standard error (trace) or 0 (eigenvalue) and ``n`` 
 
 Example::
 
-    from lcnn_jax import report, training
-    config, model, state, info = training.load_trained("runs/quickstart")
-    rep = report.measure_state(model, state, {"test": (xs, ys)}, report.measure_defaults(), key=jax.random.key(0))
+    import jax
+    from lcnn_jax import data, report, training
+    config, model, state, info = training.load_trained("runs/quickstart")  # a finished `lcnn-jax train` run
+    variables = {"params": state.params, **state.model_state}             # what model.apply takes
+    test = data.load_split("mnist5k", "test")
+    rep = report.measure_state(model, variables, {"test": (test.images[:256], test.labels[:256])},
+                               report.measure_defaults(), key=jax.random.key(0))
+    print(report.format_report(rep))
 """
 from __future__ import annotations
 

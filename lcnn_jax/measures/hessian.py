@@ -31,15 +31,16 @@ Example::
         z = x @ p["w"] + p["b"]
         return jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, y[:, None], 1)[:, 0]
 
-    loss_fn = lambda p: per_example_ce(p, (xs, ys)).mean()         # one batch, closed over
-    trace, stderr = hessian_trace(loss_fn, params, key=jax.random.key(0), num_probes=20)
-    top = hessian_top_eigenvalues(loss_fn, params, key=jax.random.key(1), k=2)     # .eigenvalues (2,)
-    sd = hessian_spectral_density(loss_fn, params, key=jax.random.key(2), num_iters=8)  # .grid, .density
-    # the same over the data set, 32 examples at a time (a list of batches or a loader works too)
-    trace_d, _ = hessian_trace(per_example_ce, params, key=jax.random.key(0), num_probes=20,
-                               data=(xs, ys), chunk_size=32)                  # == trace up to rounding
-    top_d = hessian_top_eigenvalues(per_example_ce, params, key=jax.random.key(1), k=2,
-                                    data=(xs, ys), chunk_size=32)
+    # one batch, closed over; 100 probes, 10 at a time; jitted as a whole
+    loss_fn = lambda p: per_example_ce(p, (xs, ys)).mean()
+    trace, stderr = jax.jit(lambda p, k: hessian_trace(loss_fn, p, key=k, num_probes=100, batch_size=10))(
+        params, jax.random.key(0))
+    # the data set, 32 examples at a time (or data=[batch, ...], or data=a loader / iterator factory);
+    # hessian_trace(per_example_ce, params, key=..., data=(xs, ys), chunk_size=32) likewise
+    top = hessian_top_eigenvalues(per_example_ce, params, key=jax.random.key(1), k=2,
+                                  data=(xs, ys), chunk_size=32)          # .eigenvalues (2,), .residuals
+    sd = hessian_spectral_density(per_example_ce, params, key=jax.random.key(2), num_iters=30,
+                                  data=(xs, ys), chunk_size=32)          # .grid, .density
 
 Cost of the data-set mode: Hutchinson makes ONE pass, each chunk one linearisation
 (a forward and a backward pass) plus ``num_probes`` tangent evaluations; Lanczos makes ``num_iters`` passes and

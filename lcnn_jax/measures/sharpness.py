@@ -34,12 +34,13 @@ Example::
             return nn.Dense(10)(x)
 
     model = MLP()
-    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 784)))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 784)))["params"]
     logits_fn = lambda p, x: model.apply({"params": p}, x[None])[0]      # ONE example -> (K,) logits
-    xs = jax.random.uniform(jax.random.PRNGKey(1), (1000, 784))
+    xs = jax.random.uniform(jax.random.PRNGKey(1), (256, 784))
     traces = layer_hessian_traces(logits_fn, params, xs)                 # {'Dense_0': {'kernel': .., 'bias': ..}, ..}
     ms = minimum_sharpness(logits_fn, params, xs, include_bias=True)
-    print(ms.value, ms.log_scales, ms.converged)
+    ms.value, ms.log_scales, ms.converged
+    # a data set too large for the device: xs may be an iterable of batches (one pass, one compilation)
 
 The scalar optimisations (over ``L`` log-scales, or over the row/column scales of one weight matrix) run on
 the host in float64 NumPy: they are tiny, and a tolerance of ``1e-10`` on the gradient would be out of reach
