@@ -167,3 +167,18 @@ def test_readme_api_entry_resolves(module, entry):
     if rest:
         assert rest.startswith("(") and rest.endswith(")"), f"cannot read the arguments of `{entry}`"
         _check_signature(obj, name, rest[1:-1])
+
+
+def test_progress_bars_use_tqdm_auto():
+    """``tqdm.auto`` renders a widget in Jupyter and text in a terminal; plain ``tqdm`` prints raw text (or an
+    "IProgress not found" warning) in notebooks."""
+    offenders = []
+    for folder in ("lcnn_jax", "experiments"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+                        if re.match(r"\s*(from tqdm import|import tqdm\b(?!\.auto))", line):
+                            offenders.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
+    assert not offenders, "use `from tqdm.auto import tqdm`:\n" + "\n".join(offenders)
