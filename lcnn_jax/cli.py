@@ -4,7 +4,9 @@
     lcnn-jax measure --workdir runs/quickstart [--config.measure.num_examples=512 ...]
     lcnn-jax compare --config experiments/configs/compare_mnist5k.py --workdir runs/compare [--config.a.b=value ...]
 
-Exit codes: 0 success; 2 bad usage, config or dataset (one-paragraph message, no traceback); 3 training diverged.
+Exit codes: 0 success; 2 bad usage, config, dataset or run directory (one-paragraph message, no traceback, nothing
+written); 3 training diverged; 4 no space left on the device (the last complete checkpoint is kept); 130
+interrupted by Ctrl-C. After 3, 4 or 130, rerunning the same command resumes from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="Override any config key with --config.KEY=VALUE, e.g. --config.train.num_epochs=2")
     t.add_argument("--config", required=True, help="Python file with get_config() (optionally path.py:arg)")
     t.add_argument("--workdir", required=True, help="directory for checkpoints, metrics log and results")
+    t.add_argument("--extend", action="store_true",
+                   help="let a rerun in a workdir that holds a run change train.num_epochs / train.num_steps and "
+                        "train on from its last checkpoint (the learning-rate schedule follows the new length); "
+                        "without it a rerun with any other config is refused")
     m = sub.add_parser("measure", help="measure a trained run (smoothness, curvature, Lipschitz, robustness)",
                        epilog="Override measurement settings with --config.measure.KEY=VALUE, e.g. "
                               "--config.measure.num_examples=512 --config.measure.test_data=mnist "
@@ -64,17 +70,37 @@ def _load(args, overrides):
 
 
 def _summary(results: dict, workdir: str) -> str:
-    return (f"done: {results['steps']} steps in {results['wall_time_s']:.1f} s on {results['num_devices']} "
+    text = (f"done: {results['steps']} steps in {results['wall_time_s']:.1f} s on {results['num_devices']} "
             f"{results['devices']} device(s)\n"
             f"  train accuracy {results['train_accuracy']:.4f}  loss {results['train_loss']:.4f}\n"
             f"  test  accuracy {results['test_accuracy']:.4f}  loss {results['test_loss']:.4f}\n"
             f"  results: {workdir}/results.json")
+    if results.get("dead"):
+        text += ("\n  WARNING: dead network (the same output for every input, see the warning above and "
+                 "results.json); its smoothness measures describe a constant function")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+
+    try:
+        return _run(args, overrides)
+    except KeyboardInterrupt as e:  # Ctrl-C: no traceback, the step and how to resume
+        from lcnn_jax.training import TrainingInterrupted
+
+        what = str(e) if isinstance(e, TrainingInterrupted) else {
+            "train": "interrupted before training started; rerun the same command to start or resume.",
+            "measure": "interrupted; measures.json was not written. Rerun the same command to measure.",
+            "compare": "interrupted; rerun the same command to resume (finished cells are kept)."}[args.command]
+        print(f"lcnn-jax: {what}", file=sys.stderr)
+        return 130
+
+
+def _run(args, overrides) -> int:
+    import errno
 
     from lcnn_jax.data import DatasetError
     from lcnn_jax.training import ConfigError, TrainingDiverged
@@ -83,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from lcnn_jax.training import fit
 
-            results = fit(_load(args, overrides), args.workdir)
+            results = fit(_load(args, overrides), args.workdir, extend=args.extend)
             print(_summary(results, args.workdir))
         elif args.command == "measure":
             from lcnn_jax.report import format_report, measure_workdir
@@ -104,9 +130,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"results.json\n  figures: " + ", ".join(res["figures"]))
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         return _usage_error(str(e))
+    except PermissionError as e:
+        return _usage_error(f"cannot write {e.filename or args.workdir}: permission denied. Choose a --workdir you "
+                            f"can write to.")
     except TrainingDiverged as e:
         print(f"lcnn-jax: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # NoSpaceLeft says which step and checkpoint; a bare ENOSPC (e.g. from a results file) names the file.
+        where = getattr(e, "message", None) or (f"no space left on the device of {e.filename or args.workdir}; "
+                                                f"free some space and rerun the same command.")
+        print(f"lcnn-jax: {where}", file=sys.stderr)
+        return 4
     return 0
 
 

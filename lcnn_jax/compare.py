@@ -203,6 +203,8 @@ def fingerprint(*parts) -> str:
 def _training_fingerprint(method_cfg) -> str:
     cfg = method_cfg.to_dict()
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k != "progress"}
+    if cfg.get("optim", {}).get("clip_grad_norm") is None:  # added later; unset = how older runs trained
+        cfg["optim"] = {k: v for k, v in cfg["optim"].items() if k != "clip_grad_norm"}
     return fingerprint(cfg)
 
 
@@ -510,9 +512,11 @@ def _measure_config(cmp):
 
     mcfg = report.measure_defaults()
     if cmp.get("measure"):
-        mcfg.update(_to_dict(cmp.measure))  # plain values: FieldReferences cannot update FieldReferences
-    if int(mcfg.num_examples) <= 0 or int(mcfg.batch_size) <= 0 or int(mcfg.hessian_examples) <= 0:
-        raise ConfigError("compare.measure.num_examples, batch_size and hessian_examples must be positive.")
+        try:
+            mcfg.update(_to_dict(cmp.measure))  # plain values: FieldReferences cannot update FieldReferences
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"compare.measure: {e}") from None
+    report.validate_measure_config(mcfg, prefix="compare.measure")
     return mcfg
 
 
@@ -545,9 +549,11 @@ def run_compare(config, workdir: str) -> dict:
 
     from lcnn_jax import data as data_lib
     from lcnn_jax.configs import validate_config
-    from lcnn_jax.training import ConfigError, write_json_atomic
+    from lcnn_jax.report import check_finite_images
+    from lcnn_jax.training import ConfigError, check_workdir_path, write_json_atomic
 
     t0 = time.time()
+    check_workdir_path(workdir)
     cmp = _section(config)
     methods = check_methods(config)
     try:
@@ -568,8 +574,6 @@ def run_compare(config, workdir: str) -> dict:
             validate_config(c)
         except ConfigError as e:
             raise ConfigError(f"method {m!r}: {e}") from e
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
     d = config.data
     test_name, test_dir = d.name, d.get("data_dir")
@@ -580,6 +584,10 @@ def run_compare(config, workdir: str) -> dict:
     n_test, n_hess = min(int(mcfg.num_examples), len(test.images)), min(int(mcfg.hessian_examples), len(train.images))
     test_xy = (test.images[:n_test], test.labels[:n_test])
     train_xy = (train.images[:n_hess], train.labels[:n_hess])
+    check_finite_images(f"{test_name} test", test_xy[0])  # on the host, before any training or compilation
+    check_finite_images(f"{d.name} train", train_xy[0])
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     measure_fp = _measure_fingerprint(cmp)
 
     cells, timing, measurers = [], {}, {}

@@ -17,7 +17,9 @@ A file can take an argument after a colon: ``--config experiments/configs/ablate
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -43,6 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
         name="sgd", learning_rate=0.05, momentum=0.9, nesterov=False, weight_decay=0.0,
         wd_exclude=("log_beta", "log_gamma"),
         schedule="cosine", boundaries=(0.75, 0.875), decay_factor=0.1, warmup_steps=0,
+        # rescale the gradient to this global norm when larger (optax.clip_by_global_norm); None: no clipping
+        clip_grad_norm=ml_collections.FieldReference(None, field_type=float),
     ))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=64,
@@ -134,6 +138,49 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     return config
 
 
+def _model_kwargs_problems(name: str, kwargs, num_classes: int) -> list[str]:
+    """Build the model (a dataclass, nothing traced) to check ``model.kwargs``: an unknown key, with the closest
+    valid one suggested (``widht`` -> ``width_mult``), or a bad value is reported before any data is loaded."""
+    from lcnn_jax.nn import make_model
+
+    kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
+    wm = kwargs.get("width_mult", 1.0)  # the model clamps every width to >= 1 channel, so check the multiplier
+    if isinstance(wm, bool) or not isinstance(wm, (int, float)) or not math.isfinite(wm) or wm <= 0:
+        return [f"model.kwargs.width_mult={wm!r} must be a positive number (1.0: the published widths)."]
+    for key in ("widths", "stage_sizes"):
+        v = kwargs.get(key)
+        if v is not None and (not isinstance(v, (list, tuple)) or
+                              not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in v)):
+            return [f"model.kwargs.{key}={v!r} must be a tuple of positive integers, e.g. (64, 64)."]
+    try:
+        make_model(name, num_classes, **kwargs)
+    except (ValueError, TypeError) as e:
+        valid = _model_keywords(name)
+        hints = []
+        for key in sorted(set(kwargs) - set(valid)):
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hints.append(f"model.kwargs.{key} is not a setting of {name!r}"
+                         + (f" (did you mean model.kwargs.{close[0]}?)" if close else ""))
+        if hints:
+            return [f"{'; '.join(hints)}. Its settings: {sorted(valid)}."]
+        return [f"model.kwargs={kwargs} cannot build {name!r}: {e}"]
+    return []
+
+
+def _model_keywords(name: str) -> list[str]:
+    """The keywords :func:`lcnn_jax.nn.make_model` accepts for ``name``: the fields of the model's dataclass
+    (less ``num_classes``, ``parent``, ``name``), plus ``act_kwargs`` / ``norm_kwargs`` where it has ``act`` /
+    ``norm``."""
+    import dataclasses
+
+    from lcnn_jax.nn import make_model
+
+    fields = {f.name for f in dataclasses.fields(type(make_model(name, 10)))} - {"num_classes", "parent", "name"}
+    extra = {"act_kwargs"} if "act" in fields else set()
+    extra |= {"norm_kwargs"} if "norm" in fields else set()
+    return sorted(fields | extra)
+
+
 def validate_config(config) -> None:
     """Raise ConfigError naming every problem found in ``config`` (before any data is loaded)."""
     from lcnn_jax import data as data_lib
@@ -145,6 +192,9 @@ def validate_config(config) -> None:
         problems.append(f"data.name={config.data.name!r} is unknown; choose one of {list(data_lib.DATASETS)}.")
     if config.model.name not in MODELS:
         problems.append(f"model.name={config.model.name!r} is unknown; choose one of {list(MODELS)}.")
+    elif config.data.name in data_lib.DATASETS:
+        problems.extend(_model_kwargs_problems(config.model.name, config.model.get("kwargs"),
+                                               data_lib.dataset_info(config.data.name).num_classes))
     t, o = config.train, config.optim
     if not isinstance(t.batch_size, int) or t.batch_size <= 0:
         problems.append(f"train.batch_size={t.batch_size!r} must be a positive integer.")
@@ -163,6 +213,11 @@ def validate_config(config) -> None:
         problems.append(f"optim.schedule={o.schedule!r} is unknown; use 'constant', 'piecewise' or 'cosine'.")
     if o.get("weight_decay", 0.0) < 0:
         problems.append(f"optim.weight_decay={o.weight_decay!r} must be >= 0.")
+    clip = o.get("clip_grad_norm")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
+                             or clip <= 0):
+        problems.append(f"optim.clip_grad_norm={clip!r} must be a positive number (e.g. 1.0), or None for no "
+                        f"clipping.")
     for name in (config.get("regularizers") or {}).keys():
         if name not in regs.REGULARIZERS:
             problems.append(f"regularizers.{name} is unknown; choose among {sorted(regs.REGULARIZERS)}.")

@@ -62,6 +62,79 @@ def measure_defaults() -> ml_collections.ConfigDict:
     ))
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v) -> bool:
+    return (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
+            and float(v) > 0)
+
+
+# The integer and real settings of the measure section that must be > 0, with an example of a good value.
+_POSITIVE_INTS = {"num_examples": 256, "batch_size": 128, "curvature_iters": 10, "lipschitz_iters": 20,
+                  "hessian_examples": 256, "hessian_probes": 10, "hessian_lanczos_iters": 20, "pgd_steps": 20}
+_POSITIVE_NUMBERS = {"stability_noise": 0.01, "pgd_step_factor": 2.5}
+_RADII = {"pgd_linf_eps": "(0.03, 0.1)", "pgd_l2_eps": "(1.0, 2.0)", "noise_std": "(0.5, 1.0)"}
+
+
+def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
+    """Every invalid setting of a ``measure`` section (see :func:`measure_defaults`), one sentence each naming the
+    key, the value and a valid example. Checked before anything is loaded or compiled, so a bad radius does not
+    surface after the expensive measures ran, and a negative count is not silently read as a slice bound
+    (``xs[:-5]``)."""
+    problems = []
+    for key, example in _POSITIVE_INTS.items():
+        if key in cfg and not _positive_int(cfg[key]):
+            problems.append(f"{prefix}.{key}={cfg[key]!r} must be a positive integer (e.g. {example}).")
+    for key, example in _POSITIVE_NUMBERS.items():
+        if key in cfg and not _positive_number(cfg[key]):
+            problems.append(f"{prefix}.{key}={cfg[key]!r} must be a positive finite number (e.g. {example}).")
+    for key, example in _RADII.items():
+        if key not in cfg:
+            continue
+        v = cfg[key]
+        if not isinstance(v, (tuple, list)) or not all(_positive_number(r) for r in v):
+            problems.append(f"{prefix}.{key}={v!r} must be a tuple of positive finite numbers, e.g. "
+                            f"{prefix}.{key}={example!s} (or () to skip).")
+    if "seed" in cfg and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer))
+                          or cfg.seed < 0):
+        problems.append(f"{prefix}.seed={cfg.seed!r} must be a non-negative integer.")
+    splits = cfg.get("splits", ("train", "test"))
+    if (not isinstance(splits, (tuple, list)) or not splits or len(set(splits)) != len(splits)
+            or not set(splits) <= {"train", "test"}):
+        problems.append(f"{prefix}.splits={splits!r} must name 'train' and/or 'test' once each, e.g. "
+                        f"{prefix}.splits=\"('test',)\".")
+    return problems
+
+
+def validate_measure_config(cfg, prefix: str = "measure") -> None:
+    """Raise :class:`~lcnn_jax.training.ConfigError` listing every problem :func:`measure_config_problems`
+    finds (the CLI turns it into exit code 2 and one message)."""
+    from lcnn_jax.training import ConfigError
+
+    problems = measure_config_problems(cfg, prefix)
+    if problems:
+        raise ConfigError("Invalid measurement settings:\n  - " + "\n  - ".join(problems))
+
+
+def check_finite_images(name: str, xs) -> None:
+    """Raise :class:`lcnn_jax.data.DatasetError` when ``xs`` holds a NaN or infinite value, on the host, before
+    anything is compiled: inside ``jit`` a NaN pixel gives NaN for some measures and finite, meaningless values
+    for others (the ReLU Jacobian treats NaN as an inactive unit), with no message."""
+    from lcnn_jax.data import DatasetError
+
+    arr = np.asarray(xs)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(len(arr), -1).any(axis=1))
+        raise DatasetError(f"The {name} images hold {int(bad.sum())} NaN/inf pixel value(s), in {len(rows)} of "
+                           f"{len(arr)} images (first: index {int(rows[0])}). The measures need finite inputs; "
+                           f"remove or repair those images (e.g. xs[np.isfinite(xs).all(axis=(1, 2, 3))]).")
+
+
 def _stats(values) -> dict:
     v = np.asarray(values, np.float64)
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
@@ -105,7 +178,11 @@ def per_example_measures(model, variables, xs, ys, cfg, key, batch_size, run=Non
     local Lipschitz estimate, per example, as ``{item: {"mean", "std", "n"}}``."""
     run = per_example_fn(model, cfg) if run is None else run
     vals = map_chunks(functools.partial(run, variables), xs, ys, key=key, chunk_size=batch_size)
-    return {k: _stats(vals[k]) for k in PER_EXAMPLE_ITEMS}
+    out = {k: _stats(vals[k]) for k in PER_EXAMPLE_ITEMS}
+    # Share of examples where the output does not depend on the input at all (see dead_network_mark).
+    jac = np.asarray(vals["jacobian_frobenius"], np.float64)
+    out["jacobian_frobenius"]["zero_fraction"] = float(np.mean(jac < DEAD_JACOBIAN)) if jac.size else 0.0
+    return out
 
 
 def robustness(model, variables, xs, ys, cfg, key, batch_size) -> dict:
@@ -147,9 +224,17 @@ def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
 
 def measure_state(model, variables, splits: Mapping[str, tuple], cfg, *, key, train_for_hessian=None) -> dict:
     """The full report: ``{split: {item: stats}}`` plus ``"parameter_space"`` from ``train_for_hessian``
-    (``(xs, ys)``; skipped when None). ``splits`` maps a name to ``(xs, ys)`` numpy arrays."""
+    (``(xs, ys)``; skipped when None). ``splits`` maps a name to ``(xs, ys)`` numpy arrays.
+
+    Raises:
+      lcnn_jax.data.DatasetError: an input image holds NaN/inf (checked on the host before anything compiles).
+    """
     from tqdm.auto import tqdm
 
+    for name, (xs, _) in splits.items():
+        check_finite_images(name, xs)
+    if train_for_hessian is not None:
+        check_finite_images("parameter-Hessian (training)", train_for_hessian[0])
     bs = int(cfg.batch_size)
     tasks = [(name, part) for name in splits for part in ("measures", "robustness")]
     if train_for_hessian is not None:
@@ -171,25 +256,31 @@ def measure_state(model, variables, splits: Mapping[str, tuple], cfg, *, key, tr
 
 
 def measure_workdir(workdir: str, overrides: list[str] | None = None) -> dict:
-    """Load the checkpoint of a training run, measure it, write ``workdir/measures.json`` atomically and return
-    the report. ``overrides`` are ``"key=value"`` strings for the ``measure`` section (e.g. ``num_examples=64``)."""
+    """Load the newest intact checkpoint of a training run, measure it, write ``workdir/measures.json``
+    atomically and return the report. ``overrides`` are ``"key=value"`` strings for the ``measure`` section (e.g.
+    ``num_examples=64``). The settings are validated before anything is loaded; a damaged newest checkpoint is
+    skipped with a warning (``checkpoint_step`` says which one was measured); a network that computes the same
+    output for every input is marked ``dead`` (:func:`dead_network_mark`).
+
+    Raises:
+      ConfigError: a bad measurement setting (all of them listed), or an unusable run directory.
+      FileNotFoundError: no trained run in ``workdir``.
+      lcnn_jax.data.DatasetError: a dataset cannot be found, or holds NaN/inf pixels.
+    """
     from lcnn_jax import data as data_lib
     from lcnn_jax.configs import apply_overrides
-    from lcnn_jax.training import ConfigError, load_trained, write_json_atomic
+    from lcnn_jax.training import load_trained, read_config, read_results, write_json_atomic
 
-    config, model, state, info = load_trained(workdir)
+    config = read_config(workdir)
     cfg = measure_defaults()
     if "measure" in config:
         cfg.update(config.measure)
     holder = ml_collections.ConfigDict({"measure": cfg})
     apply_overrides(holder, [o if o.startswith("measure.") else f"measure.{o}" for o in (overrides or [])])
     cfg = holder.measure
-    if int(cfg.num_examples) <= 0 or int(cfg.batch_size) <= 0:
-        raise ConfigError("measure.num_examples and measure.batch_size must be positive integers.")
-    for s in cfg.splits:
-        if s not in ("train", "test"):
-            raise ConfigError(f"measure.splits contains {s!r}; use 'train' and/or 'test'.")
+    validate_measure_config(cfg)
 
+    config, model, state, info = load_trained(workdir)
     d = config.data
     loaded = {}
     for s in cfg.splits:
@@ -206,22 +297,53 @@ def measure_workdir(workdir: str, overrides: list[str] | None = None) -> dict:
                         train_for_hessian=(train.images[:nh], train.labels[:nh]))
     rep["measure_config"] = cfg.to_dict()
     rep["test_data"] = cfg.test_data or d.name
+    rep["checkpoint_step"] = int(jax.device_get(state.step))
+    rep["dead"] = dead_network_mark(rep, read_results(workdir))
     write_json_atomic(os.path.join(workdir, "measures.json"), rep)
     return rep
 
 
+DEAD_JACOBIAN = 1e-6  # inputs in [0, 1]: a live network's input-Jacobian Frobenius norm is O(1) or more
+DEAD_SHARE = 0.99  # as training.DEAD_COLLAPSE: the share of examples beyond which the network counts as dead
+
+
+def dead_network_mark(rep: dict, results: dict | None = None) -> dict | None:
+    """None for a live network; for a dead one, ``{"reason": ...}``.
+
+    Dead when training flagged it (``results["dead"]``, see :func:`lcnn_jax.training.dead_network`), or when the
+    input-Jacobian Frobenius norm is below 1e-6 (exactly 0 where every ReLU is off) on at least 99 % of the
+    examples of every measured split. Then Jacobian, curvature and Lipschitz values near 0 describe a constant
+    function, not a smooth classifier, and must not be read as the best smoothness of a table."""
+    if results and results.get("dead"):
+        return {"reason": f"flagged by training: {results.get('dead_reason', 'a constant output')}, train "
+                          f"accuracy {results.get('train_accuracy', float('nan')):.3f}"}
+    shares = [rep[s]["jacobian_frobenius"].get("zero_fraction", 0.0) for s in ("train", "test")
+              if s in rep and "jacobian_frobenius" in rep[s]]
+    if shares and all(x >= DEAD_SHARE for x in shares):
+        return {"reason": f"the input-Jacobian is 0 on {100 * min(shares):.0f} % or more of the measured examples: "
+                          f"the output does not depend on the input there"}
+    return None
+
+
 def format_report(rep: dict) -> str:
-    """A plain-text table: one row per item, one column per split (mean +- std)."""
+    """A plain-text table: one row per item, one column per split (mean +- std). A dead network
+    (``rep["dead"]``) is marked above the header and in every smoothness row, so its zeros are not read as
+    smoothness."""
     splits = [s for s in ("train", "test") if s in rep]
     items = list(dict.fromkeys(k for s in splits for k in rep[s]))
     w = max([len(i) for i in items] + [22])
-    lines = [f"{'item':<{w}}" + "".join(f"{s:>28}" for s in splits)]
+    lines = []
+    dead = rep.get("dead")
+    if dead:
+        lines.append("DEAD NETWORK: smoothness values near 0 below describe a constant function, not a smooth "
+                     f"one ({dead['reason']})")
+    lines.append(f"{'item':<{w}}" + "".join(f"{s:>28}" for s in splits))
     for item in items:
         row = f"{item:<{w}}"
         for s in splits:
             st = rep[s].get(item)
             row += f"{'-':>28}" if st is None else f"{_fmt(st['mean']):>14} +- {_fmt(st['std']):<10}"
-        lines.append(row)
+        lines.append(row + ("  (dead network)" if dead and item in PER_EXAMPLE_ITEMS else ""))
     for item, st in rep.get("parameter_space", {}).items():
         lines.append(f"{item:<{w}}{_fmt(st['mean']):>14} +- {_fmt(st['std']):<10}  (parameter space)")
     return "\n".join(lines)

@@ -437,8 +437,13 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
 
     Raises:
       ConfigError: a bad config, seed list or grid key (message names it and lists the valid state paths), or a
-        workdir holding a different sweep.
+        workdir holding a different sweep, a single run, or no readable checkpoint (``RunDirError``).
       lcnn_jax.data.DatasetError: the dataset cannot be found.
+      lcnn_jax.training.TrainingInterrupted, lcnn_jax.training.NoSpaceLeft: Ctrl-C or a full disk; the last
+        complete checkpoint is kept and rerunning resumes.
+
+    A member whose network ends dead (one output for every input, or one class for 99 % of the training images)
+    has ``dead: true`` in its results and a warning is logged: see :func:`lcnn_jax.training.dead_network`.
     """
     from lcnn_jax.configs import validate_config
 
@@ -446,6 +451,7 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     if data_order not in DATA_ORDERS:
         raise ConfigError(f"data_order={data_order!r} is unknown; use one of {DATA_ORDERS}.")
     validate_config(config)
+    training.check_run_dir(config, workdir, kind="sweep")
     members = sweep_members(seeds, grid)
     flat = flatten_grid(grid)
     setup = training.prepare_run(config)
@@ -459,13 +465,16 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
                                 "data_order": data_order,
                                 "members": [{"index": m.index, "id": m.id, "seed": m.seed, "grid": m.values}
                                             for m in members]})
-    training.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-
     layout = sweep_layout(mesh, k)
     ckpt = training.Checkpointer(workdir, max_to_keep=int(tcfg.get("keep_checkpoints", 2)))
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-        stacked = ckpt.restore(stacked, start_step)
+    try:  # the newest intact checkpoint; damaged ones are moved aside with a warning
+        restored, start_step = ckpt.restore_newest_intact(stacked, quarantine=True)
+    except BaseException:
+        ckpt.close()
+        raise
+    if restored is not None:
+        stacked = restored
+    training.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     stacked = place_state(stacked, layout)
     start = int(np.asarray(jax.device_get(stacked.step))[0])
     log = training.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
@@ -498,6 +507,10 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
             n = np.maximum(tot["count"], 1.0)
             res[f"{name}_accuracy"] = (tot["correct"] / n).tolist()
             res[f"{name}_loss"] = (tot["loss_sum"] / n).tolist()
+            if name == "train":  # a dead member (see training.dead_network)
+                counts = np.asarray(tot["pred_counts"]).reshape(k, -1)
+                res["dead"] = [training.dead_network(float(a), float(b), c) for a, b, c in
+                               zip(np.ravel(tot["logit_spread"]), np.ravel(tot["logit_scale"]), counts)]
         return res
 
     def run_eval(st, step):
@@ -563,6 +576,10 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
              "num_train": len(train.images), "num_test": len(test.images),
              **{key: vals[m.index] for key, vals in final.items()}}
         member_results.append(r)
+        if r.get("dead") and not r["diverged"]:
+            _log.warning("sweep member %s (seed %d, %s) is dead: one output, or one class for 99 %% of the training "
+                         "images (train accuracy %.3f); its smoothness measures describe a constant function.",
+                         m.id, m.seed, m.values, r["train_accuracy"])
     summary = {"num_members": k, "members": member_results,
                "diverged": [r["id"] for r in member_results if r["diverged"]],
                "aggregate": _aggregate(member_results), "seeds": [int(s) for s in seeds],

@@ -16,12 +16,17 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import errno
 import io
 import itertools
 import json
+import logging
+import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -43,6 +48,41 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunDirError(ConfigError):
+    """The ``workdir`` cannot be used as asked: it is a file, it holds a run of another config, or none of its
+    checkpoints can be read. Nothing has been written; the message names the problem and the fix."""
+
+
+class NoSpaceLeft(OSError):
+    """The disk holding the ``workdir`` is full (``errno.ENOSPC``). The last complete checkpoint is kept; free some
+    space and rerun the same command to resume."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during the training loop. ``step`` is the last step taken, ``checkpoint_step`` the newest
+    checkpoint on disk (None: none yet); rerunning the same command resumes from it. A subclass of
+    ``KeyboardInterrupt``, so code that handles that keeps working."""
+
+    def __init__(self, step: int, checkpoint_step: int | None):
+        super().__init__(step, checkpoint_step)
+        self.step, self.checkpoint_step = int(step), checkpoint_step
+
+    def __str__(self) -> str:
+        saved = ("no checkpoint was saved yet, so a rerun starts over" if self.checkpoint_step is None
+                 else f"the last checkpoint is step {self.checkpoint_step}")
+        return f"interrupted at step {self.step} ({saved}); rerun the same command to resume."
+
+
+_log = logging.getLogger(__name__)
 
 
 class TrainState(train_state.TrainState):
@@ -110,6 +150,8 @@ def make_optimizer(optim_cfg, total_steps: int, params: PyTree) -> tuple[optax.G
     Weight decay for ``sgd``/``adam`` is the coupled L2 form of PyTorch (``g + wd * theta`` before the update
     rule), which is what the reference implementations train with; ``adamw`` decouples it. Leaves whose path
     contains a name in ``optim_cfg.wd_exclude`` (default: LCNN's ``log_beta`` and ``log_gamma``) get no decay.
+    ``optim_cfg.clip_grad_norm`` (None: off) rescales the loss gradient to that global norm when it is larger
+    (``optax.clip_by_global_norm``), before weight decay and momentum: the usual cure for a loss that blows up.
     """
     sched = make_schedule(optim_cfg, total_steps)
     name = optim_cfg.get("name", "sgd")
@@ -121,11 +163,14 @@ def make_optimizer(optim_cfg, total_steps: int, params: PyTree) -> tuple[optax.G
     elif name == "adam":
         core = optax.adam(sched)
     elif name == "adamw":
-        return optax.adamw(sched, weight_decay=wd, mask=mask), sched
+        core = optax.adamw(sched, weight_decay=wd, mask=mask)
     else:
         raise ConfigError(f"optim.name={name!r} is unknown; use 'sgd', 'adam' or 'adamw'.")
-    if wd > 0:
+    if wd > 0 and name != "adamw":
         core = optax.chain(optax.add_decayed_weights(wd, mask), core)
+    clip = optim_cfg.get("clip_grad_norm")
+    if clip:  # only when set: the optimizer state of an unclipped run keeps its old structure (checkpoints)
+        core = optax.chain(optax.clip_by_global_norm(float(clip)), core)
     return core, sched
 
 
@@ -197,16 +242,25 @@ def make_train_step(model, regularizers: Sequence[Regularizer]) -> Callable[[Tra
 
 
 def make_eval_step(model) -> Callable[[TrainState, Batch], dict]:
-    """Return ``eval_step(state, batch) -> {"loss_sum", "correct", "count"}`` in eval mode; ``batch["mask"]``
-    (1 for real examples, 0 for padding) lets the last, partial batch be padded to a fixed shape."""
+    """Return ``eval_step(state, batch) -> {"loss_sum", "correct", "count", "logit_spread", "logit_scale",
+    "pred_counts"}`` in eval mode; ``batch["mask"]`` (1 for real examples, 0 for padding) lets the last, partial
+    batch be padded to a fixed shape. ``logit_spread`` is ``max_k (max_i z_ik - min_i z_ik)`` over the batch's
+    real examples, ``logit_scale`` is ``max |z_ik|`` and ``pred_counts`` the number of examples predicted as each
+    class: summed over batches they tell a *dead* network (:func:`dead_network`)."""
 
     def eval_step(state: TrainState, batch: Batch):
         logits = model.apply({"params": state.params, **state.model_state}, batch["image"], train=False)
         mask = batch["mask"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        real = mask[:, None] > 0
+        spread = jnp.where(real, logits, -jnp.inf).max(0) - jnp.where(real, logits, jnp.inf).min(0)
+        pred = jnp.argmax(logits, -1)
         return {"loss_sum": jnp.sum(ce * mask),
-                "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-                "count": jnp.sum(mask)}
+                "correct": jnp.sum((pred == batch["label"]) * mask),
+                "count": jnp.sum(mask),
+                "logit_spread": jnp.max(spread),
+                "logit_scale": jnp.max(jnp.where(real, jnp.abs(logits), 0.0)),
+                "pred_counts": jnp.sum(jax.nn.one_hot(pred, logits.shape[-1]) * mask[:, None], axis=0)}
 
     return eval_step
 
@@ -255,11 +309,11 @@ def jit_train_step(step_fn, mesh: Mesh):
 
 def evaluation_totals(eval_batch: Callable[[dict], dict], images: np.ndarray, labels: np.ndarray, *,
                       batch_size: int) -> dict:
-    """Sum ``eval_batch(batch)`` (``{"loss_sum", "correct", "count"}``) over a whole split in batches of
-    ``batch_size``; the last batch is padded to that size and masked (``batch["mask"]``), so one compiled shape
-    serves every batch. Returns float64 NumPy totals of whatever shape ``eval_batch`` returns (scalars for one
-    model, ``(K,)`` for a vmapped sweep of K members)."""
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    """Sum ``eval_batch(batch)`` (``{"loss_sum", "correct", "count", ...}``: every key it returns) over a whole
+    split in batches of ``batch_size``; the last batch is padded to that size and masked (``batch["mask"]``), so
+    one compiled shape serves every batch. Returns float64 NumPy totals of whatever shape ``eval_batch`` returns
+    (scalars for one model, ``(K,)`` for a vmapped sweep of K members)."""
+    totals: dict = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for start in range(0, len(images), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
         pad = batch_size - len(x)
@@ -268,8 +322,8 @@ def evaluation_totals(eval_batch: Callable[[dict], dict], images: np.ndarray, la
             x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
         out = jax.device_get(eval_batch({"image": x, "label": y, "mask": mask}))
-        for k in totals:
-            totals[k] = totals[k] + np.asarray(out[k], np.float64)
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
     return totals
 
 
@@ -282,7 +336,29 @@ def evaluate(state: TrainState, eval_step, images: np.ndarray, labels: np.ndarra
                                batch_size=batch_size)
     n = max(float(totals["count"]), 1.0)
     return {"accuracy": float(totals["correct"]) / n, "loss": float(totals["loss_sum"]) / n,
-            "count": int(totals["count"])}
+            "count": int(totals["count"]), "logit_spread": float(totals.get("logit_spread", math.nan)),
+            "logit_scale": float(totals.get("logit_scale", math.nan)),
+            "pred_counts": np.asarray(totals.get("pred_counts", []), np.float64).tolist()}
+
+
+DEAD_SPREAD_RTOL = 1e-5  # ~100 float32 ulps: a live network's logits differ between inputs by O(1)
+DEAD_COLLAPSE = 0.99  # share of the images predicted as one class beyond which a classifier has collapsed
+
+
+def dead_network(logit_spread: float, logit_scale: float, pred_counts=None) -> bool:
+    """True when a trained classifier is *dead*: its logits are the same for every evaluated input within float32
+    rounding (``logit_spread <= 1e-5 * max(logit_scale, 1)``), or it predicts one class for at least 99 % of them
+    (``max(pred_counts) >= 0.99 * sum(pred_counts)``); all three are totals from :func:`evaluation_totals`.
+
+    Typical cause: a learning rate so large that every ReLU ends up off for (nearly) every input. Such a network
+    has the accuracy of one constant guess and input gradients of exactly 0 wherever its output is constant, so
+    every smoothness measure reports a perfectly "smooth" function. Its loss is finite, so the divergence check
+    misses it."""
+    if math.isfinite(logit_spread) and math.isfinite(logit_scale) and \
+            logit_spread <= DEAD_SPREAD_RTOL * max(logit_scale, 1.0):
+        return True
+    counts = np.asarray(pred_counts if pred_counts is not None else [], np.float64)
+    return bool(counts.sum() > 0 and counts.max() >= DEAD_COLLAPSE * counts.sum())
 
 
 def jit_eval_step(eval_fn, mesh: Mesh):
@@ -299,11 +375,16 @@ def write_text_atomic(path: str, text: str) -> None:
     reader (or a crash) sees the whole new file or the previous one, never half of one. Newlines are written as
     given. Every result file of the library and the experiment scripts goes through here."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C: leave the old file, not a stray temporary one
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -333,9 +414,30 @@ def _json_default(o):
     return str(o)
 
 
+def parse_jsonl(text: str) -> tuple[list[dict], list[int]]:
+    """The records of a JSON-lines text and the (1-based) numbers of the lines that are not valid JSON objects.
+
+    A run killed while appending leaves half a line at the end of ``metrics.jsonl``; it is reported among the bad
+    lines instead of making the whole log unreadable."""
+    records, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad.append(i)
+    return records, bad
+
+
 class MetricsLog:
     """Append-only JSON-lines log (``metrics.jsonl``); on resume, records after the restored step are dropped
-    so the log of a resumed run reads like the log of an uninterrupted one."""
+    so the log of a resumed run reads like the log of an uninterrupted one. Lines that are not JSON (half a line
+    left by a run killed mid-write) are dropped with a warning that says so."""
 
     def __init__(self, path: str, resume_step: int | None):
         self.path = path
@@ -343,7 +445,13 @@ class MetricsLog:
             keep = []
             if resume_step is not None:
                 with open(path) as fh:
-                    keep = [l for l in fh if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+                    records, bad = parse_jsonl(fh.read())
+                if bad:
+                    _log.warning("%s: dropped %d unreadable line(s) (line %s; a run killed while writing leaves "
+                                 "half a line); resuming from step %d.", path, len(bad),
+                                 ", ".join(map(str, bad)), resume_step)
+                keep = [json.dumps(r, default=_json_default) + "\n" for r in records
+                        if r.get("step", 0) <= resume_step]
             write_text_atomic(path, "".join(keep))
 
     def write(self, record: dict) -> None:
@@ -352,37 +460,211 @@ class MetricsLog:
 
 
 def read_metrics_log(workdir: str) -> list[dict]:
-    """All records of ``workdir/metrics.jsonl``."""
+    """All records of ``workdir/metrics.jsonl`` (a line that is not JSON, e.g. half a line left by a killed run,
+    is skipped)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-        return [json.loads(l) for l in fh if l.strip()]
+        return parse_jsonl(fh.read())[0]
+
+
+def _is_no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception in its chain says the disk is full: ``OSError(ENOSPC)``, or the text of
+    TensorStore's ``RESOURCE_EXHAUSTED ... No space left on device [os_error_code='28']`` that orbax re-raises."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silence orbax's own error logging (the ``absl`` logger) while probing checkpoints or saving: the same
+    problem reaches the caller as one exception, which the caller turns into one message."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _leaf_signature(tree) -> list[tuple]:
+    """Sorted ``(shape, dtype)`` of every non-scalar array leaf: compares a checkpoint's metadata with a template
+    state without depending on how orbax names the containers. Scalars (step counters, coefficients) are left
+    out: a fresh state may hold them as Python numbers, and the parameter shapes are what tell configs apart."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sorted((tuple(int(d) for d in x.shape), str(np.dtype(x.dtype))) for x in leaves
+                  if hasattr(x, "shape") and hasattr(x, "dtype") and len(x.shape) > 0)
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step folder whose save never finished
 
 
 class Checkpointer:
     """Thin wrapper over an orbax ``CheckpointManager`` in ``workdir/checkpoints`` (synchronous saves, so a
-    checkpoint on disk is complete before training goes on; orbax writes each step to a temporary directory and
-    renames it, so an interruption never leaves a half checkpoint)."""
+    checkpoint on disk is complete before training goes on; orbax writes each step to a temporary folder and
+    renames it, so an interruption never leaves a half checkpoint under a step's name).
 
-    def __init__(self, workdir: str, max_to_keep: int = 2):
+    A *writer* (``read_only=False``: training) first removes the temporary folders of saves that never finished
+    (Ctrl-C, a full disk). A reader (measuring) changes nothing on disk. :meth:`restore_newest_intact` falls
+    back past damaged checkpoints (truncated or emptied files); :meth:`save` turns a full disk into
+    :class:`NoSpaceLeft`.
+    """
+
+    def __init__(self, workdir: str, max_to_keep: int = 2, *, read_only: bool = False):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=opts)
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        if not read_only:
+            remove_unfinished_checkpoints(self.directory)
+        with _quiet_orbax():  # read_only makes orbax warn that it ignores the save options
+            opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                                enable_async_checkpointing=False, read_only=read_only)
+            self.manager = ocp.CheckpointManager(self.directory, options=opts,
+                                                 item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState) -> None:
-        self.manager.save(int(step), args=self._ocp.args.StandardSave(state), force=True)
-        self.manager.wait_until_finished()
+        """Save ``state`` as step ``step`` and wait until it is on disk.
+
+        Raises:
+          NoSpaceLeft: the disk is full; the unfinished folder is removed and the previous checkpoints are kept.
+        """
+        self._check_free_space(step, state)
+        try:
+            with _quiet_orbax():
+                self.manager.save(int(step), args=self._ocp.args.StandardSave(state), force=True)
+                self.manager.wait_until_finished()
+        except Exception as e:
+            if not _is_no_space(e):
+                raise
+            remove_unfinished_checkpoints(self.directory)
+            raise NoSpaceLeft(f"no space left on {self.workdir} while saving the checkpoint of step {step}. "
+                              f"{_kept(self.latest_step())}") from None
+
+    def _check_free_space(self, step: int, state) -> None:
+        """Refuse a save the disk cannot hold (the state's bytes plus 1 MiB of metadata) before orbax starts
+        writing: a save that fails halfway leaves a temporary folder and prints errors from orbax's I/O threads
+        that no caller can catch. A disk that fills up during the save is still caught in :meth:`save`."""
+        need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) + 2 ** 20
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise NoSpaceLeft(f"no space left on {self.workdir}: the checkpoint of step {step} needs about "
+                              f"{need / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} MiB are free. "
+                              f"{_kept(self.latest_step())}")
 
     def restore(self, state_like: TrainState, step: int | None = None) -> TrainState:
         step = self.latest_step() if step is None else step
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state_like)
-        return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        with _quiet_orbax():
+            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+
+    def restore_newest_intact(self, state_like: TrainState, *, quarantine: bool = False):
+        """``(state, step)`` from the newest checkpoint that restores, or ``(None, None)`` when there is none.
+
+        A checkpoint that cannot be read (truncated or emptied files) is skipped with a warning naming it; with
+        ``quarantine`` (training, which will save that step again) it is moved to ``workdir/damaged_checkpoints/``.
+        A checkpoint that reads but holds arrays of other shapes than ``state_like`` is not damaged: it belongs to
+        another config, and :class:`RunDirError` says so.
+
+        Raises:
+          RunDirError: checkpoints exist but none can be restored, or they hold another network.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        want, damaged = _leaf_signature(state_like), []
+        for step in steps:
+            try:
+                with _quiet_orbax():
+                    meta = self.manager.item_metadata(step)
+                tree = getattr(meta, "tree", meta)
+                if tree is None:
+                    raise ValueError("its metadata is missing")
+            except Exception as e:  # orbax raises JSONDecodeError, ValueError, FileNotFoundError ... here
+                damaged.append((step, _damage(os.path.join(self.directory, str(step)), e)))
+                continue
+            if _leaf_signature(tree) != want:
+                raise RunDirError(
+                    f"The checkpoint of step {step} in {self.directory} holds a network of other shapes than the "
+                    f"config describes (another model, width, optimizer or regularizer). Nothing was changed. "
+                    f"Use a new --workdir for this config, or the config this run was trained with "
+                    f"({os.path.join(self.workdir, 'config.json')}).")
+            try:
+                state = self.restore(state_like, step)
+            except Exception as e:
+                damaged.append((step, _damage(os.path.join(self.directory, str(step)), e)))
+                continue
+            self._report_damaged(damaged, step, quarantine)
+            return state, step
+        if damaged:
+            listed = "; ".join(f"step {s}: {e}" for s, e in damaged)
+            raise RunDirError(
+                f"No checkpoint in {self.directory} can be read ({listed}). The files are damaged; nothing was "
+                f"changed. Delete {self.directory} to train this workdir from scratch, or use a new --workdir.")
+        return None, None
+
+    def _report_damaged(self, damaged: list, used: int, quarantine: bool) -> None:
+        for step, e in damaged:
+            where = ""
+            if quarantine:
+                dest = os.path.join(self.workdir, "damaged_checkpoints", str(step))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                if os.path.exists(dest):
+                    shutil.rmtree(dest)
+                shutil.move(os.path.join(self.directory, str(step)), dest)
+                where = f" (moved to {dest})"
+            _log.warning("checkpoint step %d in %s is damaged and was skipped%s: %s; using step %d, the newest "
+                         "intact checkpoint.", step, self.directory, where, e, used)
+        if damaged and quarantine:
+            self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _damage(step_dir: str, e: BaseException) -> str:
+    """One line on why a checkpoint folder cannot be read: "no files" for an emptied folder (orbax's own message
+    then speaks of handler registries), else the error's type and first line."""
+    has_files = any(files for _, _, files in os.walk(step_dir))
+    return "its folder holds no files" if not has_files else _short_error(e)
+
+
+def _kept(step: int | None) -> str:
+    """The second half of a full-disk message: what is kept and how to go on."""
+    if step is None:
+        return "No checkpoint was saved yet: free some space and rerun the same command to start again."
+    return f"The last complete checkpoint (step {step}) is kept: free some space and rerun the same command to resume."
+
+
+def _short_error(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters) for a one-line warning."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:160]}"
+
+
+def remove_unfinished_checkpoints(directory: str) -> list[str]:
+    """Delete the orbax temporary folders (``<step>.orbax-checkpoint-tmp...``) of saves that never finished
+    (Ctrl-C or a full disk during a save), so they neither fill the disk nor confuse the next save; returns their
+    names. Only a writer calls this: a concurrent save of the same run would lose its folder."""
+    try:
+        names = [n for n in os.listdir(directory) if TMP_MARK in n]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for name in names:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if names:
+        _log.warning("removed %d unfinished checkpoint folder(s) in %s: %s (a save that was interrupted).",
+                     len(names), directory, ", ".join(sorted(names)))
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,6 +692,24 @@ def build_regularizers(reg_cfg, info, pool_images: np.ndarray | None = None) -> 
         except ValueError as e:
             raise ConfigError(f"regularizers.{name}: {e}") from e
     return out
+
+
+def check_regularizers_fit_model(regularizers: Sequence[Regularizer], abstract_params: PyTree, sample: Batch, *,
+                                 model_name: str, names: Sequence[str] | None = None) -> None:
+    """Run every regularizer's ``init`` on the model's parameter shapes (``jax.eval_shape``: a trace, no
+    compilation), so a regularizer that needs another model (``regularizers.lcnn`` needs the ``log_beta`` /
+    ``log_gamma`` leaves of an ``lcnn_*`` model) is refused before any training.
+
+    Raises:
+      ConfigError: naming the regularizer (its config key in ``names``), the model and the regularizer's reason.
+    """
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+    names = [r.name for r in regularizers] if names is None else list(names)
+    for name, reg in zip(names, regularizers):
+        try:
+            jax.eval_shape(lambda p, r=reg: r.init(jax.random.PRNGKey(0), p, sample), params)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"regularizers.{name} cannot be used with model.name={model_name!r}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,8 +789,15 @@ def prepare_run(config) -> RunSetup:
     model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
     regularizers = build_regularizers(config.get("regularizers"), info, pool_images=pool)
     sample = {"image": train.images[:local_bs], "label": train.labels[:local_bs]}
-    abstract_params = jax.eval_shape(
-        lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), jax.random.PRNGKey(0))["params"]
+    try:  # shapes only (a trace, no compilation): a model that cannot take these images fails here, clearly
+        abstract_params = jax.eval_shape(
+            lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), jax.random.PRNGKey(0))["params"]
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.name={config.model.name!r} with model.kwargs="
+                          f"{dict(config.model.get('kwargs', {}) or {})} cannot be built for {dcfg.name} images "
+                          f"{tuple(info.image_shape)}: {e}. Change model.kwargs or pick another model.") from e
+    check_regularizers_fit_model(regularizers, abstract_params, sample, model_name=config.model.name,
+                                 names=list((config.get("regularizers") or {}).keys()))
     tx, schedule = make_optimizer(config.optim, total_steps, abstract_params)
 
     step_fn = make_train_step(model, regularizers)
@@ -517,6 +824,10 @@ def _train_loop(state, *, setup: RunSetup, tcfg, start: int, epoch_batches, trai
     ``epoch_end(state, epoch) -> state`` (regularizer hooks); ``check(state, step)`` (a single run raises on
     divergence, a sweep only notes it); ``summarize(metrics) -> (record, progress_postfix)``;
     ``run_eval(state, step)``. Returns ``(state, step, train_wall_time_s)``.
+
+    Raises:
+      TrainingInterrupted: Ctrl-C; the message names the step and the checkpoint a rerun resumes from.
+      NoSpaceLeft: the disk is full (metrics log or checkpoint); the last complete checkpoint is kept.
     """
     spe, total_steps = setup.steps_per_epoch, setup.total_steps
     log_every = int(tcfg.get("log_every", 50))
@@ -524,67 +835,222 @@ def _train_loop(state, *, setup: RunSetup, tcfg, start: int, epoch_batches, trai
     ckpt_every = int(tcfg.get("checkpoint_every", 500))
     t_train = time.time()
     step = start
-    for epoch in itertools.count(start // spe):
-        if step >= total_steps:
-            break
-        for batch in epoch_batches(epoch, step - epoch * spe):
-            state, metrics = train_step(state, batch)
-            step += 1
-            if step % spe == 0:
-                state = epoch_end(state, epoch)
-            bar.update(1)
-            if step % log_every == 0 or step == total_steps:
-                check(state, step)
-                rec, postfix = summarize(metrics)
-                rec.update(step=step, epoch=epoch, learning_rate=float(setup.schedule(step - 1)),
-                           wall_time_s=elapsed_before + time.time() - t_train)
-                log.write(rec)
-                bar.set_postfix(**postfix)
-            if eval_every and step % eval_every == 0 and step != total_steps:
-                run_eval(state, step)
-            if step % ckpt_every == 0 or step == total_steps:
-                check(state, step)
-                ckpt.save(step, state)
+    try:
+        for epoch in itertools.count(start // spe):
             if step >= total_steps:
                 break
-    check(state, step)
+            for batch in epoch_batches(epoch, step - epoch * spe):
+                state, metrics = train_step(state, batch)
+                step += 1
+                if step % spe == 0:
+                    state = epoch_end(state, epoch)
+                bar.update(1)
+                if step % log_every == 0 or step == total_steps:
+                    check(state, step)
+                    rec, postfix = summarize(metrics)
+                    rec.update(step=step, epoch=epoch, learning_rate=float(setup.schedule(step - 1)),
+                               wall_time_s=elapsed_before + time.time() - t_train)
+                    log.write(rec)
+                    bar.set_postfix(**postfix)
+                if eval_every and step % eval_every == 0 and step != total_steps:
+                    run_eval(state, step)
+                if step % ckpt_every == 0 or step == total_steps:
+                    check(state, step)
+                    ckpt.save(step, state)
+                if step >= total_steps:
+                    break
+        check(state, step)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(step, ckpt.latest_step()) from None
+    except OSError as e:  # the metrics log or a checkpoint hit a full disk
+        if isinstance(e, NoSpaceLeft) or not _is_no_space(e):
+            raise
+        raise NoSpaceLeft(f"no space left on {ckpt.workdir} at step {step}. {_kept(ckpt.latest_step())}") from None
     return state, step, elapsed_before + time.time() - t_train
 
 
-def fit(config, workdir: str) -> dict:
+# Keys a rerun may change without changing what is trained: logging, evaluation and checkpoint cadence, the
+# progress bar, where the same dataset is read from (a run moved to another machine), and the sections only other
+# commands read.
+RERUN_NEUTRAL_KEYS = ("train.progress", "train.log_every", "train.eval_every", "train.eval_batch_size",
+                      "train.checkpoint_every", "train.keep_checkpoints", "data.data_dir", "data.download",
+                      "measure", "sweep", "compare")
+# Keys ``extend=True`` (``lcnn-jax train --extend``) lets a rerun change: the run's length.
+EXTEND_KEYS = ("train.num_epochs", "train.num_steps")
+_UNSET = "(unset)"
+
+
+def check_workdir_path(workdir: str) -> None:
+    """Raise :class:`RunDirError` when ``workdir`` exists but is not a directory (e.g. a results file given by
+    mistake), before anything is loaded or written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise RunDirError(f"--workdir {workdir!r} is a file, not a directory. Give the path of a directory (it is "
+                          f"created if missing), e.g. --workdir runs/my_run.")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunDirError(f"--workdir {workdir!r} lies under {parent!r}, which is a file; give a directory path "
+                          f"that can be created, e.g. --workdir runs/my_run.")
+
+
+def _flatten_config(node, prefix: str = "") -> dict:
+    """``{"a.b.c": value}`` of a nested config dict; an empty mapping is a value of its own (a regularizer with no
+    settings still differs from no regularizer)."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten_config(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> dict[str, tuple]:
+    """``{key: (old value, new value)}`` for every leaf where two config dicts differ (tuples and lists compare
+    equal, as JSON stores both as lists). A key absent from ``old`` whose new value is its default in
+    ``defaults`` is no difference: that is how a config written before the key existed reads."""
+    def norm(d):
+        return _flatten_config(json.loads(json.dumps(d, default=_json_default)))
+
+    a, b, dflt = norm(old), norm(new), norm(defaults or {})
+    out = {}
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _UNSET), b.get(key, _UNSET)
+        if va == vb or (va is _UNSET and key in dflt and dflt[key] == vb):
+            continue
+        if {_show(va), _show(vb)} == {_UNSET, "{}"}:  # an empty section that gained keys: those keys say it
+            continue
+        out[key] = (va, vb)
+    return out
+
+
+def _is_under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The step numbers of the finished checkpoint folders in ``workdir/checkpoints`` (read from the folder names,
+    without opening anything), ascending."""
+    try:
+        names = os.listdir(os.path.join(workdir, "checkpoints"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def check_run_dir(config, workdir: str, *, extend: bool = False, kind: str = "run") -> dict[str, tuple]:
+    """Check, before anything is written, that ``config`` may train in ``workdir``; return the accepted changes.
+
+    A workdir that already holds checkpoints belongs to the config in its ``config.json``. Rerunning resumes it
+    only when the two agree up to :data:`RERUN_NEUTRAL_KEYS` (logging and checkpoint cadence); with ``extend``,
+    the run's length (:data:`EXTEND_KEYS`) may change too. Anything else would silently continue, or overwrite,
+    a run under another config, so it is refused. ``kind`` is ``"run"`` (:func:`fit`) or ``"sweep"``.
+
+    Raises:
+      RunDirError: ``workdir`` is a file, holds the other kind of run, or holds a run of a different config (the
+        message lists the differing keys, old -> new, and the fix).
+    """
+    from lcnn_jax.configs import default_config
+
+    check_workdir_path(workdir)
+    if not checkpoint_steps(workdir):
+        return {}  # nothing trained yet: nothing to protect or resume
+    has_sweep = os.path.exists(os.path.join(workdir, "sweep.json"))
+    if kind == "run" and has_sweep:
+        raise RunDirError(f"--workdir {workdir!r} holds a vectorized sweep (sweep.json), not a single run; nothing "
+                          f"was changed. Train this config in a new --workdir.")
+    if kind == "sweep" and not has_sweep:
+        raise RunDirError(f"--workdir {workdir!r} holds a single training run, not a sweep; nothing was changed. "
+                          f"Run the sweep in a new --workdir.")
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise RunDirError(f"--workdir {workdir!r} holds checkpoints but its config.json cannot be read "
+                          f"({_short_error(e)}), so it is unknown which config they belong to; nothing was "
+                          f"changed. Use a new --workdir.") from None
+    diffs = config_differences(old, config.to_dict(), default_config().to_dict())
+    diffs = {k: v for k, v in diffs.items() if not _is_under(k, RERUN_NEUTRAL_KEYS)}
+    refused = {k: v for k, v in diffs.items() if not (extend and _is_under(k, EXTEND_KEYS))}
+    if refused:
+        listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
+        length_only = all(_is_under(k, EXTEND_KEYS) for k in refused)
+        fix = ("To train this run further under the new length, rerun with --extend (fit(..., extend=True)); to "
+               "train the new config from scratch, use a new --workdir." if length_only else
+               f"To train the new config, use a new --workdir; to resume or re-measure the old run, use its own "
+               f"config ({path}).")
+        raise RunDirError(f"--workdir {workdir!r} already holds a {kind} trained with a different config: "
+                          f"{listed}. Nothing was changed (config.json and the checkpoints are as they were). {fix}")
+    return diffs
+
+
+def _show(v) -> str:
+    return v if v is _UNSET else json.dumps(v)
+
+
+def _resume_state(ckpt: Checkpointer, state, mesh: Mesh):
+    """The newest intact checkpoint (damaged ones moved aside with a warning) or ``state`` itself, replicated on
+    ``mesh``, and the restored step (None: fresh start)."""
+    restored, step = ckpt.restore_newest_intact(state, quarantine=True)
+    return replicate(state if restored is None else restored, mesh), step
+
+
+def fit(config, workdir: str, *, extend: bool = False) -> dict:
     """Train the model described by ``config`` and write everything to ``workdir``.
 
     Files: ``config.json`` (resolved config), ``metrics.jsonl`` (every ``train.log_every`` steps: step, loss,
     accuracy, grad_norm, learning_rate, wall_time_s, regularizer metrics; and ``eval/...`` records),
     ``checkpoints/`` (orbax, every ``train.checkpoint_every`` steps and at the end) and ``results.json``.
 
-    Rerunning with the same ``workdir`` resumes from the last checkpoint and ends with the same metrics as an
-    uninterrupted run. Returns the results dict.
+    Rerunning with the same ``workdir`` resumes from the newest intact checkpoint (a damaged one is moved to
+    ``damaged_checkpoints/`` with a warning; half a line at the end of ``metrics.jsonl`` is dropped) and ends with
+    the same metrics as an uninterrupted run. A rerun with a different config is refused before anything is
+    written (:func:`check_run_dir`); ``extend=True`` accepts a longer ``train.num_epochs`` / ``train.num_steps``
+    and trains on from the last checkpoint, under the learning-rate schedule of the new length (so a cosine
+    schedule jumps back up: the result is not that of a run trained for the new length from the start).
+
+    ``results.json`` has ``dead: true`` with a ``warning`` (also logged, and in the last eval record of the log)
+    when the trained network gives one output for every input or one class for 99 % of the training images
+    (:func:`dead_network`): a failure that does not show up as a NaN. Returns the results.
 
     Raises:
       ConfigError: a bad configuration value (message names the key).
+      RunDirError: ``workdir`` is a file, or holds a run of another config, or no readable checkpoint.
       lcnn_jax.data.DatasetError: the dataset cannot be found.
       TrainingDiverged: the loss became non-finite (the last good checkpoint stays in ``workdir``).
+      TrainingInterrupted: Ctrl-C (a ``KeyboardInterrupt``); rerunning resumes.
+      NoSpaceLeft: the disk is full (an ``OSError``); the last complete checkpoint is kept, rerunning resumes.
     """
     from lcnn_jax import data as data_lib
     from lcnn_jax.configs import validate_config
 
     t_start = time.time()
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    changes = check_run_dir(config, workdir, extend=extend)
     setup = prepare_run(config)
+    done = checkpoint_steps(workdir)
+    if done and done[-1] > setup.total_steps:
+        raise RunDirError(f"--workdir {workdir!r} holds a checkpoint of step {done[-1]}, past the "
+                          f"{setup.total_steps} steps this config trains; nothing was changed. Extending needs "
+                          f"more steps (train.num_epochs / train.num_steps), or use a new --workdir.")
+    os.makedirs(workdir, exist_ok=True)
     tcfg, mesh, train, test = config.train, setup.mesh, setup.train, setup.test
     pid, local_bs = jax.process_index(), setup.local_bs
 
     state = create_train_state(setup.model, setup.tx, setup.regularizers, jax.random.PRNGKey(int(config.seed)),
                                setup.sample)
     ckpt = Checkpointer(workdir, max_to_keep=int(tcfg.get("keep_checkpoints", 2)))
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-        state = ckpt.restore(state, start_step)
-    state = replicate(state, mesh)
+    try:
+        state, start_step = _resume_state(ckpt, state, mesh)
+    except BaseException:
+        ckpt.close()
+        raise
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     start = int(state.step)
+    if changes:
+        _log.warning("extending the run in %s from step %d: %s.", workdir, start,
+                     ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()))
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start if start_step is not None else None)
 
     train_step = jit_train_step(setup.step_fn, mesh)
@@ -596,13 +1062,15 @@ def fit(config, workdir: str) -> dict:
                                   drop_remainder=True, start_batch=start_batch):
             yield shard_batch({k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in b.items()}, mesh)
 
-    def run_eval(st, step):
-        res = {}
+    def run_eval(st, step, extra=None):
+        res, spread = {}, {}
         for name, split in (("train", train), ("test", test)):
             r = evaluate(st, eval_step, split.images, split.labels, batch_size=ev_bs, mesh=mesh)
             res.update({f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]})
-        log.write({"step": step, "kind": "eval", **res})
-        return res
+            spread[name] = (r["logit_spread"], r["logit_scale"], r["pred_counts"])
+        dead = extra(res, spread) if extra else {}
+        log.write({"step": step, "kind": "eval", **res, **dead})
+        return {**res, **dead}
 
     def check_finite(st, step):
         bad = int(st.diverged_at)
@@ -611,7 +1079,8 @@ def fit(config, workdir: str) -> dict:
             raise TrainingDiverged(
                 f"The training loss became NaN/inf at step {bad}. Training stopped; the last good checkpoint "
                 f"(step {last}) is kept in {os.path.join(workdir, 'checkpoints')}. Lower optim.learning_rate, "
-                f"the regularizer coefficients, or use gradient clipping, then rerun in a fresh --workdir.")
+                f"the regularizer coefficients, or clip gradients (optim.clip_grad_norm=1.0), then rerun in a "
+                f"fresh --workdir.")
 
     def summarize(metrics):
         rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -630,14 +1099,60 @@ def fit(config, workdir: str) -> dict:
     finally:
         bar.close()
         ckpt.close()
-    final = run_eval(state, step)
-    results = {**final, "steps": step, "epochs": step / setup.steps_per_epoch, "wall_time_s": train_time,
-               "total_time_s": time.time() - t_start, "num_devices": int(mesh.devices.size),
-               "num_train": len(train.images), "num_test": len(test.images),
-               "devices": str(jax.devices()[0].platform), "config": config.to_dict()}
-    if pid == 0:
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
+
+    def health(res, spread):  # the final evaluation also says whether the network is dead
+        report = dead_network_report(*spread["train"], train_accuracy=res["train_accuracy"],
+                                     num_classes=setup.info.num_classes,
+                                     learning_rate=float(config.optim.learning_rate))
+        if report["dead"]:
+            _log.warning("%s", report["warning"])
+        return report
+
+    try:
+        final = run_eval(state, step, extra=health)
+        results = {**final, "steps": step, "epochs": step / setup.steps_per_epoch, "wall_time_s": train_time,
+                   "total_time_s": time.time() - t_start, "num_devices": int(mesh.devices.size),
+                   "num_train": len(train.images), "num_test": len(test.images),
+                   "devices": str(jax.devices()[0].platform), "config": config.to_dict()}
+        if changes:
+            results["extended_from_step"] = start
+        if pid == 0:
+            write_json_atomic(os.path.join(workdir, "results.json"), results)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(step, step) from None
+    except OSError as e:
+        if not _is_no_space(e):
+            raise
+        raise NoSpaceLeft(f"no space left on {os.path.abspath(workdir)} while writing the results of step {step}; "
+                          f"the final checkpoint is kept: free some space and rerun the same command to write "
+                          f"them.") from None
     return results
+
+
+def dead_network_report(logit_spread: float, logit_scale: float, pred_counts, *, train_accuracy: float,
+                        num_classes: int, learning_rate: float | None = None) -> dict:
+    """``{"dead": bool, "logit_spread": float}`` for the final evaluation on the training set, plus, for a dead
+    network (:func:`dead_network`), ``"dead_reason"`` (what was seen, one clause) and ``"warning"``: one paragraph
+    for the log and ``results.json`` saying what was seen, why the smoothness measures of this network mislead,
+    and what to change."""
+    dead = dead_network(logit_spread, logit_scale, pred_counts)
+    out = {"dead": bool(dead), "logit_spread": float(logit_spread)}
+    if dead:
+        counts = np.asarray(pred_counts, np.float64)
+        if logit_spread <= DEAD_SPREAD_RTOL * max(logit_scale, 1.0):
+            seen = f"gives the same output for every training image (logit spread {logit_spread:.3g})"
+        else:
+            seen = (f"predicts class {int(counts.argmax())} for {100 * counts.max() / counts.sum():.1f} % of the "
+                    f"training images")
+        lr = f" (it was {learning_rate:g})" if learning_rate is not None else ""
+        out["dead_reason"] = f"the model {seen}"
+        out["warning"] = (
+            f"dead network: the trained model {seen}, so its training accuracy {train_accuracy:.3f} is that of one "
+            f"constant guess (chance is {1.0 / num_classes:.3f}). The loss did not become NaN, but training failed: "
+            f"its input gradients are 0 wherever the output is constant, so Jacobian, curvature and Lipschitz "
+            f"values near 0 describe a constant function, not a smooth one. Lower optim.learning_rate{lr} or set "
+            f"optim.clip_grad_norm, and train again in a new --workdir.")
+    return out
 
 
 def apply_epoch_end_hooks(reg_state: tuple, regularizers: Sequence[Regularizer], accuracy: Array,
@@ -671,12 +1186,17 @@ def read_config(workdir: str):
     """The resolved ``config.json`` of a run (or sweep) in ``workdir`` as a ``ConfigDict``."""
     import ml_collections
 
+    check_workdir_path(workdir)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No trained run in {workdir!r} (config.json missing): run `lcnn-jax train "
                                 f"--config ... --workdir {workdir}` first.")
-    with open(path) as fh:
-        return ml_collections.ConfigDict(json.load(fh))
+    try:
+        with open(path) as fh:
+            return ml_collections.ConfigDict(json.load(fh))
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); the run's config cannot be read. Restore it from the "
+                          f"config file the run was trained with, or train again in a new --workdir.") from None
 
 
 def template_state(config, *, key: PRNGKey | None = None):
@@ -697,12 +1217,22 @@ def template_state(config, *, key: PRNGKey | None = None):
 
 
 def restore_latest(workdir: str, template: PyTree, what: str = "run") -> PyTree:
-    """The latest checkpoint of ``workdir`` restored into the structure of ``template``."""
-    ckpt = Checkpointer(workdir)
+    """The newest intact checkpoint of ``workdir`` restored into the structure of ``template``; a damaged newer
+    one is skipped with a warning (and left in place: reading never changes a run directory).
+
+    Raises:
+      FileNotFoundError: ``workdir`` has no checkpoint.
+      RunDirError: checkpoints exist but none can be read, or they hold another network than ``template``.
+    """
+    check_workdir_path(workdir)
+    if not checkpoint_steps(workdir):
+        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: the {what} never saved one.")
+    ckpt = Checkpointer(workdir, read_only=True)
     try:
-        if ckpt.latest_step() is None:
+        state, _ = ckpt.restore_newest_intact(template)
+        if state is None:
             raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: the {what} never saved one.")
-        return ckpt.restore(template)
+        return state
     finally:
         ckpt.close()
 
@@ -713,3 +1243,13 @@ def load_trained(workdir: str):
     config = read_config(workdir)
     model, state, info = template_state(config)
     return config, model, restore_latest(workdir, state), info
+
+
+def read_results(workdir: str) -> dict | None:
+    """``workdir/results.json`` of a finished run, or None (unfinished run, or an unreadable file)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as fh:
+            out = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return out if isinstance(out, dict) else None

@@ -1,6 +1,14 @@
 """What a trained network *is*: Jacobian norms, input curvature, Lipschitz estimates, parameter-space Hessian
 measures and sharpness. Measures take plain functions (one example -> output, or a per-example loss), never
-models; see each module's docstring for formulas and costs."""
+models; see each module's docstring for formulas and costs.
+
+Non-finite inputs: called eagerly, every measure raises ``ValueError`` on an input batch holding NaN or inf.
+Under ``jax.jit`` the values cannot be read, so nothing is raised and the result for such an example is silently
+wrong: typically 0 for the Jacobian norm, gradient norm, Lipschitz estimate and gradient stability (the
+gradient-safe norms return 0 for a non-finite square, and a ReLU treats NaN as an inactive unit), and NaN for the
+curvature of a smooth network; the other examples of the batch are unaffected, but a mean over the batch is not.
+Check inputs on the host before jitting (:func:`lcnn_jax.report.check_finite_images`); ``lcnn-jax measure`` and
+``lcnn-jax compare`` do, and stop with exit code 2."""
 from lcnn_jax.measures.bounds import Bound, CurvatureBound, curvature_bound, layer_bound
 from lcnn_jax.measures.curvature import gradient_stability, input_curvature
 from lcnn_jax.measures.hessian import (DatasetHVP, dataset_hvp, hessian_spectral_density, hessian_top_eigenvalues,
