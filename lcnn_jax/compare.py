@@ -71,6 +71,8 @@ __all__ = [
     "format_markdown",
     "write_results",
     "plot_results",
+    "scatter_figure",
+    "axis_label",
     "run_compare",
 ]
 
@@ -464,38 +466,204 @@ def write_results(workdir: str, cells: Sequence[dict], cols: Sequence[dict], met
     return obj
 
 
-def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column: str) -> list[str]:
-    """``figures/accuracy_vs_curvature.png`` (test accuracy against input curvature) and
-    ``figures/robustness_vs_jacobian.png`` (``robust_column`` against the Jacobian Frobenius norm): one point
-    per method, seed standard deviations as error bars, log-scaled x axes. Returns the paths written."""
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
+
+
+def axis_label(name: str, cols: Sequence[dict]) -> str:
+    """A readable axis label of a metric column: ``pgd_l2_1`` -> ``"PGD-L2 ε=1 accuracy (%)"``,
+    ``curvature`` -> ``"input curvature |λ| / (‖g‖ + 1e-6), test mean"``; other columns keep their table label."""
+    for prefix, text in (("pgd_linf_", "PGD-L∞ ε={} accuracy (%)"), ("pgd_l2_", "PGD-L2 ε={} accuracy (%)"),
+                         ("noise_", "Gaussian-noise σ={} accuracy (%)")):
+        if name.startswith(prefix):
+            return text.format(name[len(prefix):])
+    fixed = {"test_accuracy": "test accuracy (%)", "train_accuracy": "training accuracy (%)",
+             "clean_accuracy": "clean accuracy, measured test subset (%)",
+             "curvature": "input curvature |λ| / (‖g‖ + 1e-6), test mean",
+             "jacobian_frobenius": "input-Jacobian norm ‖J‖_F, test mean",
+             "hessian_norm": "input-Hessian norm |λ|, test mean", "grad_norm": "loss-gradient norm ‖g‖, test mean",
+             "local_lipschitz": "local Lipschitz estimate, test mean",
+             "gradient_stability": "gradient stability (cosine), test mean"}
+    if name in fixed:
+        return fixed[name]
+    return next((c["label"] for c in cols if c["name"] == name), name)
+
+
+def _plain_log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick positions for a log axis on [lo, hi], to be written as plain numbers: 1-2-5 per decade, or finer
+    multiples when the range is narrow, or powers of ten when it is wide; 3 to 8 ticks where possible."""
+    from matplotlib import ticker
+
+    e0, e1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+    best: list = []
+    for mults in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9), (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7,
+                                                                8, 9), (1,)):
+        ticks = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in mults if lo <= m * 10.0 ** e <= hi]
+        if 3 <= len(ticks) <= 8:
+            return ticks
+        if len(best) < len(ticks) <= 8:
+            best = ticks
+    if len(best) >= 2:
+        return best
+    if hi / lo < 10:  # narrower than the multiples above: evenly spaced round numbers
+        return [float(t) for t in ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+                if lo <= t <= hi]
+    ticks = [10.0 ** e for e in range(e0, e1 + 1) if lo <= 10.0 ** e <= hi]
+    while len(ticks) > 8:
+        ticks = ticks[::2]
+    return ticks
+
+
+def _format_tick(v: float) -> str:
+    return f"{v:.6g}" if 1e-4 <= abs(v) < 1e6 else f"{v:.0e}"
+
+
+def _overlaps(a, b) -> bool:
+    return not (a[2] < b[0] or a[0] > b[2] or a[3] < b[1] or a[1] > b[3])
+
+
+def _place_labels(fig, ax, points: Sequence[dict], fontsize: float) -> list:
+    """Label every point with its method name beside it: the nearest position (right or left, then moved up or
+    down, with a leader line) whose box overlaps no other label, no marker and no error bar. ``points`` hold
+    ``name, x, y, color`` (data coordinates), ``size`` (marker size, points) and ``xerr``/``yerr``."""
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    to_px = ax.transData.transform
+    axes_box = ax.get_window_extent(renderer)
+    obstacles = []
+    for p in points:
+        px, py = to_px((p["x"], p["y"]))
+        r = 0.5 * p["size"] * px_per_pt + 2
+        obstacles.append((px - r, py - r, px + r, py + r))
+        if p["xerr"]:
+            (x0, _), (x1, _) = to_px((max(p["x"] - p["xerr"], 1e-300), p["y"])), to_px((p["x"] + p["xerr"], p["y"]))
+            obstacles.append((x0, py - 2, x1, py + 2))
+        if p["yerr"]:
+            (_, y0), (_, y1) = to_px((p["x"], p["y"] - p["yerr"])), to_px((p["x"], p["y"] + p["yerr"]))
+            obstacles.append((px - 2, y0, px + 2, y1))
+    placed, texts = [], []
+    for p in sorted(points, key=lambda q: -to_px((q["x"], q["y"]))[1]):  # top to bottom: clusters stack in order
+        px, py = to_px((p["x"], p["y"]))
+        probe = ax.text(0, 0, p["name"], fontsize=fontsize)
+        w, h = probe.get_window_extent(renderer).width + 4, probe.get_window_extent(renderer).height + 2
+        probe.remove()
+        gap = 0.5 * p["size"] * px_per_pt + 4
+        # Candidates nearest first: right, left, above, below the marker, then right/left moved up or down.
+        cands = [(px + gap, py, "left"), (px - gap, py, "right"), (px, py + gap + h / 2, "center"),
+                 (px, py - gap - h / 2, "center")]
+        cands += [(px + side * gap, py + sign * k * h, "left" if side == 1 else "right")
+                  for k in range(1, 16) for sign in (1, -1) for side in (1, -1)]
+        best = None
+        for ax_x, ax_y, ha in cands:
+            left = {"left": ax_x, "right": ax_x - w, "center": ax_x - w / 2}[ha]
+            box = (left, ax_y - h / 2, left + w, ax_y + h / 2)
+            inside = (box[0] >= axes_box.x0 and box[2] <= axes_box.x1 and box[1] >= axes_box.y0
+                      and box[3] <= axes_box.y1)
+            if inside and not any(_overlaps(box, o) for o in placed + obstacles):
+                best = (box, ax_x, ax_y, ha)
+                break
+        if best is None:  # no free place inside the axes: right of the point, possibly overlapping
+            best = ((px + gap, py - h / 2, px + gap + w, py + h / 2), px + gap, py, "left")
+        box, ax_x, ax_y, ha = best
+        placed.append(box)
+        near = abs(ax_y - py) <= gap + h / 2 + 1e-6
+        texts.append(ax.annotate(
+            p["name"], (p["x"], p["y"]), xytext=((ax_x - px) / px_per_pt, (ax_y - py) / px_per_pt),
+            textcoords="offset points", fontsize=fontsize, color=p["color"], ha=ha, va="center", zorder=20,
+            bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.85),
+            arrowprops=None if near else dict(arrowstyle="-", color=p["color"], lw=0.6, shrinkA=0, shrinkB=2)))
+    return texts
+
+
+def scatter_figure(agg: Mapping, cols: Sequence[dict], xname: str, yname: str, *, title: str,
+                   subtitle: str = ""):
+    """One point per method at (mean of ``xname``, mean of ``yname``) over seeds, seed standard deviations as
+    error bars, log x axis with plain tick labels. Methods get distinct marker shapes and decreasing marker
+    sizes (so coinciding points show as nested outlines) and a direct label placed clear of the other labels
+    and markers; the legend sits outside the axes. Accuracies are plotted in %. Returns the Matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    labels = {c["name"]: c["label"] for c in cols}
-    if robust_column not in labels:
+    fig, ax = plt.subplots(figsize=(8.0, 4.8), dpi=120)
+    scale = 100.0 if _is_accuracy(yname) else 1.0
+    points = []
+    n = len(agg)
+    for i, method in enumerate(agg):
+        x, y = agg[method][xname], agg[method][yname]
+        if not (_finite(x["mean"]) and _finite(y["mean"]) and x["mean"] > 0):
+            continue
+        color = f"C{i % 10}"
+        # Drawn in order, each smaller than the one before: coinciding points show as nested outlines.
+        size = 12.0 - 6.0 * i / max(n - 1, 1)
+        xerr = float(x["std"]) if _finite(x["std"]) else 0.0
+        yerr = scale * float(y["std"]) if _finite(y["std"]) else 0.0
+        ax.errorbar(x["mean"], scale * y["mean"], xerr=xerr or None, yerr=yerr or None,
+                    fmt=_MARKERS[i % len(_MARKERS)], markersize=size, markerfacecolor="none", markeredgewidth=1.5,
+                    color=color, ecolor=color, elinewidth=0.9, alpha=0.9, capsize=2.5, label=method, zorder=2 + i)
+        points.append({"name": method, "x": x["mean"], "y": scale * y["mean"], "color": color, "size": size,
+                       "xerr": xerr, "yerr": yerr})
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{axis_label(xname, cols)} (log scale; lower is smoother)")
+    ax.set_ylabel(axis_label(yname, cols))
+    ax.grid(True, which="major", alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    if subtitle:
+        ax.set_title(subtitle, fontsize=8, color="0.3")
+    if points:
+        ax.margins(x=0.15, y=0.12)
+        ax.autoscale_view()
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo, hi)
+        ax.xaxis.set_major_locator(ticker.FixedLocator(_plain_log_ticks(lo, hi)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _format_tick(v)))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, title="method",
+                  title_fontsize=8, frameon=False)
+        fig.tight_layout()
+        fig.canvas.draw()
+        _place_labels(fig, ax, points, fontsize=7.5)
+    else:
+        ax.text(0.5, 0.5, "no finite values to plot", transform=ax.transAxes, ha="center", va="center")
+        fig.tight_layout()
+    return fig
+
+
+def _run_title(workdir: str) -> tuple[str, str]:
+    """The run's name (its directory) and, when ``results.json`` is there, the run's description line."""
+    name = os.path.basename(os.path.abspath(workdir)) or workdir
+    try:
+        with open(os.path.join(workdir, "results.json")) as fh:
+            desc = str(json.load(fh).get("title", ""))
+    except (OSError, ValueError):
+        desc = ""
+    return name, desc.removeprefix("lcnn-jax compare: ")
+
+
+def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column: str,
+                 title: str | None = None) -> list[str]:
+    """``figures/accuracy_vs_curvature.png`` (test accuracy against input curvature) and
+    ``figures/robustness_vs_jacobian.png`` (``robust_column`` against the Jacobian Frobenius norm), drawn by
+    :func:`scatter_figure`; the title names the run (``title``, else the workdir's name) and the subtitle
+    describes it (dataset, model, seeds, epochs, from ``results.json``). Returns the paths written."""
+    import matplotlib.pyplot as plt
+
+    names = {c["name"] for c in cols}
+    if robust_column not in names:
         robust_column = next((c["name"] for c in cols if c["name"].startswith("pgd_")), "clean_accuracy")
+    run, desc = _run_title(workdir)
+    run = title or run
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
     paths = []
-    for fname, xname, yname in (("accuracy_vs_curvature.png", "curvature", "test_accuracy"),
-                                ("robustness_vs_jacobian.png", "jacobian_frobenius", robust_column)):
-        fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
-        for i, method in enumerate(agg):
-            x, y = agg[method][xname], agg[method][yname]
-            if not (_finite(x["mean"]) and _finite(y["mean"])):
-                continue
-            ax.errorbar(x["mean"], 100 * y["mean"], xerr=x["std"], yerr=100 * y["std"], fmt="o", capsize=3,
-                        color=f"C{i % 10}", label=method)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{labels[xname]} (test, lower is smoother)")
-        ax.set_ylabel(f"{labels[yname]} (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
+    for fname, xname, yname, what in (
+            ("accuracy_vs_curvature.png", "curvature", "test_accuracy", "test accuracy vs input curvature"),
+            ("robustness_vs_jacobian.png", "jacobian_frobenius", robust_column,
+             f"{axis_label(robust_column, cols).removesuffix(' (%)')} vs Jacobian norm")):
+        fig = scatter_figure(agg, cols, xname, yname, title=f"{run}: {what}", subtitle=desc)
         path = os.path.join(workdir, "figures", fname)
         tmp = path + ".tmp.png"
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
         plt.close(fig)
         os.replace(tmp, path)
         paths.append(path)
