@@ -495,7 +495,7 @@ def _plain_log_ticks(lo: float, hi: float) -> list[float]:
 
     e0, e1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
     best: list = []
-    for mults in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9), (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7,
+    for mults in ((1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9), (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7,
                                                                 8, 9), (1,)):
         ticks = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in mults if lo <= m * 10.0 ** e <= hi]
         if 3 <= len(ticks) <= 8:
