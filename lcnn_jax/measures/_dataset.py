@@ -8,6 +8,7 @@ weigh padded examples by 0. ``c`` is ``chunk_size`` when the data are arrays, el
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -36,6 +37,19 @@ def _leading(batch: Any, name: str) -> int:
         raise ValueError(f"the arrays of a batch of {name} must share their leading (example) axis; got shapes "
                          f"{shapes}.")
     return sizes.pop()
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _dynamic_chunk(a, start, size: int):
+    return jax.lax.dynamic_slice_in_dim(a, start, size)
+
+
+def _slice(a, start: int, size: int):
+    """``a[start:start + size]``; for a device array one compiled program for every full chunk (a static slice
+    at each offset would compile one program per offset)."""
+    if isinstance(a, jax.Array) and start + size <= a.shape[0]:
+        return _dynamic_chunk(a, start, size)
+    return a[start:start + size]
 
 
 def _pad(a, size: int):
@@ -74,7 +88,7 @@ class Batches:
                                  "of batches.")
             n = _leading(data, name)
             self._one_shot = False
-            self._source = lambda: (jax.tree_util.tree_map(lambda a: a[i:i + self.chunk_size], data)
+            self._source = lambda: (jax.tree_util.tree_map(lambda a: _slice(a, i, self.chunk_size), data)
                                     for i in range(0, n, self.chunk_size))
             return
         if callable(data):
@@ -109,7 +123,7 @@ class Batches:
                 self.size = n if self.chunk_size is None else min(n, self.chunk_size)
             for start in range(0, n, self.size):
                 piece = batch if (start == 0 and n <= self.size) else jax.tree_util.tree_map(
-                    lambda a: a[start:start + self.size], batch)
+                    lambda a: _slice(a, start, self.size), batch)
                 m = min(self.size, n - start)
                 yield jax.tree_util.tree_map(lambda a: _pad(a, self.size), piece), np.arange(self.size) < m
             total += n
