@@ -58,6 +58,7 @@ def fd_max_slope(model, params, lo, hi, h=2e-3):
 WIDTHS = (64, 32)  # the script's network at a smaller width, to keep the test fast
 
 
+@pytest.mark.slow
 def test_toy_warm_starts_smoothness_order_estimates_and_outputs(tmp_path):
     # one test (one training run): under pytest-xdist a shared fixture would train once per worker
     model = toy.toy_model(WIDTHS)
@@ -115,6 +116,7 @@ def test_aggregate_row_mean_and_sample_std():
     assert set(rec) == set(table.CSV_COLUMNS)
 
 
+@pytest.mark.slow
 def test_table_one_epoch_one_seed_row(tmp_path, monkeypatch):
     eval_data = table.load_eval_data(None, test_limit=50, lip_pairs=16)
     kw = dict(epochs=1, seeds=[0], out_dir=str(tmp_path / "out"), workdir=str(tmp_path / "runs"), eval_data=eval_data,

@@ -42,6 +42,7 @@ def tiny_config():
     return config
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tmp_path, monkeypatch):
     """One tiny compare run (compiling dominates), then every check on it, in order; one test function so that
     pytest-xdist never runs the compare twice in parallel workers."""

@@ -48,6 +48,7 @@ def test_every_notebook_is_tested():
     assert found == sorted(NOTEBOOKS)
 
 
+@pytest.mark.notebooks
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_fast_mode_and_its_checks_pass(name, this_python_kernel):
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name + ".ipynb"), as_version=4)

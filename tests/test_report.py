@@ -22,6 +22,7 @@ def trained(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_measure_report_matches_direct_computation(trained, capsys):
     rc = main(["measure", "--workdir", trained, "--config.measure.num_examples=10", "--config.measure.batch_size=4",
                "--config.measure.hessian_examples=50", "--config.measure.hessian_probes=4",
