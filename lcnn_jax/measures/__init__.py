@@ -9,7 +9,8 @@ gradient-safe norms return 0 for a non-finite square, and a ReLU treats NaN as a
 curvature of a smooth network; the other examples of the batch are unaffected, but a mean over the batch is not.
 Check inputs on the host before jitting (:func:`lcnn_jax.report.check_finite_images`); ``lcnn-jax measure`` and
 ``lcnn-jax compare`` do, and stop with exit code 2."""
-from lcnn_jax.measures.bounds import Bound, CurvatureBound, curvature_bound, layer_bound
+from lcnn_jax.measures.bounds import Bound, CurvatureBound, Factor, curvature_bound, function_bound, layer_bound
+from lcnn_jax.measures.operator_norms import NormBounds, conv_general_norm_bounds, conv_norm_bounds, matrix_norm_bounds
 from lcnn_jax.measures.curvature import gradient_stability, input_curvature
 from lcnn_jax.measures.hessian import (DatasetHVP, dataset_hvp, hessian_spectral_density, hessian_top_eigenvalues,
                                       hessian_trace)
@@ -21,7 +22,8 @@ from lcnn_jax.measures.sharpness import (LayerNormalizedSharpness, NormalizedSha
                                          minimum_sharpness_from_traces, normalized_layer_sharpness,
                                          normalized_sharpness, normalized_sharpness_from_diagonal, rescale_params)
 
-__all__ = ["Bound", "CurvatureBound", "curvature_bound", "layer_bound", "gradient_stability", "input_curvature", "hessian_spectral_density", "hessian_top_eigenvalues",
+__all__ = ["Bound", "CurvatureBound", "Factor", "curvature_bound", "function_bound", "layer_bound", "NormBounds",
+           "conv_norm_bounds", "conv_general_norm_bounds", "matrix_norm_bounds", "gradient_stability", "input_curvature", "hessian_spectral_density", "hessian_top_eigenvalues",
            "dataset_hvp", "DatasetHVP",
            "hessian_trace", "jacobian_frobenius", "STEP_GROWTH", "PairAscentResult", "lipschitz_pair_ascent",
            "local_lipschitz", "pair_ascent_step", "pair_quotients", "LayerNormalizedSharpness",

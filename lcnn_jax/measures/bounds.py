@@ -252,9 +252,10 @@ class _Sym:
 
 
 class _Interpreter:
-    def __init__(self, key: PRNGKey | None, num_iters: int, almost_everywhere: bool, strip_prefix: str = ""):
+    def __init__(self, key: PRNGKey | None, num_iters: int, almost_everywhere: bool, strip_prefix: str = "",
+                 side: str = "upper"):
         self.key, self.num_iters, self.ae = key, num_iters, almost_everywhere
-        self.strip = strip_prefix
+        self.strip, self.side = strip_prefix, side
         self.factors: list[Factor] = []
         self.count = 0
         self.sites: dict = {}
@@ -281,6 +282,7 @@ class _Interpreter:
         m = float(np.max(mags)) if mags.size else 0.0
         up = m * (1.0 + safety_margin(s.dtype))
         self.record(s.diag_path, "scale", m, up)
+        up = up if self.side == "upper" else m
         rows = None
         if s.anchor is not None:
             base = s.seg if s.rows is None else s.rows
@@ -292,6 +294,7 @@ class _Interpreter:
                    rows=None, keep_rows=False) -> _Sym:
         """A linear map of certified norm ``up`` applied to ``s`` (already materialised)."""
         self.record(path, op, lower, up)
+        up = up if self.side == "upper" else lower
         new_rows = None
         if s.anchor is not None:
             if keep_rows:
@@ -587,8 +590,8 @@ def _group_layers(factors: Sequence[Factor]) -> tuple:
 
 
 def function_bound(fn: Callable[[Array], Array], example: Any, *, key: PRNGKey | None = None,
-                   num_iters: int = 30, almost_everywhere: bool = False,
-                   strip_prefix: str = "") -> CurvatureBound:
+                   num_iters: int = 30, almost_everywhere: bool = False, strip_prefix: str = "",
+                   factor_side: str = "upper") -> CurvatureBound:
     """Certified slope and curvature bounds of ``fn`` over all inputs of ``example``'s shape and dtype.
 
     ``fn`` maps one input (an array, e.g. a batch of one image) to one output array; its parameters must be
@@ -596,11 +599,16 @@ def function_bound(fn: Callable[[Array], Array], example: Any, *, key: PRNGKey |
     ``key`` randomises the power-iteration starts of the lower sides; ``num_iters`` power iterations per
     convolution. Per-output arrays have the output's size (flattened). ``strip_prefix``: a leading module
     name removed from the reported paths (``curvature_bound`` passes the model's class name).
+    ``factor_side="lower"`` puts every factor's lower side into the same algebra instead: NOT a bound, but the
+    value the bound would take if every certified factor were exact (so ``bound / that`` is the part of the
+    bound's slack due to the per-factor certification, the rest being the algebra's worst-case alignment).
     """
     shape = tuple(getattr(example, "shape", example))
     dtype = getattr(example, "dtype", jnp.float32)
     closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(shape, dtype))
-    interp = _Interpreter(key, int(num_iters), bool(almost_everywhere), strip_prefix)
+    if factor_side not in ("upper", "lower"):
+        raise ValueError(f"factor_side must be 'upper' (the certified bound) or 'lower', got {factor_side!r}")
+    interp = _Interpreter(key, int(num_iters), bool(almost_everywhere), strip_prefix, factor_side)
     x = _Sym(shape, dtype, 1.0, {})
     x.anchor = x
     outs = interp.run(closed.jaxpr, closed.consts, [x])
@@ -645,7 +653,7 @@ def _params_dtype(variables: Mapping) -> Any:
 
 def curvature_bound(model: nn.Module, variables: Mapping, input_shape: Sequence[int], *,
                     key: PRNGKey | None = None, num_iters: int = 30, almost_everywhere: bool = False,
-                    apply_kwargs: Mapping | None = None) -> CurvatureBound:
+                    apply_kwargs: Mapping | None = None, factor_side: str = "upper") -> CurvatureBound:
     """Certified upper bounds on the input-Hessian spectral norm and gradient norm of every output.
 
     Args:
@@ -660,6 +668,7 @@ def curvature_bound(model: nn.Module, variables: Mapping, input_shape: Sequence[
       num_iters: power iterations per convolution for the lower side (the upper side does not iterate).
       almost_everywhere: count ReLU/max-pool kinks as ``K = 0`` (a bound wherever the Hessian exists).
       apply_kwargs: extra keywords for ``model.apply`` (override the detected ``train=False``).
+      factor_side: ``"upper"`` (the certified bound) or ``"lower"`` (a diagnostic; see :func:`function_bound`).
 
     Returns:
       :class:`CurvatureBound` (per-output arrays of length ``num_classes``).
@@ -674,7 +683,7 @@ def curvature_bound(model: nn.Module, variables: Mapping, input_shape: Sequence[
     fn = lambda x: model.apply(variables, x, **kwargs)  # noqa: E731
     res = function_bound(fn, jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype), key=key,
                          num_iters=num_iters, almost_everywhere=almost_everywhere,
-                         strip_prefix=type(model).__name__)
+                         strip_prefix=type(model).__name__, factor_side=factor_side)
     return res
 
 

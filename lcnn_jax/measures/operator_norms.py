@@ -11,10 +11,11 @@ the padded image is a restriction of the *circular* convolution on a ``P``-perio
 ``<= 1``, so ``||A||_2 <= ||C_P||_2``. The circular convolution is diagonalised by the 2-D DFT: for each of
 the ``P_1 x P_2`` frequencies ``f`` it acts on channels by the ``C_out x C_in`` matrix
 ``K_hat(f) = sum_a K[a] exp(-2 pi i <a, f / P>)``, hence ``||C_P||_2 = max_f sigma_max(K_hat(f))``.
-We evaluate this in float64 NumPy on the host (FFT + batched SVD, one row of frequencies at a time so memory
-stays ``O(P_2 C_in C_out)``), and multiply by ``1 + margin`` with ``margin = 64 eps(dtype)`` of the kernel's
-dtype: it covers the float64 rounding of the FFT and SVD (~1e-13 relative) and a few units in the last place
-by which the kernel the model applies under ``jit`` may differ from the one evaluated here. The bound is for
+We evaluate this in float64 NumPy on the host (FFT, then the largest eigenvalue of each frequency's smaller Gram
+matrix, one row of frequencies at a time so memory stays ``O(P_2 C_in C_out)``), raise it by ``8 n eps_64`` for
+the float64 eigenvalue error (``n`` the Gram size), and multiply by ``1 + margin`` with ``margin = 64 eps(dtype)``
+of the kernel's dtype: it covers the float64 FFT rounding and a few units in the last place by which the kernel
+the model applies under ``jit`` may differ from the one evaluated here. The bound is for
 the exact linear map ``A``; the rounding of the convolution's own float32 arithmetic is not part of it.
 
 **Lower side (an estimate from below)**: ``||A v|| / ||v||`` for a unit ``v`` is at most ``||A||`` for every
@@ -34,8 +35,9 @@ Example::
     nb = conv_norm_bounds(kernel, (7, 7, 2), strides=(1, 1), padding="SAME")
     assert nb.lower <= nb.upper                     # lower <= ||A||_2 <= upper
 
-Cost: upper: ``P_1 P_2 / 2`` SVDs of ``C_out x C_in`` matrices (float64, host); lower: ``num_iters``
-convolutions and transposed convolutions on one image (compiled once per geometry).
+Cost: upper: ``P_1 P_2 / 2`` Hermitian eigenvalue problems of size ``min(C_in, C_out)`` (float64, host);
+lower: ``num_iters`` convolutions and transposed convolutions on one image (compiled once per geometry).
+The LCNN ResNet-18 on 32x32x3 (20 convolutions): about 20 s on one CPU core.
 """
 from __future__ import annotations
 
@@ -73,10 +75,23 @@ def safety_margin(dtype: Any) -> float:
     return 64.0 * float(np.finfo(np.dtype(dtype)).eps)
 
 
-def _top_singular(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Largest singular value of each matrix in a stack ``(..., m, n)`` and the right singular vectors."""
-    _, s, vh = np.linalg.svd(mats, full_matrices=False)
-    return s[..., 0], vh[..., 0, :]
+def _top_singular_values(mats: np.ndarray) -> np.ndarray:
+    """Largest singular value of each matrix of a stack ``(F, m, n)``, from the smaller Gram matrix.
+
+    ``eigvalsh`` of ``M^H M`` (or ``M M^H``) is several times faster than an SVD; its float64 eigenvalues are
+    exact for a Gram matrix perturbed by ``<= c n eps ||M||^2``, so the value is multiplied by
+    ``1 + 8 n eps_64`` (:func:`_gram_margin`) to stay above ``sigma_max``.
+    """
+    if mats.shape[-1] <= mats.shape[-2]:
+        gram = np.conj(np.swapaxes(mats, -1, -2)) @ mats
+    else:
+        gram = mats @ np.conj(np.swapaxes(mats, -1, -2))
+    lam = np.linalg.eigvalsh(gram)[..., -1]
+    return np.sqrt(np.maximum(lam, 0.0)) * (1.0 + _gram_margin(gram.shape[-1]))
+
+
+def _gram_margin(n: int) -> float:
+    return 8.0 * n * float(np.finfo(np.float64).eps)
 
 
 def circular_conv_norm(kernel: np.ndarray, grid: Sequence[int]) -> tuple[float, tuple, np.ndarray]:
@@ -100,11 +115,12 @@ def circular_conv_norm(kernel: np.ndarray, grid: Sequence[int]) -> tuple[float, 
     for f0 in range(first.shape[0]):
         k_hat = np.fft.fftn(first[f0], s=grid[1:], axes=tuple(range(d - 1))) if d > 1 else first[f0]
         mats = np.swapaxes(k_hat.reshape((-1,) + k_hat.shape[-2:]), -1, -2)  # C_out x C_in per frequency
-        s, vh = _top_singular(mats)
+        s = _top_singular_values(mats)
         j = int(np.argmax(s))
         if s[j] > best:
             rest = np.unravel_index(j, grid[1:]) if d > 1 else ()
-            best, best_f, best_v = float(s[j]), (f0,) + tuple(int(r) for r in rest), vh[j]
+            _, _, vh = np.linalg.svd(mats[j])  # the witness: one SVD at the best frequency so far
+            best, best_f, best_v = float(s[j]), (f0,) + tuple(int(r) for r in rest), vh[0]
     return best, best_f, best_v
 
 
