@@ -238,7 +238,16 @@ RES = 1.0 / 255.0
 
 
 def test_derivative_signature_is_hyperparameter_free():
-    assert list(inspect.signature(derivative).parameters) == ["resolution"]
+    # the data's resolution and two discrete choices (which reading, which output): no coefficient, no tuned number
+    sig = inspect.signature(derivative)
+    assert list(sig.parameters) == ["resolution", "reading", "output"]
+    assert sig.parameters["reading"].default == "secant_tangent" and sig.parameters["output"].default == "logits"
+    with pytest.raises(ValueError, match="reading"):
+        derivative(RES, reading="tangent")
+    with pytest.raises(ValueError, match="output"):
+        derivative(RES, reading="target", output="probs")
+    with pytest.raises(ValueError, match="output applies"):
+        derivative(RES, output="softmax")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0 / 255, float("nan"), float("inf")])
@@ -389,6 +398,120 @@ def test_derivative_parameter_gradient_is_finite_float32():
         assert any(np.any(g != 0) for g in jax.tree.leaves(grads)) or apply_fn is affine_apply
 
 
+# ------------------------------------------------------------------------------- derivative, reading B (target)
+def test_target_reading_on_a_linear_model_is_the_closed_form():
+    """f(x) = W^T x + b: the secant is W^T u exactly, so the penalty is mean_i ||W^T u_i||^2 (float32)."""
+    from lcnn_jax.regularizers.derivative import unit_directions
+
+    params, batch = setup()
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    batch = {"image": jnp.asarray(batch["image"], jnp.float32), "label": batch["label"]}
+    key = jax.random.PRNGKey(5)
+    value, _, metrics = run(derivative(RES, reading="target"), params, batch, key=key, apply_fn=affine_apply)
+    u = np.asarray(unit_directions(key, batch["image"].shape, jnp.float32), np.float64).reshape(BATCH, -1)
+    w = np.asarray(params["w1"], np.float64) @ np.asarray(params["w2"], np.float64)
+    expected = np.mean(np.sum((u @ w) ** 2, axis=1))
+    np.testing.assert_allclose(float(metrics["derivative_target"]), expected, rtol=1e-5)
+    assert float(value) == float(metrics["derivative_target"])  # weight 1
+
+
+@pytest.mark.parametrize("output", ["logits", "softmax"])
+def test_target_reading_float32_matches_float64_difference_quotient(output):
+    """On a smooth 784-dim net the float32 penalty (quadrature, no subtraction) is within 1 % of a float64
+    difference quotient; the float32 difference quotient itself is not (the test discriminates)."""
+    from lcnn_jax.regularizers.derivative import unit_directions
+
+    w1, b1, w2, b2 = _np_tanh_mlp(4)
+    xs64 = np.random.default_rng(5).uniform(size=(16, 28, 28, 1))
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in dict(w1=w1, b1=b1, w2=w2, b2=b2).items()}
+    batch = {"image": jnp.asarray(xs64, jnp.float32), "label": jnp.zeros((16,), jnp.int32)}
+    key = jax.random.PRNGKey(9)
+    reg = derivative(RES, reading="target", output=output)
+    value = float(run(reg, params, batch, key=key)[0])
+    u = np.asarray(unit_directions(key, batch["image"].shape, jnp.float32), np.float64).reshape(16, -1)
+    x = np.asarray(batch["image"], np.float64).reshape(16, -1)
+
+    def f(z, dt=np.float64):
+        logits = np.tanh(z @ w1.astype(dt) + b1.astype(dt)) @ w2.astype(dt) + b2.astype(dt)
+        if output == "softmax":
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+        return logits
+
+    oracle = np.mean(np.sum(((f(x + RES * u) - f(x)) / RES) ** 2, axis=1))
+    np.testing.assert_allclose(value, oracle, rtol=0.01)
+
+
+def test_target_reading_parameter_gradient_matches_finite_differences(x64):
+    params, batch = setup()
+    reg = derivative(RES, reading="target")
+    state = reg.init(jax.random.PRNGKey(0), params, batch)
+    key = jax.random.PRNGKey(3)
+    loss = jax.jit(lambda p: reg.loss(p, state, batch, key, mlp_apply)[0])
+    grads = jax.jit(jax.grad(lambda p: reg.loss(p, state, batch, key, mlp_apply)[0]))(params)
+    rng = np.random.default_rng(0)
+    direction = {k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in params.items()}
+    h = 1e-6
+    plus = float(loss(jax.tree.map(lambda p, d: p + h * d, params, direction)))
+    minus = float(loss(jax.tree.map(lambda p, d: p - h * d, params, direction)))
+    fd = (plus - minus) / (2 * h)
+    analytic = sum(float(jnp.vdot(grads[k], direction[k])) for k in params)
+    np.testing.assert_allclose(analytic, fd, rtol=1e-6)
+
+
+def test_target_reading_lowers_the_jacobian_norm_of_a_trained_mlp():
+    """Behaviour: 200 full-batch SGD steps of an MLP 784-64-10 on 128 mnist5k images, with and without reading B
+    (same initialisation, same steps): the mean exact logit-Jacobian Frobenius norm on those images falls."""
+    import optax
+
+    from lcnn_jax.data import load_split
+    from lcnn_jax.training import cross_entropy
+
+    n = 128
+    split = load_split("mnist5k", "train")
+    batch = {"image": jnp.asarray(split.images[:n]), "label": jnp.asarray(split.labels[:n])}
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.standard_normal((784, 64)) * np.sqrt(2 / 784), jnp.float32),
+              "b1": jnp.zeros(64, jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((64, 10)) / 8.0, jnp.float32), "b2": jnp.zeros(10, jnp.float32)}
+
+    def apply_fn(p, xs):
+        return jax.nn.relu(xs.reshape(xs.shape[0], -1) @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    reg = derivative(RES, reading="target")
+    state = reg.init(jax.random.PRNGKey(0), params, batch)
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    @jax.jit
+    def train(params, weight):
+        def step(carry, i):
+            p, opt = carry
+
+            def loss(p):
+                ce = jnp.mean(cross_entropy(apply_fn(p, batch["image"]), batch["label"]))
+                pen = reg.loss(p, state, batch, jax.random.fold_in(jax.random.PRNGKey(1), i), apply_fn)[0]
+                return ce + weight * pen
+
+            g = jax.grad(loss)(p)
+            updates, opt = tx.update(g, opt, p)
+            return (optax.apply_updates(p, updates), opt), None
+
+        (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(200))
+        # exact ||J||_F: W1 restricted to the active units, times W2
+        act = (batch["image"].reshape(n, -1) @ p["w1"] + p["b1"]) > 0
+        jac = jnp.einsum("dh,bh,hk->bdk", p["w1"], act.astype(jnp.float32), p["w2"])
+        return jnp.mean(jnp.sqrt(jnp.sum(jac ** 2, axis=(1, 2))))
+
+    prev = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)  # 200 steps: run time matters here, not compile
+    try:
+        without, with_b = float(train(params, 0.0)), float(train(params, 1.0))
+    finally:
+        jax.config.update("jax_disable_most_optimizations", prev)
+    print(f"mean ||J||_F after 200 steps: without {without:.2f}, with reading B {with_b:.2f}")
+    assert with_b < 0.8 * without, (with_b, without)
+
+
 # ---------------------------------------------------------------------------------------------- weight
 def test_weight_l2_value_gradient_and_mask(x64):
     params, batch = setup()
@@ -415,6 +538,7 @@ ALL = {
     "confidence_penalty": lambda c: confidence_penalty(c),
     "weight_l2": lambda c: weight_l2(c),
     "derivative": lambda c: derivative(RES),
+    "derivative_target": lambda c: derivative(RES, reading="target"),
 }
 
 
