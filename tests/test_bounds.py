@@ -276,6 +276,9 @@ def test_bound_of_library_lcnn_models(x64, digits, which, tiny_lcnn_resnet):
         pools = [f for f in res.factors if f.op == "pool_sum"]
         assert len(pools) == 2 and all(f.upper == 2.0 for f in pools)  # 2x2 sums: sqrt(4); then the 1/4 scale
         assert dict(res.layers)["conv1"].lipschitz > 1.0  # random stored vectors: the layers are not 1-Lipschitz
+        # the model's own pooling and flattening: each 2x2 average is one sum (sqrt 4) and one 1/4 scale
+        glue = [(f.op, f.upper) for f in res.factors if f.path == ""]
+        assert [op for op, _ in glue] == ["pool_sum", "scale", "pool_sum", "scale"], glue
     else:
         assert "stage2_block0/shortcut_conv" in names and "stage1_block0/shortcut_conv" not in names
         gap = [f for f in res.factors if f.op == "sum" and f.path == ""]
