@@ -223,7 +223,8 @@ def test_unknown_method_is_a_clear_error_naming_the_choices(tmp_path):
     config.compare.methods = ("standard", "dropout")
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['dropout'\]") as err:
         compare.run_compare(config, str(tmp_path))
-    for name in ("standard", "weight_decay", "lcnn", "datagrad", "spectreg", "jacreg", "derivative", "clip"):
+    for name in ("standard", "weight_decay", "lcnn", "datagrad", "spectreg", "jacreg", "derivative",
+                 "derivative_secant", "clip"):
         assert f"'{name}'" in str(err.value)
     assert not os.listdir(tmp_path)  # nothing trained or written
 
@@ -231,7 +232,7 @@ def test_unknown_method_is_a_clear_error_naming_the_choices(tmp_path):
 def test_method_configs_follow_the_specs():
     config = load_config(CONFIG)
     assert compare.check_methods(config) == ("standard", "weight_decay", "lcnn", "datagrad", "spectreg",
-                                             "derivative", "clip")  # quick: JacReg only in :full
+                                             "derivative", "derivative_secant", "clip")  # quick: JacReg in :full
     lcnn = compare.method_config(config, "lcnn")
     assert lcnn.model.name == "lcnn_small_cnn" and "act" not in lcnn.model.kwargs  # no relu inherited
     assert set(lcnn.regularizers.keys()) == {"lcnn"}
@@ -244,7 +245,10 @@ def test_method_configs_follow_the_specs():
     assert compare.method_config(config, "lcnn").model.kwargs.width_mult == 0.5
     full = load_config(CONFIG + ":full")
     assert full.compare.seeds == (0, 1, 2) and full.train.num_epochs > config.train.num_epochs
-    assert compare.check_methods(full) == compare.check_methods(config)[:5] + ("jacreg", "derivative", "clip")
+    assert compare.check_methods(full) == compare.check_methods(config)[:5] + ("jacreg", "derivative",
+                                                                             "derivative_secant", "clip")
+    assert compare.method_config(config, "derivative").regularizers.derivative.reading == "target"
+    assert compare.method_config(config, "derivative_secant").regularizers.derivative.reading == "secant_tangent"
     with pytest.raises(ValueError, match="quick"):
         load_config(CONFIG + ":huge")
 

@@ -241,13 +241,13 @@ def test_derivative_signature_is_hyperparameter_free():
     # the data's resolution and two discrete choices (which reading, which output): no coefficient, no tuned number
     sig = inspect.signature(derivative)
     assert list(sig.parameters) == ["resolution", "reading", "output"]
-    assert sig.parameters["reading"].default == "secant_tangent" and sig.parameters["output"].default == "logits"
+    assert sig.parameters["reading"].default == "target" and sig.parameters["output"].default == "logits"
     with pytest.raises(ValueError, match="reading"):
         derivative(RES, reading="tangent")
     with pytest.raises(ValueError, match="output"):
         derivative(RES, reading="target", output="probs")
     with pytest.raises(ValueError, match="output applies"):
-        derivative(RES, output="softmax")
+        derivative(RES, reading="secant_tangent", output="softmax")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0 / 255, float("nan"), float("inf")])
@@ -258,7 +258,7 @@ def test_derivative_rejects_bad_resolution(bad):
 
 def test_derivative_is_zero_for_affine_and_positive_for_curved(x64):
     params, batch = setup()
-    reg = derivative(RES)
+    reg = derivative(RES, reading="secant_tangent")
     flat, _, m_flat = run(reg, params, batch, apply_fn=affine_apply)
     curved, _, m_curved = run(reg, params, batch, apply_fn=mlp_apply)
     assert float(m_flat["derivative"]) < 1e-20
@@ -283,7 +283,7 @@ def test_derivative_matches_definition_with_recovered_direction(x64):
             seen.append(np.asarray(primal))
         return mlp_apply(p, inputs)
 
-    _, _, metrics = run(derivative(RES), params, batch, apply_fn=spy, jit=False)
+    _, _, metrics = run(derivative(RES, reading="secant_tangent"), params, batch, apply_fn=spy, jit=False)
     perturbed = [a for a in seen if not np.allclose(a, xs, atol=0, rtol=0)]
     assert len(perturbed) >= 1
     steps = [(a - np.asarray(xs)).reshape(BATCH, -1) for a in perturbed]
@@ -319,7 +319,7 @@ def test_derivative_float32_matches_float64_oracle_on_a_smooth_784_dim_net():
     params = {k: jnp.asarray(v, jnp.float32) for k, v in dict(w1=w1, b1=b1, w2=w2, b2=b2).items()}
     batch = {"image": jnp.asarray(xs64, jnp.float32), "label": jnp.zeros((16,), jnp.int32)}
     key = jax.random.PRNGKey(3)
-    reg = derivative(RES)
+    reg = derivative(RES, reading="secant_tangent")
     state = reg.init(key, params, batch)
     value = float(jax.jit(lambda p: reg.loss(p, state, batch, key, mlp_apply)[0])(params))
 
@@ -349,7 +349,7 @@ def test_derivative_is_exactly_zero_for_affine_in_float32():
     params, batch = setup()
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     batch = {"image": jnp.asarray(batch["image"], jnp.float32), "label": batch["label"]}
-    value, _, _ = run(derivative(RES), params, batch, key=jax.random.PRNGKey(7), apply_fn=affine_apply)
+    value, _, _ = run(derivative(RES, reading="secant_tangent"), params, batch, key=jax.random.PRNGKey(7), apply_fn=affine_apply)
     assert float(value) == 0.0
 
 
@@ -367,7 +367,7 @@ def test_derivative_kink_at_the_data_point_is_exact(x64):
     xs = np.full((8, d), 0.5)  # w.x = 0 for every example
     batch = {"image": jnp.asarray(xs.reshape((8,) + IMAGE_SHAPE)), "label": jnp.zeros((8,), jnp.int32)}
     key = jax.random.PRNGKey(11)
-    _, _, metrics = run(derivative(RES), {"w": jnp.asarray(w)}, batch, key=key, apply_fn=kink)
+    _, _, metrics = run(derivative(RES, reading="secant_tangent"), {"w": jnp.asarray(w)}, batch, key=key, apply_fn=kink)
     from lcnn_jax.regularizers.derivative import unit_directions
     u = np.asarray(unit_directions(key, batch["image"].shape, jnp.float64)).reshape(8, -1)
     expected = np.mean(u @ w > 0)
@@ -384,13 +384,13 @@ def test_derivative_closed_form_at_a_critical_point(x64):
 
     params = {"a": jnp.array(2.0), "b": jnp.array(-0.5)}
     batch = {"image": jnp.zeros((3,) + IMAGE_SHAPE), "label": jnp.zeros((3,), jnp.int32)}
-    _, _, metrics = run(derivative(RES), params, batch, apply_fn=quad)
+    _, _, metrics = run(derivative(RES, reading="secant_tangent"), params, batch, apply_fn=quad)
     np.testing.assert_allclose(metrics["derivative"], 1.0, rtol=1e-8)
 
 
 def test_derivative_parameter_gradient_is_finite_float32():
     params, batch = setup()
-    reg = derivative(RES)
+    reg = derivative(RES, reading="secant_tangent")
     state = reg.init(jax.random.PRNGKey(0), params, batch)
     for apply_fn in (mlp_apply, affine_apply):
         grads = jax.jit(jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(1), apply_fn)[0]))(params)
@@ -537,7 +537,7 @@ ALL = {
     "spectreg": lambda c: spectreg(c),
     "confidence_penalty": lambda c: confidence_penalty(c),
     "weight_l2": lambda c: weight_l2(c),
-    "derivative": lambda c: derivative(RES),
+    "derivative": lambda c: derivative(RES, reading="secant_tangent"),
     "derivative_target": lambda c: derivative(RES, reading="target"),
 }
 
