@@ -261,8 +261,10 @@ class Measurer:
 
         from lcnn_jax import attacks, report
         from lcnn_jax.measures import hessian_top_eigenvalues, hessian_trace
+        from lcnn_jax.nn import mode_kwargs
 
         self.model, self.mcfg, self.sharpness, self.chunk = model, mcfg, bool(sharpness), int(sharpness_chunk)
+        self.eval_kw = eval_kw = mode_kwargs(model, train=False)
         self.per_example = report.per_example_fn(model, mcfg)
         steps, factor = int(mcfg.pgd_steps), float(mcfg.pgd_step_factor)
         attack_list = [("clean_accuracy", None)]
@@ -278,7 +280,7 @@ class Measurer:
         @jax.jit
         def correct(variables, x, y, key):
             def logits_fn(xs):
-                return model.apply(variables, xs, train=False)
+                return model.apply(variables, xs, **eval_kw)
 
             out = {}
             for i, (name, attack) in enumerate(attack_list):
@@ -289,7 +291,7 @@ class Measurer:
         @jax.jit
         def param_hessian(params, rest, xs, ys, key):
             def loss(p):
-                logits = model.apply({"params": p, **rest}, xs, train=False)
+                logits = model.apply({"params": p, **rest}, xs, **eval_kw)
                 return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
 
             k1, k2 = jax.random.split(key)
@@ -313,17 +315,17 @@ class Measurer:
         from lcnn_jax.measures import layer_order, minimum_sharpness
 
         rest = {k: v for k, v in variables.items() if k != "params"}
-        model = self.model
+        model, eval_kw = self.model, self.eval_kw
 
         def logits_fn(p, x):
-            return model.apply({"params": p, **rest}, x[None], train=False)[0]
+            return model.apply({"params": p, **rest}, x[None], **eval_kw)[0]
 
         if not jax.tree.leaves(rest):  # one function object for every seed: layer_hessian_traces compiles once
             if self._logits_fn is None:
                 self._logits_fn = logits_fn
             logits_fn = self._logits_fn
         # Flax lists layers in call order at init; a restored checkpoint may have re-sorted the keys.
-        fresh = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), xs[:1], train=False))["params"]
+        fresh = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), xs[:1], **eval_kw))["params"]
         res = minimum_sharpness(logits_fn, variables["params"], xs, include_bias=True, layers=layer_order(fresh),
                                 chunk_size=self.chunk)
         return float(res.value)

@@ -140,24 +140,27 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 
 def _model_kwargs_problems(name: str, kwargs, num_classes: int) -> list[str]:
     """Build the model (a dataclass, nothing traced) to check ``model.kwargs``: an unknown key, with the closest
-    valid one suggested (``widht`` -> ``width_mult``), or a bad value is reported before any data is loaded."""
-    from lcnn_jax.nn import make_model
+    valid one suggested (``widht`` -> ``width_mult``), or a bad value is reported before any data is loaded.
+    A user's model (:func:`lcnn_jax.nn.register_model` or an import path) is built by its own factory, whose
+    keywords are checked the same way."""
+    from lcnn_jax.nn import is_builtin_model, make_model
 
     kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
-    wm = kwargs.get("width_mult", 1.0)  # the model clamps every width to >= 1 channel, so check the multiplier
-    if isinstance(wm, bool) or not isinstance(wm, (int, float)) or not math.isfinite(wm) or wm <= 0:
-        return [f"model.kwargs.width_mult={wm!r} must be a positive number (1.0: the published widths)."]
-    for key in ("widths", "stage_sizes"):
-        v = kwargs.get(key)
-        if v is not None and (not isinstance(v, (list, tuple)) or
-                              not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in v)):
-            return [f"model.kwargs.{key}={v!r} must be a tuple of positive integers, e.g. (64, 64)."]
+    if is_builtin_model(name):
+        wm = kwargs.get("width_mult", 1.0)  # the model clamps every width to >= 1 channel: check the multiplier
+        if isinstance(wm, bool) or not isinstance(wm, (int, float)) or not math.isfinite(wm) or wm <= 0:
+            return [f"model.kwargs.width_mult={wm!r} must be a positive number (1.0: the published widths)."]
+        for key in ("widths", "stage_sizes"):
+            v = kwargs.get(key)
+            if v is not None and (not isinstance(v, (list, tuple)) or
+                                  not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in v)):
+                return [f"model.kwargs.{key}={v!r} must be a tuple of positive integers, e.g. (64, 64)."]
     try:
         make_model(name, num_classes, **kwargs)
     except (ValueError, TypeError) as e:
         valid = _model_keywords(name)
         hints = []
-        for key in sorted(set(kwargs) - set(valid)):
+        for key in sorted(set(kwargs) - set(valid)) if valid is not None else ():
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hints.append(f"model.kwargs.{key} is not a setting of {name!r}"
                          + (f" (did you mean model.kwargs.{close[0]}?)" if close else ""))
@@ -167,32 +170,31 @@ def _model_kwargs_problems(name: str, kwargs, num_classes: int) -> list[str]:
     return []
 
 
-def _model_keywords(name: str) -> list[str]:
-    """The keywords :func:`lcnn_jax.nn.make_model` accepts for ``name``: the fields of the model's dataclass
-    (less ``num_classes``, ``parent``, ``name``), plus ``act_kwargs`` / ``norm_kwargs`` where it has ``act`` /
-    ``norm``."""
-    import dataclasses
+def _model_keywords(name: str) -> list[str] | None:
+    """The keywords :func:`lcnn_jax.nn.make_model` accepts for ``name`` (None: any keyword), see
+    :func:`lcnn_jax.nn.model_keywords`."""
+    from lcnn_jax.nn import model_keywords
 
-    from lcnn_jax.nn import make_model
-
-    fields = {f.name for f in dataclasses.fields(type(make_model(name, 10)))} - {"num_classes", "parent", "name"}
-    extra = {"act_kwargs"} if "act" in fields else set()
-    extra |= {"norm_kwargs"} if "norm" in fields else set()
-    return sorted(fields | extra)
+    keywords = model_keywords(name)
+    return None if keywords is None else list(keywords)
 
 
 def validate_config(config) -> None:
     """Raise ConfigError naming every problem found in ``config`` (before any data is loaded)."""
     from lcnn_jax import data as data_lib
     from lcnn_jax import regularizers as regs
-    from lcnn_jax.nn import MODELS
+    from lcnn_jax.nn import resolve_model
 
     problems = []
     if config.data.name not in data_lib.DATASETS:
         problems.append(f"data.name={config.data.name!r} is unknown; choose one of {list(data_lib.DATASETS)}.")
-    if config.model.name not in MODELS:
-        problems.append(f"model.name={config.model.name!r} is unknown; choose one of {list(MODELS)}.")
-    elif config.data.name in data_lib.DATASETS:
+    try:
+        resolve_model(config.model.name)
+        model_ok = True
+    except ValueError as e:
+        problems.append(f"model.name: {e}")
+        model_ok = False
+    if model_ok and config.data.name in data_lib.DATASETS:
         problems.extend(_model_kwargs_problems(config.model.name, config.model.get("kwargs"),
                                                data_lib.dataset_info(config.data.name).num_classes))
     t, o = config.train, config.optim

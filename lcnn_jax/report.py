@@ -142,10 +142,14 @@ def _stats(values) -> dict:
 
 def model_functions(model, variables) -> tuple[Callable, Callable, Callable]:
     """``(f, loss_fn, logits_fn)`` of a Flax model in eval mode: one example -> logits, one example -> CE,
-    and a batch -> logits."""
+    and a batch -> logits. Evaluation mode is set by :func:`lcnn_jax.nn.mode_kwargs` (``train=False`` where the
+    model's ``__call__`` takes it; nothing for a model without such an argument)."""
+    from lcnn_jax.nn import mode_kwargs
+
+    eval_kw = mode_kwargs(model, train=False)
 
     def logits_fn(xs):
-        return model.apply(variables, xs, train=False)
+        return model.apply(variables, xs, **eval_kw)
 
     def f(x):
         return logits_fn(x[None])[0]
@@ -206,11 +210,14 @@ def robustness(model, variables, xs, ys, cfg, key, batch_size) -> dict:
 
 def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
     """Hutchinson trace and Lanczos top eigenvalue of the parameter Hessian of the mean CE over ``xs``."""
+    from lcnn_jax.nn import mode_kwargs
+
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
+    eval_kw = mode_kwargs(model, train=False)
 
     def loss(p):
-        logits = model.apply({"params": p, **rest}, xs, train=False)
+        logits = model.apply({"params": p, **rest}, xs, **eval_kw)
         return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
 
     k1, k2 = jax.random.split(key)

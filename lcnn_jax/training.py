@@ -180,10 +180,16 @@ def make_optimizer(optim_cfg, total_steps: int, params: PyTree) -> tuple[optax.G
 
 def create_train_state(model, tx: optax.GradientTransformation, regularizers: Sequence[Regularizer],
                        key: PRNGKey, sample_batch: Batch) -> TrainState:
-    """Initialise model variables, optimizer and regularizer states from one (host-local) sample batch."""
+    """Initialise model variables (in evaluation mode, :func:`lcnn_jax.nn.mode_kwargs`), optimizer and regularizer
+    states from one (host-local) sample batch. Every collection but ``params`` goes to ``model_state`` (e.g.
+    ``batch_stats``, none for a model without one), except ``intermediates``: values ``sow``-n during a call
+    accumulate there, so carried from step to step they would grow."""
+    from lcnn_jax.nn import mode_kwargs
+
     k_init, k_reg, k_rng = jax.random.split(key, 3)
-    variables = model.init(k_init, jnp.asarray(sample_batch["image"]), train=False)
+    variables = model.init(k_init, jnp.asarray(sample_batch["image"]), **mode_kwargs(model, train=False))
     variables = dict(variables)
+    variables.pop("intermediates", None)
     params = variables.pop("params")
     reg_keys = jax.random.split(k_reg, max(len(regularizers), 1))
     reg_state = tuple(r.init(k, params, sample_batch) for r, k in zip(regularizers, reg_keys))
@@ -197,22 +203,34 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+DROPOUT_STREAM = 1_000_003  # fold_in index of the step key that seeds the model's "dropout" rng stream
+
+
 def make_train_step(model, regularizers: Sequence[Regularizer]) -> Callable[[TrainState, Batch], tuple]:
     """Return ``step(state, batch) -> (state, metrics)``, pure and jittable (not yet jitted).
+
+    The model runs in training mode (:func:`lcnn_jax.nn.mode_kwargs`: ``train=True`` where its ``__call__`` takes
+    it, nothing for a model without such an argument), with every collection of ``state.model_state`` mutable and
+    an rng stream ``"dropout"`` (``fold_in(step key, DROPOUT_STREAM)``: ``nn.Dropout`` draws a fresh mask each
+    step; the regularizers' forward passes of the step share it).
 
     Metrics: ``loss`` (total), ``ce``, ``accuracy``, ``grad_norm`` and every regularizer's own metrics,
     prefixed by its name. A non-finite loss freezes the state and records the step in ``diverged_at``.
     """
+    from lcnn_jax.nn import mode_kwargs
+
     regularizers = tuple(regularizers)
+    train_kw = mode_kwargs(model, train=True)
 
     def loss_fn(params, state: TrainState, batch: Batch, key: PRNGKey):
         mutable = list(state.model_state.keys())
         variables = {"params": params, **state.model_state}
-        logits, new_model_state = model.apply(variables, batch["image"], train=True, mutable=mutable)
+        rngs = {"dropout": jax.random.fold_in(key, DROPOUT_STREAM)}
+        logits, new_model_state = model.apply(variables, batch["image"], mutable=mutable, rngs=rngs, **train_kw)
         ce = cross_entropy(logits, batch["label"])
 
         def apply_fn(p, xs):  # the model in training mode; mutated collections are discarded
-            return model.apply({"params": p, **state.model_state}, xs, train=True, mutable=mutable)[0]
+            return model.apply({"params": p, **state.model_state}, xs, mutable=mutable, rngs=rngs, **train_kw)[0]
 
         total, metrics, new_reg_state = ce, {"ce": ce}, []
         for i, (reg, rstate) in enumerate(zip(regularizers, state.reg_state)):
@@ -247,9 +265,12 @@ def make_eval_step(model) -> Callable[[TrainState, Batch], dict]:
     batch be padded to a fixed shape. ``logit_spread`` is ``max_k (max_i z_ik - min_i z_ik)`` over the batch's
     real examples, ``logit_scale`` is ``max |z_ik|`` and ``pred_counts`` the number of examples predicted as each
     class: summed over batches they tell a *dead* network (:func:`dead_network`)."""
+    from lcnn_jax.nn import mode_kwargs
+
+    eval_kw = mode_kwargs(model, train=False)
 
     def eval_step(state: TrainState, batch: Batch):
-        logits = model.apply({"params": state.params, **state.model_state}, batch["image"], train=False)
+        logits = model.apply({"params": state.params, **state.model_state}, batch["image"], **eval_kw)
         mask = batch["mask"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         real = mask[:, None] > 0
@@ -789,13 +810,7 @@ def prepare_run(config) -> RunSetup:
     model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
     regularizers = build_regularizers(config.get("regularizers"), info, pool_images=pool)
     sample = {"image": train.images[:local_bs], "label": train.labels[:local_bs]}
-    try:  # shapes only (a trace, no compilation): a model that cannot take these images fails here, clearly
-        abstract_params = jax.eval_shape(
-            lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), jax.random.PRNGKey(0))["params"]
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model.name={config.model.name!r} with model.kwargs="
-                          f"{dict(config.model.get('kwargs', {}) or {})} cannot be built for {dcfg.name} images "
-                          f"{tuple(info.image_shape)}: {e}. Change model.kwargs or pick another model.") from e
+    abstract_params = check_model_fits_data(model, config.model, sample["image"], info, dcfg.name)
     check_regularizers_fit_model(regularizers, abstract_params, sample, model_name=config.model.name,
                                  names=list((config.get("regularizers") or {}).keys()))
     tx, schedule = make_optimizer(config.optim, total_steps, abstract_params)
@@ -812,6 +827,39 @@ def prepare_run(config) -> RunSetup:
                     schedule=schedule, mesh=mesh, batch_size=batch_size, local_bs=local_bs,
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps, sample=sample, step_fn=step_fn,
                     eval_fn=make_eval_step(model))
+
+
+def check_model_fits_data(model, model_cfg, images: np.ndarray, info, data_name: str) -> PyTree:
+    """Trace (no compilation) ``model.init`` and an evaluation-mode ``model.apply`` on ``images`` and return the
+    abstract params; raise :class:`ConfigError` when the model cannot take these images, cannot run in
+    evaluation mode (e.g. it updates ``batch_stats`` there: it needs a ``train`` argument), or does not return
+    logits of shape ``(B, num_classes)``. Catches before any compilation what would otherwise fail deep inside
+    the first jitted step."""
+    from lcnn_jax.nn import mode_kwargs
+
+    eval_kw = mode_kwargs(model, train=False)
+    x = jnp.asarray(images)
+    what = (f"model.name={model_cfg.name!r} with model.kwargs={dict(model_cfg.get('kwargs', {}) or {})}")
+
+    def init_and_apply(k):
+        variables = model.init(k, x, **eval_kw)
+        return variables, model.apply(variables, x, **eval_kw)
+
+    try:
+        variables, out = jax.eval_shape(init_and_apply, jax.random.PRNGKey(0))
+    except Exception as e:  # the user's model raised: its own message, once, no traceback  # noqa: BLE001
+        hint = ("" if eval_kw else " A model with batch statistics or dropout needs a `train` argument in its "
+                "__call__ (e.g. nn.BatchNorm(use_running_average=not train)), which the library sets.")
+        mode = ", ".join(f"{k}={v}" for k, v in eval_kw.items()) or "its __call__ has no train argument"
+        raise ConfigError(f"{what} cannot run on {data_name} images {tuple(info.image_shape)} in evaluation mode "
+                          f"({mode}): {type(e).__name__}: {e}.{hint} Change model.kwargs or the model.") from None
+    want = (x.shape[0], int(info.num_classes))
+    if not hasattr(out, "shape") or tuple(out.shape) != want or not jnp.issubdtype(out.dtype, jnp.floating):
+        got = f"shape {tuple(out.shape)} {out.dtype}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+        raise ConfigError(f"{what} returns {got} for a batch of {want[0]} {data_name} images; the library needs "
+                          f"logits of shape {want} ({info.num_classes} classes). A model's factory gets "
+                          f"num_classes= when it takes that argument (a field of the module).")
+    return variables["params"]
 
 
 def _train_loop(state, *, setup: RunSetup, tcfg, start: int, epoch_batches, train_step, epoch_end, check,
@@ -1203,15 +1251,25 @@ def template_state(config, *, key: PRNGKey | None = None):
     """``(model, state, dataset_info)``: a freshly initialised train state with the structure of ``config``'s run
     (what a checkpoint is restored into), built from a one-example dummy batch without loading data."""
     from lcnn_jax import data as data_lib
-    from lcnn_jax.nn import make_model
+    from lcnn_jax.nn import is_builtin_model, make_model, mode_kwargs
 
     info = data_lib.dataset_info(config.data.name)
-    model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
+    name = config.model.name
+    try:
+        model = make_model(name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
+    except ValueError as e:
+        hint = ("" if is_builtin_model(name) or ":" in str(name) else
+                f" A model registered with lcnn_jax.nn.register_model exists only in the process that registered "
+                f"it: register {name!r} again before loading this run from Python, or train with an import path "
+                f"(model.name='my_package.models:Net' or 'path/to/models.py:Net') that any process, e.g. "
+                f"`lcnn-jax measure`, can resolve.")
+        raise ConfigError(f"The run's model cannot be rebuilt: {e}{hint}") from None
     regularizers = build_regularizers(config.get("regularizers"), info)
     shape = (1,) + tuple(info.image_shape)
     sample = {"image": np.zeros(shape, np.float32), "label": np.zeros((1,), np.int32)}
     key = jax.random.PRNGKey(int(config.seed)) if key is None else key
-    abstract_params = jax.eval_shape(lambda k: model.init(k, jnp.asarray(sample["image"]), train=False), key)["params"]
+    eval_kw = mode_kwargs(model, train=False)
+    abstract_params = jax.eval_shape(lambda k: model.init(k, jnp.asarray(sample["image"]), **eval_kw), key)["params"]
     tx, _ = make_optimizer(config.optim, 1, abstract_params)
     return model, create_train_state(model, tx, regularizers, key, sample), info
 

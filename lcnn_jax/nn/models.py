@@ -23,6 +23,8 @@ Cost: one forward pass per call; nothing iterates.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -328,7 +330,7 @@ _REGISTRY: dict = {
     "lcnn_resnet18": (ResNet18, _lcnn.lcnn_model_kwargs("resnet18")),
     "lcnn_vgg11": (VGG11, _lcnn.lcnn_model_kwargs("vgg11")),
 }
-MODELS: Tuple[str, ...] = tuple(_REGISTRY)
+MODELS: Tuple[str, ...] = tuple(_REGISTRY)  # the built-in names; registered_models() adds the user's
 
 
 def _fields(cls: type) -> Tuple[str, ...]:
@@ -336,18 +338,21 @@ def _fields(cls: type) -> Tuple[str, ...]:
 
 
 def make_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Builds a registered model by name (see :data:`MODELS`).
+    """Builds a model by name: a built-in (:data:`MODELS`), one registered with :func:`register_model`, or an
+    import path ``"package.module:attr"`` / ``"path/to/file.py:attr"`` (see :func:`resolve_model`).
 
-    ``kwargs`` are the model's fields, with names accepted for the pluggable parts:
+    For the built-ins, ``kwargs`` are the model's fields, with names accepted for the pluggable parts:
     ``act`` = ``'relu' | 'sigmoid' | 'tanh' | 'softplus' | 'identity'`` or a factory (plus ``act_kwargs``,
     e.g. ``{'beta': 10.0}``); ``norm`` = ``'batch' | 'none'``, None or a factory (plus ``norm_kwargs``);
     ``output_activation`` (MLP) = a name or a factory; ``block`` (ResNet) = ``'basic'`` or a factory.
+    For the user's models they go to the factory unchanged (lists as tuples, as a config file read back from
+    JSON gives lists where the file had tuples); see :func:`register_model`.
     An unknown model name or keyword raises ``ValueError`` listing the valid ones.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if name not in _REGISTRY:
+        return _build_user_model(name, resolve_model(name), num_classes, kwargs)
     cls, defaults = _REGISTRY[name]
     fields = set(_fields(cls)) - {"num_classes"}
     valid = set(fields)
@@ -377,3 +382,244 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         if key in cfg:
             cfg[key] = tuple(int(w) for w in cfg[key])
     return cls(num_classes=num_classes, **cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# The user's models: a registry by name, import paths, and the train/eval switch
+# --------------------------------------------------------------------------------------------
+_USER_MODELS: dict = {}
+_IMPORTED: dict = {}  # import path -> the object it named (a file is executed once per process)
+_log = logging.getLogger(__name__)
+
+
+def register_model(name: str, factory: Any = None):
+    """Make a Flax module usable by name: ``config.model.name = name`` then works in ``fit``, ``lcnn-jax train``,
+    ``fit_sweep``, ``compare`` and measurement, as for a built-in model.
+
+    ``factory`` is one of
+      * a ``flax.linen.Module`` subclass: built as ``cls(num_classes=..., **model.kwargs)`` when it has a
+        ``num_classes`` field, else ``cls(**model.kwargs)``;
+      * a function returning a module: called the same way (``num_classes=`` when it takes that argument);
+      * a module instance: used as it is (it takes no ``model.kwargs``).
+
+    The module's ``__call__(x)`` takes a batch of NHWC images in [0, 1] and returns logits ``(B, num_classes)``;
+    a ``train`` argument is optional (see :func:`mode_kwargs`), and so are mutable collections such as
+    ``batch_stats`` (they are updated in training mode). Used without ``factory`` it is a class decorator::
+
+        @register_model("tiny_cnn")
+        class TinyCNN(nn.Module): ...
+
+    A registration lives in the Python process that made it: for a run you will measure from the command line
+    later, name the model by an import path instead (``"my_package.models:TinyCNN"``), which any process can
+    resolve. Built-in names cannot be replaced; registering a name again replaces the earlier factory (with a
+    warning, unless it is the same one: re-running a notebook cell is harmless). Returns ``factory``.
+    """
+    if factory is None:
+        return lambda f: register_model(name, f)
+    if not isinstance(name, str) or not name.strip() or ":" in name or name != name.strip():
+        raise ValueError(f"register_model: the name must be a non-empty string without ':' (':' marks import "
+                         f"paths such as 'my_package.models:Net'), got {name!r}.")
+    if name in _REGISTRY:
+        raise ValueError(f"register_model: {name!r} is a built-in model; choose another name.")
+    if not (isinstance(factory, nn.Module) or callable(factory)):
+        raise TypeError(f"register_model({name!r}, ...): the factory must be a flax.linen.Module class, a "
+                        f"function returning a module, or a module instance, got {type(factory).__name__}.")
+    old = _USER_MODELS.get(name)
+    if old is not None and old is not factory:
+        _log.warning("register_model: %r now names %r (it named %r).", name, factory, old)
+    _USER_MODELS[name] = factory
+    return factory
+
+
+def registered_models() -> Tuple[str, ...]:
+    """Every name ``make_model`` accepts in this process: the built-ins, then the user's registrations."""
+    return MODELS + tuple(_USER_MODELS)
+
+
+def is_builtin_model(name: str) -> bool:
+    """True for the library's own models (:data:`MODELS`), whose keywords are checked and which the compare
+    suite knows (e.g. which are piecewise linear)."""
+    return name in _REGISTRY
+
+
+def resolve_model(name: str) -> Any:
+    """The factory ``name`` stands for: a registered one (:func:`register_model`), or the object an import
+    path names: ``"package.module:attr"`` (importable: installed, on ``PYTHONPATH``, or in the current
+    directory) or ``"path/to/file.py:attr"`` (a Python file, executed once per process; a relative path is
+    relative to the current directory). Built-in names return their class.
+
+    Raises:
+      ValueError: an unknown name, or an import path that cannot be resolved (the message says why and how).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}.")
+    if name in _REGISTRY:
+        return _REGISTRY[name][0]
+    if name in _USER_MODELS:
+        return _USER_MODELS[name]
+    if ":" not in name:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {registered_models()}, register your own with "
+            f"lcnn_jax.nn.register_model({name!r}, MyModule), or give an import path "
+            f"'my_package.models:MyModule' or 'path/to/models.py:MyModule'. (A registration lives in the Python "
+            f"process that made it.)")
+    if name not in _IMPORTED:
+        _IMPORTED[name] = _import_attr(name)
+    return _IMPORTED[name]
+
+
+def _import_attr(spec: str) -> Any:
+    """The object ``"module:attr"`` or ``"file.py:attr"`` names (``attr`` may be dotted: ``"mod:Outer.Net"``)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"model import path {spec!r} must read 'package.module:Name' or 'path/to/file.py:Name'.")
+    if where.endswith(".py"):
+        path = os.path.abspath(os.path.expanduser(where))
+        if not os.path.isfile(path):
+            raise ValueError(f"model import path {spec!r}: the file {path} does not exist.")
+        mod_name = f"_lcnn_user_model_{abs(hash(path))}"
+        module = sys.modules.get(mod_name)  # "file.py:A" and "file.py:B" share one execution of the file
+        if module is None:
+            mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_name] = module  # dataclasses and pickling look the module up by name
+            try:
+                mod_spec.loader.exec_module(module)
+            except Exception as e:  # the user's file failed: say which and why, not a traceback into importlib
+                sys.modules.pop(mod_name, None)
+                raise ValueError(f"model import path {spec!r}: executing {path} raised {type(e).__name__}: "
+                                 f"{e}") from e
+    else:
+        module = _import_module(spec, where)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_"))
+            raise ValueError(f"model import path {spec!r}: {where} has no attribute {attr!r}. It defines "
+                             f"{public[:20]}{' ...' if len(public) > 20 else ''}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _import_module(spec: str, where: str):
+    """Import ``where``; as ``python -m`` would, also from the current directory (the ``lcnn-jax`` command's
+    own ``sys.path`` does not hold it)."""
+    import importlib
+    import os
+    import sys
+
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        top = where.split(".")[0]
+        cwd = os.getcwd()
+        if e.name != top or cwd in sys.path or not (os.path.exists(os.path.join(cwd, top + ".py"))
+                                                     or os.path.isdir(os.path.join(cwd, top))):
+            raise ValueError(f"model import path {spec!r}: cannot import {where!r} ({e}). Install the package, "
+                             f"add its folder to PYTHONPATH, or give the file: 'path/to/{top}.py:...'.") from None
+    except Exception as e:
+        raise ValueError(f"model import path {spec!r}: importing {where!r} raised {type(e).__name__}: {e}") from e
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(where)
+    except Exception as e:
+        raise ValueError(f"model import path {spec!r}: importing {where!r} raised {type(e).__name__}: {e}") from e
+
+
+def _plain(value: Any) -> Any:
+    """Config values as a factory expects them: ``ConfigDict`` -> dict, list -> tuple (recursively)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _factory_keywords(factory: Any) -> Tuple[Optional[Tuple[str, ...]], bool]:
+    """``(keywords, takes_num_classes)`` of a user factory; ``keywords`` is None when it takes any (``**kw``)."""
+    import inspect
+
+    if isinstance(factory, nn.Module):
+        return (), False
+    if isinstance(factory, type) and issubclass(factory, nn.Module):
+        names = tuple(f.name for f in dataclasses.fields(factory) if f.init and f.name not in ("parent", "name"))
+        return tuple(n for n in names if n != "num_classes"), "num_classes" in names
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None, False
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None, True
+    names = tuple(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return tuple(n for n in names if n != "num_classes"), "num_classes" in names
+
+
+def model_keywords(name: str) -> Optional[Tuple[str, ...]]:
+    """The ``model.kwargs`` keys model ``name`` accepts, sorted; None when its factory takes any keyword.
+
+    Built-ins: the fields of the model's dataclass (less ``num_classes``), plus ``act_kwargs`` / ``norm_kwargs``
+    where it has ``act`` / ``norm``. The user's: a module class's fields, a function's keyword parameters."""
+    if name in _REGISTRY:
+        fields = set(_fields(_REGISTRY[name][0])) - {"num_classes"}
+        extra = {"act_kwargs"} if "act" in fields else set()
+        extra |= {"norm_kwargs"} if "norm" in fields else set()
+        return tuple(sorted(fields | extra))
+    keywords, _ = _factory_keywords(resolve_model(name))
+    return None if keywords is None else tuple(sorted(keywords))
+
+
+def _build_user_model(name: str, factory: Any, num_classes: int, kwargs: dict) -> nn.Module:
+    """Call a user factory with ``num_classes`` (when it takes it) and ``kwargs``; check it gave a module."""
+    kwargs = {k: _plain(v) for k, v in kwargs.items()}
+    if isinstance(factory, nn.Module):
+        if kwargs:
+            raise ValueError(f"model {name!r} is a module instance, which takes no model.kwargs (got "
+                             f"{sorted(kwargs)}); register its class or a factory function to pass settings.")
+        return factory
+    keywords, takes_classes = _factory_keywords(factory)
+    if keywords is not None:
+        unknown = sorted(set(kwargs) - set(keywords))
+        if unknown:
+            raise ValueError(f"model {name!r} does not accept {unknown}; valid keywords: {sorted(keywords)}")
+    try:
+        model = factory(num_classes=num_classes, **kwargs) if takes_classes else factory(**kwargs)
+    except Exception as e:  # a missing required field, a bad value: the factory's own words
+        raise ValueError(f"model {name!r} cannot be built with num_classes={num_classes} and model.kwargs="
+                         f"{kwargs}: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r}: its factory returned a {type(model).__name__}, not a "
+                         f"flax.linen.Module.")
+    return model
+
+
+# Keyword arguments of ``__call__`` that switch a module between training and evaluation, with their value in
+# training mode: the Flax examples' ``train``, the Haiku/Keras-style ``is_training`` / ``training``, and
+# ``deterministic`` / ``use_running_average`` (``nn.Dropout`` / ``nn.BatchNorm``), whose sense is inverted.
+MODE_ARGUMENTS = {"train": True, "training": True, "is_training": True, "deterministic": False,
+                  "use_running_average": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _mode_arguments(cls: type) -> Tuple[str, ...]:
+    import inspect
+
+    try:
+        params = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple(n for n in params if n in MODE_ARGUMENTS)
+
+
+def mode_kwargs(model: nn.Module, *, train: bool) -> dict:
+    """The keyword arguments that put ``model`` in training (``train=True``) or evaluation mode: each argument of
+    its ``__call__`` named in :data:`MODE_ARGUMENTS` (``train``, ``training``, ``is_training`` get ``train``;
+    ``deterministic``, ``use_running_average`` get ``not train``); ``{}`` for a model without one, so
+    ``model.apply(variables, x, **mode_kwargs(model, train=False))`` works for every model."""
+    return {n: (bool(train) if MODE_ARGUMENTS[n] else not train) for n in _mode_arguments(type(model))}
