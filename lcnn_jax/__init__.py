@@ -2,8 +2,9 @@
 
 ``import lcnn_jax as lj`` gives every public module as an attribute, imported on first use (so that
 ``import lcnn_jax`` stays cheap): ``lj.measures``, ``lj.regularizers``, ``lj.nn``, ``lj.attacks``,
-``lj.estimators``, ``lj.autodiff``, ``lj.data``, ``lj.training``, ``lj.sweep``, ``lj.report``, ``lj.compare``,
-``lj.batching``, ``lj.configs``, ``lj.types``. The README's API overview lists the public names of each.
+``lj.estimators``, ``lj.autodiff``, ``lj.data``, ``lj.training``, ``lj.sweep``, ``lj.runs``, ``lj.report``,
+``lj.compare``, ``lj.tables``, ``lj.batching``, ``lj.configs``, ``lj.types``. The README's API overview lists the
+public names of each.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _MODULES = ("types", "autodiff", "estimators", "measures", "regularizers", "nn", "attacks", "data", "batching",
-            "training", "sweep", "report", "compare", "configs", "cli")
+            "training", "sweep", "runs", "report", "compare", "tables", "configs", "cli")
 
 __all__ = ["__version__", *_MODULES]
 

@@ -1,8 +1,13 @@
 """The ``lcnn-jax`` command: a thin layer over the library (nothing in the library reads flags).
 
     lcnn-jax train --config experiments/configs/quickstart.py --workdir runs/quickstart [--config.a.b=value ...]
-    lcnn-jax measure --workdir runs/quickstart [--config.measure.num_examples=512 ...]
+    lcnn-jax sweep --config experiments/configs/quickstart.py --workdir runs/sweep --config.sweep.seeds="(0,1,2)" \
+        [--config.sweep.grid.datagrad.coeff="(0.0,1e-3)" ...]
+    lcnn-jax measure --workdir runs/quickstart [--member ID|all] [--seed N] [--method NAME]
+        [--config.measure.num_examples=512 ...]
     lcnn-jax compare --config experiments/configs/compare_mnist5k.py --workdir runs/compare [--config.a.b=value ...]
+
+Tables are printed at most 120 characters wide; every column is in the files written.
 
 Exit codes: 0 success; 2 bad usage, config, dataset or run directory (one-paragraph message, no traceback, nothing
 written); 3 training diverged; 4 no space left on the device (the last complete checkpoint is kept); 130
@@ -11,6 +16,7 @@ interrupted by Ctrl-C. After 3, 4 or 130, rerunning the same command resumes fro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -48,11 +54,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a rerun in a workdir that holds a run change train.num_epochs / train.num_steps and "
                         "train on from its last checkpoint (the learning-rate schedule follows the new length); "
                         "without it a rerun with any other config is refused")
-    m = sub.add_parser("measure", help="measure a trained run (smoothness, curvature, Lipschitz, robustness)",
+    w = sub.add_parser("sweep", help="train the seeds x coefficient grid of the config's sweep section as one "
+                                     "vmapped program",
+                       epilog="Members: --config.sweep.seeds=\"(0,1,2)\" (default: config.seed) times every "
+                              "--config.sweep.grid.<regularizer>.<key>=\"(v1,v2,...)\" (the regularizer must be in "
+                              "the config, e.g. --config.regularizers.datagrad.coeff=0.0); "
+                              "--config.sweep.data_order=shared sends one batch order to every member. Rerunning "
+                              "resumes. Measure a member with lcnn-jax measure --workdir DIR --member ID (or all).")
+    w.add_argument("--config", required=True, help="Python file with get_config() (optionally path.py:arg)")
+    w.add_argument("--workdir", required=True, help="directory for the stacked checkpoints, members/ and results")
+    m = sub.add_parser("measure", help="measure a trained run, or members of a sweep or compare run (smoothness, "
+                                       "curvature, Lipschitz, robustness)",
                        epilog="Override measurement settings with --config.measure.KEY=VALUE, e.g. "
                               "--config.measure.num_examples=512 --config.measure.test_data=mnist "
                               "--config.measure.test_data_dir=../shared/data/mnist")
-    m.add_argument("--workdir", required=True, help="the --workdir of a training run")
+    m.add_argument("--workdir", required=True, help="a training run, a sweep (or one of its members/<id> folders) "
+                                                    "or a compare run")
+    m.add_argument("--member", help="a sweep member's id (e.g. 003) or index, or 'all' (every member of a sweep or "
+                                    "compare run)")
+    m.add_argument("--seed", type=int, help="the member(s) trained with this seed")
+    m.add_argument("--method", help="a compare run's method (with --seed: one cell)")
     c = sub.add_parser("compare", help="train and measure every method of a compare config (seeds vmapped); "
                                        "results.csv/json/md and figures",
                        epilog="Select with --config.compare.methods=\"('standard','clip')\" "
@@ -69,6 +90,21 @@ def _load(args, overrides):
     return apply_overrides(load_config(args.config), overrides)
 
 
+def _refuse_sweep_in_train(config, args) -> None:
+    """``train`` trains one run; a config whose ``sweep`` section asks for more (or for another seed) is refused
+    with the command that trains it, instead of silently training one run of it."""
+    from lcnn_jax.sweep import single_run_conflict
+    from lcnn_jax.training import ConfigError
+
+    asked = single_run_conflict(config)
+    if asked:
+        raise ConfigError(
+            f"the config's sweep section asks for a sweep ({asked}), but `lcnn-jax train` trains one run "
+            f"(config.seed={int(config.seed)}) and ignores that section. To train the sweep as one vmapped program, "
+            f"run the same command as `lcnn-jax sweep --config {args.config} --workdir {args.workdir} ...`; to "
+            f"train one run, drop the --config.sweep.* overrides (or set config.seed).")
+
+
 def _summary(results: dict, workdir: str) -> str:
     text = (f"done: {results['steps']} steps in {results['wall_time_s']:.1f} s on {results['num_devices']} "
             f"{results['devices']} device(s)\n"
@@ -79,6 +115,35 @@ def _summary(results: dict, workdir: str) -> str:
         text += ("\n  WARNING: dead network (the same output for every input, see the warning above and "
                  "results.json); its smoothness measures describe a constant function")
     return text
+
+
+def _measure(args, overrides) -> None:
+    """``lcnn-jax measure``: say what the workdir holds and which network(s) are measured, measure them, print one
+    report (one network) or a compact table (several), and where the files are."""
+    from lcnn_jax import runs
+    from lcnn_jax.report import format_members, format_report, measure_members
+
+    wd = runs.inspect_workdir(args.workdir)
+    chosen = runs.select_members(wd, member=args.member, seed=args.seed, method=args.method)
+    if wd.kind == "member":
+        print(f"{args.workdir}: {wd.description}", flush=True)
+    elif wd.kind != "run":
+        short = [m.id if m.method is None else f"{m.method}/seed{m.seed}" for m in chosen]
+        names = (chosen[0].label if len(chosen) == 1 else f"{len(chosen)} networks: {', '.join(short[:10])}"
+                 + (" ..." if len(short) > 10 else ""))
+        print(f"{args.workdir}: {wd.description}; measuring {names}", flush=True)
+    results = measure_members(args.workdir, overrides, member=args.member, seed=args.seed, method=args.method)
+    if len(results) == 1:
+        m, rep = results[0]
+        print(format_report(rep))
+        print(f"  measures: {os.path.join(m.out_dir, 'measures.json')} (checkpoint step {rep['checkpoint_step']})")
+        return
+    table, hidden = format_members(results)
+    print(table)
+    if hidden:
+        print(f"{len(hidden)} more item(s) ({', '.join(hidden)}) in each network's measures.json")
+    print("  measures: " + ", ".join(os.path.join(m.out_dir, "measures.json") for m, _ in results[:3])
+          + (f" ... ({len(results)} files)" if len(results) > 3 else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
         what = str(e) if isinstance(e, TrainingInterrupted) else {
             "train": "interrupted before training started; rerun the same command to start or resume.",
-            "measure": "interrupted; measures.json was not written. Rerun the same command to measure.",
+            "sweep": "interrupted before training started; rerun the same command to start or resume.",
+            "measure": "interrupted; the networks not yet measured have no measures.json. Rerun the same command "
+                       "to measure.",
             "compare": "interrupted; rerun the same command to resume (finished cells are kept)."}[args.command]
         print(f"lcnn-jax: {what}", file=sys.stderr)
         return 130
@@ -109,23 +176,33 @@ def _run(args, overrides) -> int:
         if args.command == "train":
             from lcnn_jax.training import fit
 
-            results = fit(_load(args, overrides), args.workdir, extend=args.extend)
+            config = _load(args, overrides)
+            _refuse_sweep_in_train(config, args)
+            results = fit(config, args.workdir, extend=args.extend)
             print(_summary(results, args.workdir))
-        elif args.command == "measure":
-            from lcnn_jax.report import format_report, measure_workdir
+        elif args.command == "sweep":
+            from lcnn_jax.sweep import fit_sweep_from_config, format_summary
 
+            summary = fit_sweep_from_config(_load(args, overrides), args.workdir)
+            print(f"done: {summary['num_members']} members, {summary['steps']} steps each, in "
+                  f"{summary['wall_time_s']:.1f} s on {summary['num_devices']} {summary['devices']} device(s) "
+                  f"({summary['layout']} axis sharded)")
+            print(format_summary(summary, args.workdir))
+        elif args.command == "measure":
             bad = [o for o in overrides if not o.startswith("measure.")]
             if bad:
                 return _usage_error(f"measure only takes --config.measure.* overrides, got {bad}.")
-            rep = measure_workdir(args.workdir, overrides)
-            print(format_report(rep))
-            print(f"  measures: {args.workdir}/measures.json")
+            _measure(args, overrides)
         elif args.command == "compare":
-            from lcnn_jax.compare import run_compare
+            from lcnn_jax.compare import format_compact, run_compare
 
             res = run_compare(_load(args, overrides), args.workdir)
-            with open(f"{args.workdir}/results.md") as fh:
-                print(fh.read())
+            table, hidden = format_compact(res["aggregate"], res["columns"], res["best"])
+            print(f"{res.get('title', '')}\nmean ± std over seeds {res['seeds']}; accuracies in %; * best mean "
+                  f"(↑ higher / ↓ lower is better)\n{table}")
+            if hidden:
+                print(f"{len(hidden)} more column(s) ({', '.join(hidden)}) in {args.workdir}/results.md, "
+                      f"results.csv and results.json")
             print(f"done in {res['wall_time_s']:.1f} s\n  results: {args.workdir}/results.md, results.csv, "
                   f"results.json\n  figures: " + ", ".join(res["figures"]))
     except (ConfigError, DatasetError, FileNotFoundError) as e:

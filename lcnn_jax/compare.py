@@ -69,6 +69,8 @@ __all__ = [
     "aggregate",
     "best_methods",
     "format_markdown",
+    "format_compact",
+    "compact_priority",
     "write_results",
     "plot_results",
     "scatter_figure",
@@ -420,6 +422,42 @@ def format_markdown(agg: dict, cols: Sequence[dict], best: dict, *, title: str =
             cells.append(f"**{text}**" if method in best.get(c["name"], ()) else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Which columns a terminal shows first when they do not all fit (see lcnn_jax.tables.priority_order): accuracy,
+# one robust accuracy, input smoothness, then the other robustness columns, sharpness and cost.
+COMPACT_PRIORITY = ("test_accuracy", ("apgd_l2_*", "pgd_l2_*", "apgd_linf_*", "pgd_linf_*"), "curvature",
+                    "jacobian_frobenius", "apgd_*", "pgd_*", "certified_l2_*", "noise_*", "local_lipschitz",
+                    "hessian_trace", "minimum_sharpness", "train_time_s")
+
+
+def compact_priority(cols: Sequence[dict]) -> list[int]:
+    """Column indices (of ``cols``) in :data:`COMPACT_PRIORITY` order, then the others in table order."""
+    from lcnn_jax.tables import priority_order
+
+    return priority_order([c["name"] for c in cols], COMPACT_PRIORITY)
+
+
+def format_compact(agg: dict, cols: Sequence[dict], best: dict, *, width: int = 120) -> tuple[str, list[str]]:
+    """The results table for a terminal: one row per method, ``mean ± std`` (accuracies in %), ``*`` after the best
+    mean of a ranked column, limited to the columns that fit ``width`` characters (chosen by
+    :func:`compact_priority`); returns the text and the labels of the columns left out (they are in
+    ``results.md`` / ``results.csv`` / ``results.json``)."""
+    from lcnn_jax.tables import format_table
+
+    arrow = {"higher": "↑", "lower": "↓", None: ""}
+    header = ["method"] + [f"{c['label']}{' %' if _is_accuracy(c['name']) else ''} {arrow[c['direction']]}".strip()
+                           for c in cols]
+    rows = []
+    for method in agg:
+        row = [method]
+        for c in cols:
+            text = _cell_text(c["name"], agg[method][c["name"]])
+            row.append(text + ("*" if method in best.get(c["name"], ()) else " "))
+        rows.append(row)
+    priority = [0] + [i + 1 for i in compact_priority(cols)]
+    text, hidden = format_table(header, rows, fixed=1, priority=priority, width=width)
+    return text, [cols[i - 1]["label"] for i in hidden]
 
 
 def _json_safe(obj):

@@ -262,52 +262,121 @@ def measure_state(model, variables, splits: Mapping[str, tuple], cfg, *, key, tr
     return report
 
 
-def measure_workdir(workdir: str, overrides: list[str] | None = None) -> dict:
-    """Load the newest intact checkpoint of a training run, measure it, write ``workdir/measures.json``
-    atomically and return the report. ``overrides`` are ``"key=value"`` strings for the ``measure`` section (e.g.
-    ``num_examples=64``). The settings are validated before anything is loaded; a damaged newest checkpoint is
-    skipped with a warning (``checkpoint_step`` says which one was measured); a network that computes the same
-    output for every input is marked ``dead`` (:func:`dead_network_mark`).
+def measure_settings(config, overrides: list[str] | None = None, compare_config=None) -> ml_collections.ConfigDict:
+    """The validated ``measure`` section for a run trained with ``config``: :func:`measure_defaults`, updated by
+    a compare run's ``compare.measure`` (and its ``compare.test_data``) when the run is one of its methods, then
+    by the run's own ``measure`` section, then by ``overrides`` (``"key=value"`` or ``"measure.key=value"``).
 
     Raises:
-      ConfigError: a bad measurement setting (all of them listed), or an unusable run directory.
-      FileNotFoundError: no trained run in ``workdir``.
-      lcnn_jax.data.DatasetError: a dataset cannot be found, or holds NaN/inf pixels.
+      ConfigError: an unknown key or a bad value (every problem listed).
     """
-    from lcnn_jax import data as data_lib
     from lcnn_jax.configs import apply_overrides
-    from lcnn_jax.training import load_trained, read_config, read_results, write_json_atomic
 
-    config = read_config(workdir)
     cfg = measure_defaults()
+    cmp = compare_config.get("compare") if compare_config is not None else None
+    if cmp:
+        section = cmp.get("measure") or {}
+        section = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+        cfg.update({k: v for k, v in section.items() if k in cfg})
+        if cmp.get("test_data"):
+            cfg.test_data, cfg.test_data_dir = cmp.test_data, cmp.get("test_data_dir")
     if "measure" in config:
         cfg.update(config.measure)
     holder = ml_collections.ConfigDict({"measure": cfg})
     apply_overrides(holder, [o if o.startswith("measure.") else f"measure.{o}" for o in (overrides or [])])
-    cfg = holder.measure
-    validate_measure_config(cfg)
+    validate_measure_config(holder.measure)
+    return holder.measure
 
-    config, model, state, info = load_trained(workdir)
+
+def _measure_data(config, cfg, cache: dict) -> tuple[dict, tuple]:
+    """``(splits, train_for_hessian)``: the first ``cfg.num_examples`` of each measured split and the first
+    ``cfg.hessian_examples`` training examples of ``config``'s dataset (``cfg.test_data`` replaces the test split);
+    ``cache`` keeps loaded splits across the members of one invocation."""
+    from lcnn_jax import data as data_lib
+
     d = config.data
+
+    def load(name, split, data_dir):
+        key = (name, split, data_dir)
+        if key not in cache:
+            cache[key] = data_lib.load_split(name, split, data_dir=data_dir, download=d.get("download", False))
+        return cache[key]
+
     loaded = {}
     for s in cfg.splits:
         name, data_dir = d.name, d.get("data_dir")
         if s == "test" and cfg.test_data:
             name, data_dir = cfg.test_data, cfg.test_data_dir
-        split = data_lib.load_split(name, s, data_dir=data_dir, download=d.get("download", False))
+        split = load(name, s, data_dir)
         n = min(int(cfg.num_examples), len(split.images))
         loaded[s] = (split.images[:n], split.labels[:n])
-    train = data_lib.load_split(d.name, "train", data_dir=d.get("data_dir"), download=d.get("download", False))
+    train = load(d.name, "train", d.get("data_dir"))
     nh = min(int(cfg.hessian_examples), len(train.images))
-    variables = {"params": state.params, **state.model_state}
-    rep = measure_state(model, variables, loaded, cfg, key=jax.random.PRNGKey(int(cfg.seed)),
-                        train_for_hessian=(train.images[:nh], train.labels[:nh]))
-    rep["measure_config"] = cfg.to_dict()
-    rep["test_data"] = cfg.test_data or d.name
-    rep["checkpoint_step"] = int(jax.device_get(state.step))
-    rep["dead"] = dead_network_mark(rep, read_results(workdir))
-    write_json_atomic(os.path.join(workdir, "measures.json"), rep)
-    return rep
+    return loaded, (train.images[:nh], train.labels[:nh])
+
+
+def measure_members(workdir: str, overrides: list[str] | None = None, *, member=None, seed: int | None = None,
+                    method: str | None = None) -> list[tuple]:
+    """Measure the trained networks of ``workdir`` that the selectors name and return ``[(RunMember, report)]``.
+
+    ``workdir`` is a training run, a sweep, a sweep's ``members/<id>`` folder or a compare run
+    (:func:`lcnn_jax.runs.inspect_workdir`); ``member`` (an id, an index or ``"all"``), ``seed`` and ``method``
+    choose among its members (:func:`lcnn_jax.runs.select_members`; a workdir of one network needs none).
+    Each report is written atomically to the member's ``measures.json`` (the run's directory, or
+    ``<sweep>/members/<id>/``); a compare run's members start from its ``compare.measure`` settings.
+    Selection and settings are checked before anything is loaded; a damaged newest checkpoint is skipped with a
+    warning (``checkpoint_step`` says which one was measured); a network that computes the same output for
+    every input is marked ``dead`` (:func:`dead_network_mark`).
+
+    Raises:
+      lcnn_jax.runs.MemberChoiceError: a missing, ambiguous or wrong choice (the message lists the members).
+      ConfigError: a bad measurement setting (all of them listed), or an unusable run directory.
+      FileNotFoundError: no trained run in ``workdir``.
+      lcnn_jax.data.DatasetError: a dataset cannot be found, or holds NaN/inf pixels.
+    """
+    from lcnn_jax import runs
+    from lcnn_jax.training import write_json_atomic
+
+    wd = runs.inspect_workdir(workdir)
+    chosen = runs.select_members(wd, member=member, seed=seed, method=method)
+    settings = [measure_settings(runs.member_config(m), overrides, wd.config) for m in chosen]
+    out, cache = [], {}
+    for (m, config, model, state, _), cfg in zip(runs.load_members(chosen), settings):
+        splits, train_xy = _measure_data(config, cfg, cache)
+        variables = {"params": state.params, **state.model_state}
+        rep = measure_state(model, variables, splits, cfg, key=jax.random.PRNGKey(int(cfg.seed)),
+                            train_for_hessian=train_xy)
+        rep["measure_config"] = cfg.to_dict()
+        rep["test_data"] = cfg.test_data or config.data.name
+        rep["checkpoint_step"] = int(jax.device_get(state.step))
+        rep["dead"] = dead_network_mark(rep, runs.member_results(m))
+        if m.index is not None:
+            rep["member"] = {"id": m.id, "index": m.index, "seed": m.seed, "grid": dict(m.values),
+                             "method": m.method, "sweep_workdir": os.path.abspath(m.run_dir)}
+        os.makedirs(m.out_dir, exist_ok=True)
+        write_json_atomic(os.path.join(m.out_dir, "measures.json"), rep)
+        out.append((m, rep))
+    return out
+
+
+def measure_workdir(workdir: str, overrides: list[str] | None = None, *, member=None, seed: int | None = None,
+                    method: str | None = None) -> dict:
+    """Load the newest intact checkpoint of a training run (or of the one member of a sweep or compare run the
+    selectors name), measure it, write its ``measures.json`` atomically and return the report. ``overrides`` are
+    ``"key=value"`` strings for the ``measure`` section (e.g. ``num_examples=64``). See :func:`measure_members`,
+    which this is for exactly one network.
+
+    Raises:
+      lcnn_jax.runs.MemberChoiceError: ``workdir`` holds several networks and the selectors do not name one.
+      ConfigError: a bad measurement setting (all of them listed), or an unusable run directory.
+      FileNotFoundError: no trained run in ``workdir``.
+      lcnn_jax.data.DatasetError: a dataset cannot be found, or holds NaN/inf pixels.
+    """
+    from lcnn_jax import runs
+
+    if isinstance(member, str) and member.strip().lower() == "all":
+        raise runs.MemberChoiceError("measure_workdir measures one network; use measure_members for member='all'.")
+    return measure_members(workdir, overrides, member=member, seed=seed, method=method)[0][1]
 
 
 DEAD_JACOBIAN = 1e-6  # inputs in [0, 1]: a live network's input-Jacobian Frobenius norm is O(1) or more
@@ -354,6 +423,46 @@ def format_report(rep: dict) -> str:
     for item, st in rep.get("parameter_space", {}).items():
         lines.append(f"{item:<{w}}{_fmt(st['mean']):>14} +- {_fmt(st['std']):<10}  (parameter space)")
     return "\n".join(lines)
+
+
+# Which items a terminal shows first when a table of several networks does not fit (see
+# lcnn_jax.tables.priority_order): accuracy, one robust accuracy, input smoothness, then the rest.
+MEMBERS_PRIORITY = ("accuracy", ("apgd_l2_*", "pgd_l2_*", "apgd_linf_*", "pgd_linf_*"), "curvature",
+                    "jacobian_frobenius", "apgd_*", "pgd_*", "certified_l2_*", "noise_*", "local_lipschitz",
+                    "hessian_trace", "gradient_stability", "hessian_norm", "grad_norm", "hessian_top_eigenvalue")
+
+
+def format_members(results, *, width: int = 120) -> tuple[str, list[str]]:
+    """One row per measured network (``[(RunMember, report)]`` from :func:`measure_members`), one column per
+    item: the mean on the test split (else the first split measured), then the parameter-space items; limited to
+    the columns that fit ``width`` characters. Returns the text and the items left out (each network's
+    ``measures.json`` has them all)."""
+    from lcnn_jax.tables import format_table, priority_order
+
+    def split_of(rep):
+        return "test" if "test" in rep else next((s for s in ("train",) if s in rep), None)
+
+    items = []
+    for _, rep in results:
+        s = split_of(rep)
+        items += [("split", k) for k in (rep[s] if s else {})] + [("parameter_space", k)
+                                                                  for k in rep.get("parameter_space", {})]
+    items = list(dict.fromkeys(items))
+    items = [items[i] for i in priority_order([k for _, k in items], MEMBERS_PRIORITY)]  # shown in that order
+    split_names = sorted({split_of(rep) for _, rep in results} - {None})
+    header = ["network"] + [k for _, k in items]
+    rows = []
+    for m, rep in results:
+        s = split_of(rep)
+        row = [m.label.removeprefix("member ") + (" DEAD" if rep.get("dead") else "")]
+        for where, k in items:
+            st = (rep.get("parameter_space", {}) if where == "parameter_space" else rep.get(s, {})).get(k)
+            row.append("-" if st is None else _fmt(st["mean"]))
+        rows.append(row)
+    text, hidden = format_table(header, rows, fixed=1, width=width)
+    note = (f"means over the measured {'/'.join(split_names)} examples; hessian_trace and hessian_top_eigenvalue: "
+            f"parameter Hessian of the training loss")
+    return note + "\n" + text, [header[i] for i in hidden]
 
 
 def _fmt(v: float) -> str:

@@ -85,6 +85,9 @@ __all__ = [
     "jit_sweep_eval_step",
     "fit_sweep",
     "fit_sweep_from_config",
+    "config_members",
+    "single_run_conflict",
+    "format_summary",
     "load_sweep",
     "SeedsRun",
     "train_seeds",
@@ -598,15 +601,83 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     return summary
 
 
+def _section_axes(config) -> tuple[tuple, Mapping | None, str]:
+    """``(seeds, grid, data_order)`` of the config's ``sweep`` section (``seeds=()`` means ``(config.seed,)``)."""
+    section = config.get("sweep") or {}
+    seeds = tuple(section.get("seeds", ()) or ()) or (int(config.seed),)
+    return seeds, section.get("grid") or None, section.get("data_order", "per_seed") or "per_seed"
+
+
+def config_members(config) -> list[Member]:
+    """The members the config's ``sweep`` section describes (what :func:`fit_sweep_from_config` trains).
+
+    Raises:
+      ConfigError: bad seeds or grid values."""
+    seeds, grid, _ = _section_axes(config)
+    return sweep_members(seeds, grid)
+
+
+def single_run_conflict(config) -> str | None:
+    """None when the ``sweep`` section describes just the run ``fit`` trains (no seeds or only ``config.seed``, no
+    grid); otherwise what it asks for, in words, e.g. ``"sweep.seeds=(0, 1) x sweep.grid datagrad.coeff=(0.0,
+    0.01): 4 members"``. ``fit`` reads no sweep section: ``lcnn-jax train`` uses this to refuse a config that asks
+    for a sweep instead of silently training one run of it.
+
+    Raises:
+      ConfigError: bad seeds or grid values."""
+    members = config_members(config)
+    if len(members) == 1 and members[0].seed == int(config.seed) and not members[0].values:
+        return None
+    seeds, _, _ = _section_axes(config)
+    parts = [f"sweep.seeds={tuple(int(s) for s in seeds)}"]
+    parts += [f"sweep.grid {k}={v}" for k, v in flatten_grid(_section_axes(config)[1]).items()]
+    return f"{' x '.join(parts)}: {len(members)} member{'s' * (len(members) != 1)}"
+
+
 def fit_sweep_from_config(config, workdir: str) -> dict:
     """:func:`fit_sweep` driven by the config's ``sweep`` section: ``config.sweep.seeds`` (``()`` means
     ``(config.seed,)``), ``config.sweep.grid`` (nested ``{name: {state_key: values}}``) and
     ``config.sweep.data_order``. E.g. ``--config.sweep.seeds="(0,1,2,3,4)"
-    --config.sweep.grid.datagrad.coeff="(0.0,1e-3,1e-2)"``."""
-    section = config.get("sweep") or {}
-    seeds = tuple(section.get("seeds", ()) or ()) or (int(config.seed),)
-    return fit_sweep(config, workdir, seeds=seeds, grid=section.get("grid") or None,
-                     data_order=section.get("data_order", "per_seed") or "per_seed")
+    --config.sweep.grid.datagrad.coeff="(0.0,1e-3,1e-2)"``; this is ``lcnn-jax sweep``."""
+    seeds, grid, data_order = _section_axes(config)
+    return fit_sweep(config, workdir, seeds=seeds, grid=grid, data_order=data_order)
+
+
+def format_summary(summary: dict, workdir: str, *, width: int = 120) -> str:
+    """What ``lcnn-jax sweep`` prints: one row per member (id, seed, grid values, test / train accuracy in %,
+    test loss, and ``diverged at N`` / ``dead`` where so), then, when there are several seeds, mean ± std over
+    the seeds of each grid point (diverged members left out); limited to ``width`` characters, the files named."""
+    from lcnn_jax.tables import format_table
+
+    keys = list(summary.get("grid") or {})
+    header = ["member", "seed"] + keys + ["test acc %", "train acc %", "test loss", "status"]
+    rows = []
+    for r in summary["members"]:
+        status = (f"diverged at step {r['diverged_at']}" if r.get("diverged") else "dead" if r.get("dead") else "ok")
+        rows.append([r["id"], str(r["seed"])] + [f"{r['grid'][k]:g}" for k in keys]
+                    + [f"{100 * r['test_accuracy']:.2f}", f"{100 * r['train_accuracy']:.2f}", f"{r['test_loss']:.4f}",
+                       status])
+    text, hidden = format_table(header, rows, fixed=2 + len(keys), width=width)
+    lines = [text]
+    if len(summary.get("seeds", [])) > 1:
+        agg_rows = []
+        for a in summary["aggregate"]:
+            point = ", ".join(f"{k}={a['grid'][k]:g}" for k in keys if k in a["grid"]) or "all members"
+            mean, std = a["test_accuracy_mean"], a["test_accuracy_std"]
+            tmean, tstd = a["train_accuracy_mean"], a["train_accuracy_std"]
+            fmt = lambda m, s: "n/a" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
+            seeds = f"{a['num_ok']}" + (f" ({a['num_diverged']} diverged)" if a["num_diverged"] else "")
+            agg_rows.append([point, seeds, fmt(mean, std), fmt(tmean, tstd)])
+        agg, more = format_table(["grid point", "seeds", "test acc %", "train acc %"], agg_rows, width=width)
+        hidden += more
+        lines += ["", "mean ± std over seeds:", agg]
+    if hidden:
+        lines.append(f"(columns left out to fit {width} characters are in the files below)")
+    lines.append(f"results: {workdir}/sweep_results.json, {workdir}/members/<id>/results.json")
+    if summary.get("diverged"):
+        lines.append(f"WARNING: member(s) {', '.join(summary['diverged'])} diverged; they were frozen at their last "
+                     f"good step and are left out of the means.")
+    return "\n".join(lines)
 
 
 def load_sweep(workdir: str):
