@@ -19,7 +19,8 @@ The attacks are pure and traceable (``lax.fori_loop``); jit them with ``logits_f
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import functools
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -314,3 +315,336 @@ def pgd_l2_clip_reference(
 
 
 __all__ += ["MNIST_MEAN", "MNIST_STD", "gaussian_noise_normalized", "pgd_l2_clip_reference"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Auto-PGD (Croce & Hein, ICML 2020) and the per-example worst case over several attacks
+# ------------------------------------------------------------------------------------------------
+
+#: APGD's momentum weight ``alpha`` (the paper's 0.75; the first step has none).
+APGD_MOMENTUM = 0.75
+#: APGD's threshold ``rho``: the step size is halved at a checkpoint where fewer than this fraction of the steps
+#: since the previous checkpoint raised the loss.
+APGD_RHO = 0.75
+APGD_LOSSES = ("ce", "dlr", "dlr_targeted")
+
+
+def apgd_checkpoints(num_steps: int) -> tuple:
+    """The iterations ``w_j = ceil(p_j N)`` (j >= 1, ``N = num_steps``) at which APGD reconsiders its step size.
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (Croce & Hein 2020, Sec. 3.2):
+    the first period is 22 % of the budget, each later one 3 % shorter, but at least 6 %. For N = 100:
+    22, 41, 57, 70, 80, 87, 93, 99. Computed in integer hundredths, so no float rounding moves a checkpoint.
+    """
+    n = int(num_steps)
+    p = [0, 22]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - 3, 6)
+        if nxt > 100:
+            break
+        p.append(nxt)
+    return tuple(sorted({-(-q * n // 100) for q in p[1:]})) if n > 0 else ()
+
+
+def dlr_loss(logits: Array, ys: Array, *, targets: Array | None = None) -> Array:
+    """Difference-of-logits-ratio loss per example, shape (B,) (Croce & Hein 2020, Sec. 4).
+
+    Untargeted: ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``z_pi1 >= z_pi2 >= ...`` the sorted
+    logits (needs K >= 3). Targeted (``targets`` = one class per example): ``-(z_y - z_t) / (z_pi1 - (z_pi3 +
+    z_pi4) / 2 + 1e-12)`` (needs K >= 4). Invariant to shifting the logits and to scaling them by a positive factor,
+    so a network cannot hide behind a large or small logit scale (unlike the cross-entropy, whose gradient vanishes
+    on confident examples).
+    """
+    k = logits.shape[-1]
+    need = 3 if targets is None else 4
+    if k < need:
+        raise ValueError(f"the {'targeted ' if targets is not None else ''}DLR loss needs at least {need} classes, "
+                         f"got logits with {k}; use loss='ce'.")
+    ys = ys.astype(jnp.int32)
+    z_y = jnp.take_along_axis(logits, ys[:, None], -1)[:, 0]
+    top = lax.top_k(logits, need)[0]
+    if targets is None:
+        others = jnp.where(jax.nn.one_hot(ys, k, dtype=bool), -jnp.inf, logits)
+        return -(z_y - jnp.max(others, axis=-1)) / (top[:, 0] - top[:, 2] + 1e-12)
+    z_t = jnp.take_along_axis(logits, targets.astype(jnp.int32)[:, None], -1)[:, 0]
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def _target_classes(logits: Array, ys: Array, rank: int) -> Array:
+    """The class with the ``rank``-th largest logit among those that are not the label (rank 1 = the runner-up)."""
+    masked = jnp.where(jax.nn.one_hot(ys, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    return lax.top_k(masked, rank)[1][:, rank - 1]
+
+
+def _check_step_count(num_steps, name: str = "num_steps") -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {num_steps!r}.")
+
+
+def apgd(
+    logits_fn: LogitsFn,
+    xs: Array,
+    ys: Array,
+    *,
+    norm: str = "linf",
+    eps: float,
+    num_steps: int = 100,
+    loss: str = "ce",
+    key: PRNGKey,
+    restarts: int = 1,
+    target_rank: int = 1,
+    rho: float = APGD_RHO,
+    momentum: float = APGD_MOMENTUM,
+    clip: Clip = (0.0, 1.0),
+    unroll: int | bool = 1,
+) -> Array:
+    """Auto-PGD (Croce & Hein, ICML 2020): PGD without a step-size parameter, batched and traceable.
+
+    Per example, from a random point ``x^(0)`` on the eps-sphere (L-inf: ``x0 + eps t / ||t||_inf``, t uniform
+    in the cube; L2: ``x0 + eps n / ||n||``, n Gaussian; then into the box), step size ``eta = 2 eps``::
+
+        z^(k+1) = P(x^(k) + eta s(grad f(x^(k))))       s = sign (L-inf) or g / ||g|| (L2)
+        x^(k+1) = P(x^(k) + a (z^(k+1) - x^(k)) + (1 - a)(x^(k) - x^(k-1)))    a = 0.75 (momentum), 1 at k = 0
+
+    ``P`` projects onto the eps-ball around ``x0`` and then clips to the box ``clip``, the convention of the
+    authors' code (the clip moves each coordinate towards ``x0``, which is in the box, so the point stays in the
+    ball). At the checkpoints :func:`apgd_checkpoints` ``w_j`` the step size of an example is halved, and its
+    iterate restarted from the best point so far ``x_max`` (with that point's gradient), when
+
+    1. fewer than ``rho`` (0.75) of the steps since ``w_{j-1}`` raised the loss (``f(x^(i+1)) > f(x^(i))``), or
+    2. its step size was not halved at ``w_{j-1}`` and its best loss ``f_max`` has not grown since then.
+
+    ``loss``: ``"ce"`` (cross-entropy), ``"dlr"`` (:func:`dlr_loss`, K >= 3) or ``"dlr_targeted"`` (K >= 4;
+    the target is the class with the ``target_rank``-th largest non-label logit at the clean input, as
+    AutoAttack's APGD-T runs ranks 1..9 as separate attacks). ``restarts``: independent runs from fresh random
+    starts (``fold_in(key, r)``), each example keeping its first success.
+
+    Returns, per example, the first misclassified point found (the clean input itself if it is misclassified;
+    every iterate and the random start are checked), else the point of highest loss. Every returned point lies in
+    the eps-ball (L-inf exactly; L2 up to the float rounding of the coordinates) and in the box.
+
+    Cost: ``restarts * (num_steps + 1)`` forward and backward passes, plus one forward pass on the clean input.
+    ``unroll`` is passed to the step loop's ``lax.fori_loop`` (see :func:`pgd`).
+
+    Example::
+
+        import jax, jax.numpy as jnp
+        from lcnn_jax import attacks
+        w = jax.random.normal(jax.random.key(0), (16, 3))
+        logits_fn = lambda xs: xs.reshape(len(xs), -1) @ w
+        xs = jax.random.uniform(jax.random.key(1), (8, 4, 4, 1))
+        ys = jnp.argmax(logits_fn(xs), axis=-1)
+        run = jax.jit(lambda x, y, k: attacks.apgd(logits_fn, x, y, norm="l2", eps=0.5, num_steps=20, key=k))
+        x_adv = run(xs, ys, jax.random.key(2))                  # one compiled program
+    """
+    _check_inputs(xs, ys)
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}.")
+    if loss not in APGD_LOSSES:
+        raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}.")
+    _check_nonneg(eps, "eps")
+    _check_clip(clip)
+    _check_step_count(num_steps)
+    restarts = check_positive_int(restarts, "restarts")
+    target_rank = check_positive_int(target_rank, "target_rank")
+    if not 0.0 < float(rho) <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho!r}.")
+    if not 0.0 < float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1] (1 = no momentum), got {momentum!r}.")
+    if key is None:
+        raise ValueError("apgd starts at a random point of the eps-sphere: pass key=jax.random.key(...).")
+    out_shape = jax.eval_shape(logits_fn, xs).shape
+    if len(out_shape) != 2 or out_shape[0] != xs.shape[0]:
+        raise ValueError(f"logits_fn(xs) must return logits of shape (batch, classes), got {out_shape}.")
+    num_classes = out_shape[1]
+    if loss == "dlr" and num_classes < 3 or loss == "dlr_targeted" and num_classes < 4:
+        raise ValueError(f"loss={loss!r} needs at least {3 if loss == 'dlr' else 4} classes, the model has "
+                         f"{num_classes}; use loss='ce'.")
+    if loss == "dlr_targeted" and target_rank > num_classes - 1:
+        raise ValueError(f"target_rank={target_rank} exceeds the {num_classes - 1} non-label classes.")
+
+    dtype = xs.dtype
+    eps = jnp.asarray(eps, dtype)
+    x0, n = xs, xs.shape[0]
+    ys = ys.astype(jnp.int32)
+    clean_logits = logits_fn(x0)
+    targets = _target_classes(clean_logits, ys, target_rank) if loss == "dlr_targeted" else None
+
+    def per_example_loss(logits):
+        if loss == "ce":
+            return cross_entropy(logits, ys)
+        return dlr_loss(logits, ys, targets=targets)
+
+    def loss_grad(x):
+        def total(x_):
+            logits = logits_fn(x_)
+            values = per_example_loss(logits)
+            return jnp.sum(values), (values, logits)
+
+        g, (values, logits) = jax.grad(total, has_aux=True)(x)
+        return values, g, jnp.argmax(logits, axis=-1) != ys
+
+    def direction(g):
+        if norm == "linf":
+            return jnp.sign(g)
+        gn = safe_norm(g.reshape(n, -1), axis=1)
+        return g * _per_example(jnp.where(gn > 0, 1.0 / jnp.where(gn > 0, gn, 1.0), 0.0), g)
+
+    checkpoints = apgd_checkpoints(num_steps)
+    is_check = np.zeros(int(num_steps) + 1, bool)
+    period = np.zeros(int(num_steps) + 1, np.int32)
+    for prev, w in zip((0,) + checkpoints, checkpoints):
+        is_check[w], period[w] = True, w - prev
+    is_check, period = jnp.asarray(is_check), jnp.asarray(period)
+    alpha = jnp.asarray(momentum, dtype)
+
+    def one_run(r_key):
+        if norm == "linf":
+            t = jax.random.uniform(r_key, xs.shape, dtype, -1.0, 1.0)
+            tn = jnp.max(jnp.abs(t.reshape(n, -1)), axis=1)
+        else:
+            t = jax.random.normal(r_key, xs.shape, dtype)
+            tn = safe_norm(t.reshape(n, -1), axis=1)
+        start = _project(x0 + eps * t * _per_example(1.0 / jnp.maximum(tn, jnp.finfo(dtype).tiny), t), x0, eps,
+                         norm, clip)
+        f0, g0, wrong0 = loss_grad(start)
+        zeros_b = jnp.zeros((n,), jnp.int32)
+        state = dict(x=start, x_prev=start, g=g0, f=f0, eta=jnp.full((n,), 2.0, dtype) * eps,
+                     x_max=start, g_max=g0, f_max=f0, successes=zeros_b,
+                     f_max_check=f0, halved_check=jnp.zeros((n,), bool),
+                     x_adv=start, fooled=wrong0)
+
+        def body(i, s):
+            a = jnp.where(i == 0, jnp.asarray(1.0, dtype), alpha)
+            eta = _per_example(s["eta"], s["x"])
+            z = _project(s["x"] + eta * direction(s["g"]), x0, eps, norm, clip)
+            x_new = _project(s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["x_prev"]), x0, eps, norm, clip)
+            f_new, g_new, wrong = loss_grad(x_new)
+            first_hit = wrong & ~s["fooled"]
+            x_adv = jnp.where(_per_example(first_hit, x_new), x_new, s["x_adv"])
+            successes = s["successes"] + (f_new > s["f"]).astype(jnp.int32)
+            better = f_new > s["f_max"]
+            x_max = jnp.where(_per_example(better, x_new), x_new, s["x_max"])
+            g_max = jnp.where(_per_example(better, x_new), g_new, s["g_max"])
+            f_max = jnp.where(better, f_new, s["f_max"])
+            # checkpoint k = i + 1: halve and restart from x_max where condition 1 or 2 holds
+            check = is_check[i + 1]
+            cond1 = successes.astype(dtype) < jnp.asarray(rho, dtype) * period[i + 1].astype(dtype)
+            cond2 = ~s["halved_check"] & (f_max <= s["f_max_check"])
+            halve = check & (cond1 | cond2)
+            hb = _per_example(halve, x_new)
+            return dict(
+                x=jnp.where(hb, x_max, x_new), x_prev=s["x"], g=jnp.where(hb, g_max, g_new),
+                f=jnp.where(halve, f_max, f_new), eta=jnp.where(halve, s["eta"] / 2, s["eta"]),
+                x_max=x_max, g_max=g_max, f_max=f_max,
+                successes=jnp.where(check, 0, successes),
+                f_max_check=jnp.where(check, f_max, s["f_max_check"]),
+                halved_check=jnp.where(check, halve, s["halved_check"]),
+                x_adv=x_adv, fooled=s["fooled"] | wrong)
+
+        s = lax.fori_loop(0, int(num_steps), body, state, unroll=unroll)
+        return s["x_adv"], s["fooled"], s["x_max"], s["f_max"]
+
+    wrong_clean = jnp.argmax(clean_logits, axis=-1) != ys
+
+    def restart(r, carry):
+        x_adv, fooled, x_best, f_best = carry
+        a, fo, xm, fm = one_run(jax.random.fold_in(key, r))
+        take = fo & ~fooled
+        x_adv = jnp.where(_per_example(take, a), a, x_adv)
+        better = fm > f_best
+        x_best = jnp.where(_per_example(better, xm), xm, x_best)
+        return x_adv, fooled | fo, x_best, jnp.where(better, fm, f_best)
+
+    init = (x0, wrong_clean, x0, jnp.full((n,), -jnp.inf, dtype))
+    x_adv, fooled, x_best, _ = lax.fori_loop(0, restarts, restart, init)
+    return jnp.where(_per_example(fooled, x_adv), x_adv, x_best)
+
+
+class WorstCase(NamedTuple):
+    """Result of :func:`robust_accuracy_worst_case`.
+
+    accuracy: the fraction of examples classified correctly on the clean input AND on the output of every attack.
+    clean_accuracy: the fraction classified correctly on the clean input.
+    per_attack: ``name -> accuracy`` under that attack alone (on its output only, as :func:`robust_accuracy`).
+    robust: (N,) bool per example, the worst case (numpy).
+    """
+
+    accuracy: float
+    clean_accuracy: float
+    per_attack: dict
+    robust: np.ndarray
+
+
+def robust_accuracy_worst_case(
+    logits_fn: LogitsFn,
+    xs: Array,
+    ys: Array,
+    *,
+    attacks: "Mapping[str, Callable[..., Array]] | Sequence[Callable[..., Array]]",
+    key: PRNGKey | None = None,
+    batch_size: int | None = None,
+) -> WorstCase:
+    """Per-example worst case over a list of attacks (the AutoAttack protocol): an example counts as robust only
+    if it is classified correctly on the clean input and every attack fails on it.
+
+    ``attacks``: ``{name: attack}`` (or a sequence, named ``attack0``, ``attack1``, ...), each called as in
+    :func:`robust_accuracy`: ``attack(logits_fn, xs, ys)`` or, when ``key`` is given, with ``key=``; e.g.
+    :func:`apgd_attacks` (APGD-CE and APGD-DLR). Runs outside jit: all attacks and the model are jitted as ONE
+    program applied to chunks of ``batch_size`` examples (the last chunk padded, one compilation); attack ``i`` of
+    chunk ``c`` gets ``fold_in(fold_in(key, c), i)``. Cost: the sum of the attacks' costs, plus one forward pass
+    per attack and one on the clean input. (AutoAttack runs each attack only on the examples still robust; with
+    fixed shapes under jit every attack sees every example, which costs more and changes nothing in the result.)
+    """
+    _check_inputs(xs, ys)
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
+    named = dict(attacks) if isinstance(attacks, Mapping) else {f"attack{i}": a for i, a in enumerate(attacks)}
+    if not named:
+        raise ValueError("robust_accuracy_worst_case needs at least one attack, e.g. attacks=apgd_attacks('l2', 1.0).")
+    for name, a in named.items():
+        if not callable(a):
+            raise ValueError(f"attack {name!r} is not callable: {a!r}.")
+    items = list(named.items())
+
+    @jax.jit
+    def correct(x, y, k):
+        out = {"clean": jnp.argmax(logits_fn(x), axis=-1) == y}
+        for i, (name, attack) in enumerate(items):
+            xa = attack(logits_fn, x, y) if k is None else attack(logits_fn, x, y, key=jax.random.fold_in(k, i))
+            out[name] = jnp.argmax(logits_fn(xa), axis=-1) == y
+        return out
+
+    hits: dict = {}
+    for c, (start, stop, size) in enumerate(_chunks(xs.shape[0], batch_size)):
+        k = None if key is None else jax.random.fold_in(key, c)
+        res = correct(_pad(xs[start:stop], size), _pad(ys[start:stop], size), k)
+        for name, v in res.items():
+            hits.setdefault(name, []).append(np.asarray(v)[: stop - start])
+    hits = {name: np.concatenate(v) for name, v in hits.items()}
+    robust = hits["clean"].copy()
+    for name, _ in items:
+        robust &= hits[name]
+    return WorstCase(accuracy=float(robust.mean()), clean_accuracy=float(hits["clean"].mean()),
+                     per_attack={name: float(hits[name].mean()) for name, _ in items}, robust=robust)
+
+
+def apgd_attacks(norm: str, eps: float, *, num_steps: int = 100, losses: Sequence[str] = ("ce", "dlr"),
+                 restarts: int = 1, target_ranks: Sequence[int] = (1,)) -> dict:
+    """``{name: attack}`` for :func:`robust_accuracy_worst_case`: APGD with each loss of ``losses`` at one radius,
+    named ``apgd_ce``, ``apgd_dlr``, ``apgd_dlr_targeted<r>`` (one per rank of ``target_ranks``; AutoAttack's
+    APGD-T uses ranks 1..9). The default pair APGD-CE + APGD-DLR is AutoAttack's parameter-free core without its
+    targeted and black-box members."""
+    out = {}
+    for loss in losses:
+        if loss not in APGD_LOSSES:
+            raise ValueError(f"losses: {loss!r} is not one of {APGD_LOSSES}.")
+        ranks = target_ranks if loss == "dlr_targeted" else (1,)
+        for r in ranks:
+            name = f"apgd_{loss}" + (str(r) if loss == "dlr_targeted" else "")
+            out[name] = functools.partial(apgd, norm=norm, eps=float(eps), num_steps=num_steps, loss=loss,
+                                          restarts=restarts, target_rank=int(r))
+    return out
+
+
+__all__ += ["APGD_MOMENTUM", "APGD_RHO", "APGD_LOSSES", "apgd_checkpoints", "dlr_loss", "apgd", "WorstCase",
+            "robust_accuracy_worst_case", "apgd_attacks"]

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _lcnn_helpers import xla_optimizations
 from lcnn_jax import attacks
 
 
@@ -144,3 +145,213 @@ def test_attacks_reject_malformed_arguments():
         attacks.fgsm(logits_fn, xs, ys, eps=0.1, clip=(1.0, 0.0))
     with pytest.raises(ValueError, match="num_steps"):
         attacks.pgd(logits_fn, xs, ys, eps=0.1, step_size=0.1, num_steps=-1, key=jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------------------------ APGD
+def _checkpoint_oracle(n):
+    """The paper's schedule by its definition, in exact rational arithmetic (hundredths)."""
+    p = [0, 22]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - 3, 6)
+        if nxt > 100:
+            break
+        p.append(nxt)
+    return tuple(sorted({-(-q * n // 100) for q in p[1:]}))
+
+
+def test_apgd_checkpoints_follow_the_papers_schedule():
+    assert attacks.apgd_checkpoints(100) == (22, 41, 57, 70, 80, 87, 93, 99)
+    for n in (1, 3, 10, 37, 100, 250, 1000):
+        assert attacks.apgd_checkpoints(n) == _checkpoint_oracle(n), n
+    assert attacks.apgd_checkpoints(0) == ()
+
+
+def test_dlr_losses_match_their_definitions():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((50, 7)) * 3
+    y = rng.integers(0, 7, 50)
+    t = rng.integers(0, 7, 50)
+    t = np.where(t == y, (y + 1) % 7, t)
+    srt = np.sort(z, axis=1)[:, ::-1]
+    zy = z[np.arange(50), y]
+    other = np.where(np.arange(7)[None] == y[:, None], -np.inf, z).max(1)
+    dlr = -(zy - other) / (srt[:, 0] - srt[:, 2] + 1e-12)
+    dlr_t = -(zy - z[np.arange(50), t]) / (srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + 1e-12)
+    got = attacks.dlr_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y))
+    got_t = attacks.dlr_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y), targets=jnp.asarray(t))
+    np.testing.assert_allclose(got, dlr, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(got_t, dlr_t, rtol=2e-5, atol=2e-6)
+    # invariant to shifting and (positive) scaling the logits, the point of the DLR loss
+    np.testing.assert_allclose(attacks.dlr_loss(jnp.asarray(5 * z + 3, jnp.float32), jnp.asarray(y)), dlr,
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm,eps,loss", [("linf", 0.3, "ce"), ("l2", 3.0, "dlr")])
+def test_apgd_never_leaves_the_ball_or_the_box(norm, eps, loss):
+    logits_fn = _mlp_logits(0, 16, 8, 4)
+    xs = _images(1, 8)
+    xs = xs.at[:2].set(jnp.round(xs[:2]))  # pixels at the box's faces
+    ys = jnp.arange(8) % 4
+    x_adv = attacks.apgd(logits_fn, xs, ys, norm=norm, eps=eps, num_steps=15, loss=loss, key=jax.random.key(0),
+                         restarts=2)
+    a = np.asarray(x_adv)
+    assert a.dtype == np.float32 and a.min() >= 0.0 and a.max() <= 1.0  # exact
+    if norm == "linf":  # exact: the float32 interval the projection clips to
+        e = np.float32(eps)
+        x0 = np.asarray(xs)
+        assert np.all(a >= x0 - e) and np.all(a <= x0 + e)
+    else:  # the ball, up to the rounding of the stored float32 coordinates (values in [0, 1]: <= 2^-24 each)
+        d = (a.astype(np.float64) - np.asarray(xs, np.float64)).reshape(8, -1)
+        assert np.linalg.norm(d, axis=1).max() <= eps * (1 + 1e-6) + np.sqrt(d.shape[1]) * 2.0 ** -24
+    ce = lambda x: np.asarray(attacks.cross_entropy(logits_fn(x), ys))  # noqa: E731
+    assert np.mean(ce(x_adv)) > np.mean(ce(xs))
+
+
+def _binary_linear_box_optimum(w, b, xs, ys, norm, eps, clip):
+    """The margin-minimising point of ball (cap) box for a two-class linear model, in float64.
+
+    margin m(x) = c.x + const, c = w_y - w_other. L-inf (with or without the box): separable, each coordinate
+    at its extreme against sign(c). L2: the KKT point x(t) = clip(x0 - t c) with ||x(t) - x0|| = eps (bisection
+    on t; the norm grows with t), or the box corner where even t -> inf stays inside the ball."""
+    out = []
+    for x0, y in zip(np.asarray(xs, np.float64).reshape(len(xs), -1), np.asarray(ys)):
+        c = w[:, y] - w[:, 1 - y]
+        lo, hi = (-np.inf, np.inf) if clip is None else clip
+        if norm == "linf":
+            x = np.clip(x0 - eps * np.sign(c), lo, hi)
+        else:
+            x_of = lambda t: np.clip(x0 - t * c, lo, hi)  # noqa: E731
+            if np.linalg.norm(x_of(1e9) - x0) <= eps:
+                x = x_of(1e9)
+            else:
+                t0, t1 = 0.0, 1.0
+                while np.linalg.norm(x_of(t1) - x0) < eps:
+                    t1 *= 2
+                for _ in range(200):
+                    tm = 0.5 * (t0 + t1)
+                    t0, t1 = (tm, t1) if np.linalg.norm(x_of(tm) - x0) < eps else (t0, tm)
+                x = x_of(t0)
+        out.append(x)
+    xo = np.stack(out)
+    z = xo @ w + b
+    idx = np.arange(len(xo))
+    return z[idx, ys] - z[idx, 1 - ys]
+
+
+@pytest.mark.parametrize("norm,clip", [("linf", (0.0, 1.0)), ("l2", None), ("l2", (0.0, 1.0))])
+def test_apgd_finds_the_closed_form_worst_case_of_a_linear_model(norm, clip):
+    rng = np.random.default_rng(11)
+    n_in = 12
+    w, b = rng.standard_normal((n_in, 2)), rng.standard_normal(2)
+    logits_fn = lambda xs: xs.reshape(len(xs), -1) @ jnp.asarray(w, xs.dtype) + jnp.asarray(b, xs.dtype)  # noqa
+    xs = jnp.asarray(rng.uniform(0, 1, (40, n_in)), jnp.float32)
+    ys_np = rng.integers(0, 2, 40)
+    ys = jnp.asarray(ys_np)
+    eps = 0.15 if norm == "linf" else 0.6
+    m_opt = _binary_linear_box_optimum(w, b, xs, ys_np, norm, eps, clip)
+    x_adv = attacks.apgd(logits_fn, xs, ys, norm=norm, eps=eps, num_steps=60, key=jax.random.key(3), clip=clip)
+    z = np.asarray(x_adv, np.float64) @ w + b
+    m = z[np.arange(40), ys_np] - z[np.arange(40), 1 - ys_np]
+    clean = np.asarray(xs, np.float64) @ w + b
+    clean_m = clean[np.arange(40), ys_np] - clean[np.arange(40), 1 - ys_np]
+    survive = m_opt > 0  # the attack cannot flip these: it must return the loss maximiser
+    assert survive.sum() >= 5 and (~survive & (clean_m > 0)).sum() >= 3
+    tol = 1e-4 * np.abs(w).sum()
+    assert np.all(m[survive] >= m_opt[survive] - tol)  # no feasible point beats the optimum (checks the oracle)
+    if norm == "l2" and clip is not None:
+        # Projecting onto the ball and then clipping (the authors' convention) is not the Euclidean projection onto
+        # ball (cap) box, so APGD stops short of the optimum here: within 2 % of the margin it could remove.
+        np.testing.assert_array_less(m[survive] - m_opt[survive], 0.02 * (clean_m[survive] - m_opt[survive]))
+    else:
+        np.testing.assert_allclose(m[survive], m_opt[survive], rtol=0, atol=tol)
+    assert np.all(m[~survive] < 0)  # every flippable example is flipped
+
+
+def test_worst_case_counts_an_example_only_if_every_attack_fails():
+    # logits = the first 3 features; feature 3 is a code saying which attacks succeed on that example
+    # (1: A, 2: B, 3: both, 4: misclassified already, 0: none); the oracle is plain bookkeeping.
+    codes = np.array([0, 1, 2, 3, 4, 0, 1, 0, 2, 0])
+    ys = np.arange(10) % 3
+    xs = np.zeros((10, 4), np.float32)
+    xs[np.arange(10), ys] = 1.0
+    xs[codes == 4, :3] = np.eye(3, dtype=np.float32)[(ys[codes == 4] + 1) % 3]
+    xs[:, 3] = codes
+    logits_fn = lambda x: x[:, :3]  # noqa: E731
+
+    def flip_where(hit_codes):
+        def attack(f, x, y, key):
+            del f, key
+            hit = jnp.isin(x[:, 3], jnp.asarray(hit_codes, x.dtype))
+            wrong = jax.nn.one_hot((y + 1) % 3, 3, dtype=x.dtype)
+            return x.at[:, :3].set(jnp.where(hit[:, None], wrong, x[:, :3]))
+        return attack
+
+    res = attacks.robust_accuracy_worst_case(logits_fn, jnp.asarray(xs), jnp.asarray(ys),
+                                             attacks={"A": flip_where([1, 3]), "B": flip_where([2, 3])},
+                                             key=jax.random.key(0), batch_size=4)
+    np.testing.assert_array_equal(res.robust, codes == 0)
+    assert res.accuracy == pytest.approx(np.mean(codes == 0))
+    assert res.clean_accuracy == pytest.approx(np.mean(codes != 4))
+    assert res.per_attack == pytest.approx({"A": np.mean(~np.isin(codes, [1, 3, 4])),
+                                            "B": np.mean(~np.isin(codes, [2, 3, 4]))})
+    # the worst case is never above any single attack
+    assert res.accuracy <= min(res.per_attack.values())
+    with pytest.raises(ValueError, match="at least one attack"):
+        attacks.robust_accuracy_worst_case(logits_fn, jnp.asarray(xs), jnp.asarray(ys), attacks={})
+
+
+def test_apgd_rejects_malformed_arguments():
+    logits_fn = _mlp_logits(9, 16, 8, 3)
+    xs, ys, key = _images(10, 3), jnp.array([0, 1, 2]), jax.random.key(0)
+    for kwargs, match in [(dict(norm="l1"), "norm"), (dict(loss="hinge"), "loss"), (dict(eps=-1.0), "eps"),
+                          (dict(num_steps=-2), "num_steps"), (dict(restarts=0), "restarts"),
+                          (dict(loss="dlr_targeted"), "at least 4 classes"), (dict(rho=1.5), "rho"),
+                          (dict(key=None), "key")]:
+        with pytest.raises(ValueError, match=match):
+            attacks.apgd(logits_fn, xs, ys, **{"eps": 0.1, "key": key, **kwargs})
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        attacks.apgd(lambda x: logits_fn(x)[:, :2], xs, ys % 2, eps=0.1, loss="dlr", key=key)
+    with pytest.raises(ValueError, match="losses"):
+        attacks.apgd_attacks("l2", 1.0, losses=("ce", "cw"))
+
+
+@pytest.mark.slow
+def test_apgd_is_at_least_as_strong_as_pgd_on_a_trained_cnn():
+    """The quickstart network at the compare runs' width 1/4 (small CNN on mnist5k, 2 epochs), 250 test images,
+    100 steps each: APGD-CE alone, and the worst case of APGD-CE and APGD-DLR, against PGD with Madry's step
+    2.5 eps / steps. ~3 minutes on 2 CPU cores."""
+    with xla_optimizations(True):  # seconds of compilation save minutes of running
+        _apgd_against_pgd()
+
+
+def _apgd_against_pgd():
+    import os
+    import tempfile
+
+    from lcnn_jax import data
+    from lcnn_jax.configs import load_config
+    from lcnn_jax.training import fit, load_trained
+
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "quickstart.py"))
+    config.model.kwargs = {"width_mult": 0.25}
+    config.train.num_epochs = 2
+    config.train.progress = False
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(config, tmp)
+        _, model, state, _ = load_trained(tmp)
+    variables = {"params": state.params, **state.model_state}
+    logits_fn = jax.jit(lambda xs: model.apply(variables, xs, train=False))
+    test = data.load_split("mnist5k", "test")
+    xs, ys = jnp.asarray(test.images[:250]), jnp.asarray(test.labels[:250])
+    key = jax.random.key(0)
+    for norm, eps in (("l2", 1.5), ("linf", 0.1)):
+        pgd = functools.partial(attacks.pgd, norm=norm, eps=eps, step_size=2.5 * eps / 100, num_steps=100)
+        acc_pgd = attacks.robust_accuracy(logits_fn, xs, ys, attack=pgd, key=key)
+        acc_apgd_ce = attacks.robust_accuracy(logits_fn, xs, ys, key=key,
+                                              attack=functools.partial(attacks.apgd, norm=norm, eps=eps))
+        worst = attacks.robust_accuracy_worst_case(logits_fn, xs, ys, attacks=attacks.apgd_attacks(norm, eps),
+                                                   key=key)
+        print(f"{norm} eps={eps}: clean {worst.clean_accuracy:.3f}  PGD-100 {acc_pgd:.3f}  APGD-CE {acc_apgd_ce:.3f}"
+              f"  APGD-DLR {worst.per_attack['apgd_dlr']:.3f}  worst case {worst.accuracy:.3f}")
+        assert worst.accuracy <= acc_apgd_ce <= acc_pgd
+        assert acc_pgd < worst.clean_accuracy  # the radius is one where the attacks matter
