@@ -10,6 +10,7 @@ curvature of a smooth network; the other examples of the batch are unaffected, b
 Check inputs on the host before jitting (:func:`lcnn_jax.report.check_finite_images`); ``lcnn-jax measure`` and
 ``lcnn-jax compare`` do, and stop with exit code 2."""
 from lcnn_jax.measures.bounds import Bound, CurvatureBound, Factor, curvature_bound, function_bound, layer_bound
+from lcnn_jax.measures.certified import Certificate, certified_radii, certify
 from lcnn_jax.measures.operator_norms import NormBounds, conv_general_norm_bounds, conv_norm_bounds, matrix_norm_bounds
 from lcnn_jax.measures.curvature import gradient_stability, input_curvature
 from lcnn_jax.measures.hessian import (DatasetHVP, dataset_hvp, hessian_spectral_density, hessian_top_eigenvalues,
@@ -29,4 +30,5 @@ __all__ = ["Bound", "CurvatureBound", "Factor", "curvature_bound", "function_bou
            "local_lipschitz", "pair_ascent_step", "pair_quotients", "LayerNormalizedSharpness",
            "NormalizedSharpnessResult", "SharpnessResult", "layer_hessian_traces", "layer_order",
            "minimum_sharpness", "minimum_sharpness_from_traces", "normalized_layer_sharpness",
-           "normalized_sharpness", "normalized_sharpness_from_diagonal", "rescale_params"]
+           "normalized_sharpness", "normalized_sharpness_from_diagonal", "rescale_params", "Certificate", "certify",
+           "certified_radii"]

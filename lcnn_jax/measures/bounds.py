@@ -207,6 +207,15 @@ class CurvatureBound(NamedTuple):
       ``K_i`` times the slopes before (squared) and after it); they sum to ``network.curvature``.
     almost_everywhere: True if piecewise-linear operations were counted with ``K = 0`` (the bound then
       holds wherever the output is twice differentiable).
+    head_input: the :class:`Bound` of the map from the input to the head's input ``h`` (the output of the last
+      nonlinearity, where the final affine segment ``h -> A h + c`` starts; the input itself for an affine
+      function); None when the output is not an affine function of such a value.
+    pairwise_lipschitz, pairwise_curvature: ``(num_outputs, num_outputs)`` bounds for the differences
+      ``output_i - output_j`` (what a margin certificate needs): ``||a_i - a_j|| * head_input`` (``a_k`` the
+      rows of the exact head map ``A``, in float64) where the head ends in a dense layer followed only by
+      constant scalings, additions and reshapes, never above ``L_i + L_j`` nor ``sqrt(2)`` times the
+      network's bound; zero diagonal. None when the head is not of that form or has more than
+      ``PAIRWISE_MAX_OUTPUTS`` outputs.
     """
 
     curvature: Array
@@ -216,6 +225,13 @@ class CurvatureBound(NamedTuple):
     factors: tuple
     curvature_terms: tuple
     almost_everywhere: bool
+    head_input: Any = None
+    pairwise_lipschitz: Any = None
+    pairwise_curvature: Any = None
+
+
+#: The largest number of outputs for which :func:`function_bound` computes the pairwise difference bounds.
+PAIRWISE_MAX_OUTPUTS = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +250,8 @@ class _Sym:
     ``anchor``: the value where the current affine segment starts (the input or a nonlinearity's output);
     ``seg``: a certified bound on the norm of the affine map ``anchor -> value``; ``rows``: per element, a
     bound on the gradient norm of that element with respect to ``anchor`` (``None``: ``seg`` for all).
+    ``head``: ``(mat, scale, seg_in)`` when the value (flattened) is ``mat.T @ u * scale + const`` with ``u`` a
+    value whose map from ``anchor`` has norm ``<= seg_in`` (a dense layer, then constant scalings), else None.
     """
 
     shape: tuple
@@ -245,6 +263,7 @@ class _Sym:
     anchor: Any = None
     seg: float = 1.0
     rows: Any = None
+    head: Any = None
 
     @property
     def size(self) -> int:
@@ -287,8 +306,12 @@ class _Interpreter:
         if s.anchor is not None:
             base = s.seg if s.rows is None else s.rows
             rows = np.broadcast_to(base * mags * (1.0 + safety_margin(s.dtype)), s.shape)
+        head = None
+        if s.head is not None:
+            mat, col_scale, seg_in = s.head
+            head = (mat, col_scale * np.broadcast_to(np.asarray(s.diag, np.float64), s.shape).reshape(-1), seg_in)
         return dataclasses.replace(s, lip=_mul(up, s.lip), curv={k: _mul(up, v) for k, v in s.curv.items()},
-                                   diag=None, seg=_mul(up, s.seg), rows=rows)
+                                   diag=None, seg=_mul(up, s.seg), rows=rows, head=head)
 
     def linear_map(self, s: _Sym, out_shape, out_dtype, up: float, path: str, op: str, lower: float,
                    rows=None, keep_rows=False) -> _Sym:
@@ -386,11 +409,13 @@ class _Interpreter:
             rows = None
             if s.rows is not None:
                 rows = _move_rows(name, s.rows, eqn.params, out_aval.shape)
-            return [dataclasses.replace(s, shape=tuple(out_aval.shape), dtype=out_aval.dtype, rows=rows)]
+            head = s.head if name in ("reshape", "squeeze", "expand_dims") else None
+            return [dataclasses.replace(s, shape=tuple(out_aval.shape), dtype=out_aval.dtype, rows=rows,
+                                        head=head)]
         if name == "pad":
             if len(sym_idx) != 1 or sym_idx[0] != 0:
                 raise _unsupported(name, path, "its padding value depends on the input")
-            return [dataclasses.replace(s, shape=tuple(out_aval.shape), rows=None)]
+            return [dataclasses.replace(s, shape=tuple(out_aval.shape), rows=None, head=None)]
         if name == "broadcast_in_dim":
             return [self.broadcast_if_needed(s, out_aval, path)]
         if name == "reduce_sum":
@@ -416,7 +441,7 @@ class _Interpreter:
             out = syms[0]
             for other in syms[1:]:
                 out = self.sum(out, other, out_aval, path)
-            return [dataclasses.replace(out, shape=tuple(out_aval.shape), rows=None, anchor=None)]
+            return [dataclasses.replace(out, shape=tuple(out_aval.shape), rows=None, anchor=None, head=None)]
         if name == "concatenate":
             syms = [v for v in vals if isinstance(v, _Sym)]
             lip = math.sqrt(sum(v.lip ** 2 for v in syms))
@@ -510,7 +535,11 @@ class _Interpreter:
             if i == 1:
                 cols = cols.reshape(cols.shape + (1,) * (len(out_aval.shape) - cols.ndim))
             rows = np.broadcast_to(s.seg * cols, out_aval.shape)
-        return self.linear_map(s, out_aval.shape, out_aval.dtype, nb.upper, path, "dense", nb.lower, rows=rows)
+        out = self.linear_map(s, out_aval.shape, out_aval.dtype, nb.upper, path, "dense", nb.lower, rows=rows)
+        free_in = [d for d in range(len(s.shape)) if d not in contract[i]]
+        if s.anchor is not None and i == 0 and math.prod(s.shape[d] for d in free_in) == 1:
+            out.head = (mat, np.ones(mat.shape[1]), s.seg)  # output element j = column j . (input)
+        return out
 
 
 def _unsupported(name: str, path: str, why: str) -> ValueError:
@@ -630,10 +659,41 @@ def function_bound(fn: Callable[[Array], Array], example: Any, *, key: PRNGKey |
         per_k = np.minimum(per_k, np.array([_mul(r, k_anchor) for r in rows]))
     factors = tuple(interp.factors)
     curv_terms = tuple(out.curv.items())
-    return CurvatureBound(curvature=jnp.asarray(per_k, jnp.float32 if dtype != jnp.float64 else dtype),
-                          lipschitz=jnp.asarray(per_l, jnp.float32 if dtype != jnp.float64 else dtype),
+    head_input = pair_l = pair_k = None
+    if anchor is not None:
+        head_input = Bound(float(anchor.lip), float(sum(anchor.curv.values())))
+        if out.head is not None and n_out <= PAIRWISE_MAX_OUTPUTS:
+            pair_l, pair_k = _pairwise(out, head_input, per_l, per_k, k_net, dtype)
+    out_dtype = jnp.float32 if dtype != jnp.float64 else dtype
+    return CurvatureBound(curvature=jnp.asarray(per_k, out_dtype), lipschitz=jnp.asarray(per_l, out_dtype),
                           network=Bound(float(out.lip), k_net), layers=_group_layers(factors), factors=factors,
-                          curvature_terms=curv_terms, almost_everywhere=bool(almost_everywhere))
+                          curvature_terms=curv_terms, almost_everywhere=bool(almost_everywhere),
+                          head_input=head_input,
+                          pairwise_lipschitz=None if pair_l is None else jnp.asarray(pair_l, out_dtype),
+                          pairwise_curvature=None if pair_k is None else jnp.asarray(pair_k, out_dtype))
+
+
+def _pairwise(out: _Sym, head_input: Bound, per_l, per_k, k_net: float, dtype) -> tuple:
+    """Bounds on the slope and curvature of ``output_i - output_j`` for all pairs: the gradient of the difference
+    with respect to the head's input ``h`` is ``P^T (m_i s_i - m_j s_j)`` (``m_k`` column k of the dense matrix,
+    ``s_k`` the later constant scale of output k, ``||P|| <= seg_in``), so its norm is at most
+    ``seg_in ||m_i s_i - m_j s_j||``; then the chain rule through ``h`` as for single outputs. Capped by
+    ``L_i + L_j`` (triangle inequality) and ``sqrt(2) L`` (``||e_i - e_j|| = sqrt 2``)."""
+    mat, col_scale, seg_in = out.head
+    a = np.asarray(mat, np.float64) * col_scale[None, :]
+    n = a.shape[1]
+    diff = np.empty((n, n))
+    for i in range(n):  # direct differences (no Gram-matrix cancellation), one row at a time
+        diff[i] = np.linalg.norm(a - a[:, i:i + 1], axis=0)
+    diff *= seg_in * (1.0 + safety_margin(dtype)) ** 2  # the matrix's and the scales' float64 rounding
+    inf_times = lambda d, c: np.multiply(d, c, out=np.zeros_like(d), where=d != 0.0)  # noqa: E731  (0 * inf = 0)
+    pair_l = np.minimum(inf_times(diff, head_input.lipschitz), per_l[:, None] + per_l[None, :])
+    pair_k = np.minimum(inf_times(diff, head_input.curvature), per_k[:, None] + per_k[None, :])
+    pair_l = np.minimum(pair_l, math.sqrt(2.0) * out.lip * (1.0 + safety_margin(dtype)))
+    pair_k = np.minimum(pair_k, math.sqrt(2.0) * k_net * (1.0 + safety_margin(dtype)))
+    np.fill_diagonal(pair_l, 0.0)
+    np.fill_diagonal(pair_k, 0.0)
+    return pair_l, pair_k
 
 
 def _eval_kwargs(model: nn.Module) -> dict:
