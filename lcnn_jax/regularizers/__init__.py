@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 
+from lcnn_jax.regularizers.adversarial import adversarial_training
 from lcnn_jax.regularizers.base import Regularizer, apply_epoch_end, empty_state
 from lcnn_jax.regularizers.gradient import (confidence_penalty, datagrad, jacobian_penalty, jacreg,
                                             penalty_regularizer, spectreg)
@@ -36,6 +37,7 @@ REGULARIZERS = {
     "lcnn": "lcnn_jax.regularizers.lcnn:lcnn_penalty",
     "lcnn_gradnorm": "lcnn_jax.regularizers.lcnn:lcnn_gradnorm",
     "cure": "lcnn_jax.regularizers.lcnn:cure",
+    "adversarial": "lcnn_jax.regularizers.adversarial:adversarial_training",
 }
 
 
@@ -56,4 +58,5 @@ def make_regularizer(name: str, dataset_info=None, **kwargs) -> Regularizer:
 
 __all__ = ["Regularizer", "REGULARIZERS", "apply_epoch_end", "empty_state", "make_regularizer", "jacobian_penalty",
            "datagrad",
-           "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "clip", "weight_l2", "cure", "lcnn_gradnorm", "lcnn_penalty", "lcnn_terms"]
+           "jacreg", "spectreg", "confidence_penalty", "penalty_regularizer", "derivative", "clip", "weight_l2", "cure", "lcnn_gradnorm", "lcnn_penalty", "lcnn_terms",
+           "adversarial_training"]
