@@ -198,3 +198,222 @@ def test_chunk_trainer_freezes_finished_members_and_unroll_matches_vmap():
         model.apply({"params": p}, images), y).mean())
     member = lambda tree: jax.tree.map(lambda a: a[1], tree)  # noqa: E731
     assert ce(member(out[False]), labels[1]) < ce(member(params), labels[1])
+
+
+# ------------------------------------------------------------------------------------------------ reference protocol
+def test_epoch_batches_cut_each_permutation_like_torch_split():
+    # n = 25, B = 10: three batches per epoch of 10, 10 and 5 real examples (the last padded to 10 at weight 0)
+    idx, w = rl.epoch_batches(n=25, batch_size=10, seeds=[3, 4], start=0, steps=6)
+    assert idx.shape == w.shape == (6, 2, 10)
+    np.testing.assert_array_equal(w.sum(axis=2), np.tile([10, 10, 5], 2)[:, None].repeat(2, axis=1))
+    for member in range(2):
+        for epoch in range(2):
+            rows = slice(3 * epoch, 3 * epoch + 3)
+            seen = idx[rows, member][w[rows, member] > 0]
+            np.testing.assert_array_equal(np.sort(seen), np.arange(25))  # every example exactly once per epoch
+    assert not np.array_equal(idx[:, 0], idx[:, 1])
+    idx2, w2 = rl.epoch_batches(25, 10, [3, 4], start=4, steps=2)  # resuming mid-epoch gives the same batches
+    np.testing.assert_array_equal(idx2, idx[4:6])
+    np.testing.assert_array_equal(w2, w[4:6])
+    # a batch larger than the data set is the whole data set
+    idx, w = rl.epoch_batches(n=7, batch_size=1024, seeds=[0], start=0, steps=2)
+    assert idx.shape == (2, 1, 7) and w.min() == 1.0
+
+
+def test_reference_optimizer_matches_a_numpy_restatement_of_torch_sgd():
+    """torch.optim.SGD(lr, momentum, weight_decay) under LambdaLR(1 / (d t + 1)) stepped per batch, written out."""
+    import jax.numpy as jnp
+
+    lr, mom, wd, d = 0.1, 0.9, 1e-2, 0.05
+    tx = rl.reference_optimizer(lr, mom, wd, d)
+    rng = np.random.default_rng(0)
+    theta = rng.standard_normal(5)
+    grads = rng.standard_normal((6, 5))
+    p, state = jnp.asarray(theta, jnp.float32), tx.init(jnp.asarray(theta, jnp.float32))
+    want, buf = theta.copy(), None
+    for t, g in enumerate(grads):
+        upd, state = tx.update(jnp.asarray(g, jnp.float32), state, p)
+        p = p + upd
+        g_wd = g + wd * want
+        buf = g_wd if buf is None else mom * buf + g_wd  # torch: the first step sets the buffer to the gradient
+        want = want - lr / (d * t + 1.0) * buf
+    np.testing.assert_allclose(np.asarray(p), want, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_cfg_defaults_and_the_scaled_schedule_end_at_the_references_lr_factor():
+    cfg = rl.parse_args(["--protocol", "reference", "--models", "ms_mlp,lenet", "--steps", "600"])
+    assert cfg.out.endswith(os.path.join("random_labels", "reference_protocol"))
+    mlp, lenet = rl.model_cfg(cfg, "ms_mlp"), rl.model_cfg(cfg, "lenet")
+    assert (mlp.lr, lenet.lr, mlp.batch_size, mlp.weight_decay, mlp.momentum) == (0.1, 0.01, 1024, 1e-5, 0.9)
+    assert (mlp.n_train, lenet.n_train) == (2000, 500)
+    # the reference: 3000 (MLP) / 1000 (LeNet) epochs of ceil(60000 / 1024) = 59 steps at 1e-4 per step
+    assert rl.reference_steps("ms_mlp") == 177_000 and rl.reference_steps("lenet") == 59_000
+    for c, model in ((mlp, "ms_mlp"), (lenet, "lenet")):
+        ours_end = 1.0 / (c.lr_decay * c.steps + 1.0)
+        ref_end = 1.0 / (1e-4 * rl.reference_steps(model) + 1.0)
+        assert ours_end == pytest.approx(ref_end, rel=1e-12)
+    assert rl.model_cfg(rl.parse_args(["--protocol", "reference", "--lr_decay", "1e-4"]), "ms_mlp").lr_decay == 1e-4
+    # the two protocols' options do not mix
+    with pytest.raises(SystemExit):
+        rl.parse_args(["--protocol", "reference", "--target_loss", "1e-3"])
+    with pytest.raises(SystemExit):
+        rl.parse_args(["--steps", "10"])
+    with pytest.raises(SystemExit):
+        rl.parse_args(["--protocol", "reference", "--models", "small_cnn"])
+
+
+def test_member_groups_keep_ratio_order_and_size():
+    pending = [(0.0, 0), (0.0, 1), (1.0, 0), (0.5, 2), (0.2, 0)]
+    assert rl.member_groups(pending, 2) == [[(0.0, 0), (0.0, 1), (1.0, 0)], [(0.5, 2), (0.2, 0)]]
+    assert rl.member_groups(pending, 10) == [pending]
+    with pytest.raises(ValueError):
+        rl.member_groups(pending, 0)
+
+
+class _CheapMeasurer:
+    """Stands in for rl.Measurer where the test is about the protocol, not the measures (those compile for ~30 s):
+    every measure is a different deterministic function of the trained parameters."""
+
+    def __init__(self, model, cfg):
+        pass
+
+    def measure(self, params, xs, ys, key):
+        import jax
+
+        leaves = [np.asarray(a, np.float64) for a in jax.tree.leaves(params)]
+        sq, ab = float(sum(np.sum(a ** 2) for a in leaves)), float(sum(np.sum(np.abs(a)) for a in leaves))
+        return {"minimum_sharpness": sq, "normalized_sharpness": ab, "hessian_trace": sq * ab, "top_eigenvalue": -sq,
+                "minimum_sharpness_nobias": sq, "exact_trace": sq * ab}
+
+
+def _tiny_reference_study(tmp_path, monkeypatch, name, cheap=True):
+    """The reference protocol end to end on a small MLP (784-16-10 standing in for ms_mlp), 40 images, 6 steps of
+    batch 16 (epochs of 16 + 16 + 8 images), two ratios x two trials in one program."""
+    from lcnn_jax.nn import make_model
+
+    monkeypatch.setattr(rl, "make_model", lambda name_, k: make_model("mlp", k, widths=(16,)))
+    if cheap:
+        monkeypatch.setattr(rl, "Measurer", _CheapMeasurer)
+        for fig in ("scatter", "loss_curves"):
+            monkeypatch.setattr(rl, fig, lambda runs, models, path: open(path, "wb").write(b"png"))
+    out = tmp_path / name
+    argv = ["--protocol", "reference", "--models", "ms_mlp", "--ratios", "0,1", "--trials", "2", "--steps", "6",
+            "--eval_every", "4", "--n_train", "40", "--n_measure", "20", "--batch_size", "16",
+            "--hutchinson_probes", "2", "--lanczos_iters", "3", "--ratios_per_program", "2", "--out", str(out),
+            "--save_params", str(out / "params")]
+    rl.main(argv)
+    return out
+
+
+def _check_reference_study(tmp_path, monkeypatch, cheap):
+    a = _tiny_reference_study(tmp_path, monkeypatch, "a", cheap)
+    for f in ("kendall_tau.md", "kendall_tau.json", "scatter.png", "loss_curves.png"):
+        assert os.path.getsize(a / f) > 0, f
+    names = sorted(os.listdir(a / "runs"))
+    assert names == [f"ms_mlp_r{r}_t{t}.json" for r in ("0.0", "1.0") for t in (0, 1)]
+    assert sorted(os.listdir(a / "params")) == [n.replace(".json", ".npz") for n in names]
+    rec = json.load(open(a / "runs" / "ms_mlp_r1.0_t0.json"))
+    assert rec["protocol"]["protocol"] == "reference" and rec["steps"] == 6 and rec["group_size"] == 4
+    assert rec["protocol"]["lr"] == 0.1 and rec["protocol"]["weight_decay"] == 1e-5
+    assert rec["curve"]["step"] == [0, 4, 6]  # step 0, every eval_every steps, and the last step
+    assert rec["train_loss"] == pytest.approx(rec["curve"]["train_loss"][-1], rel=1e-12)
+    assert rec["curve"]["train_loss"][-1] < rec["curve"]["train_loss"][0]  # it trained
+    saved = np.load(a / "params" / "ms_mlp_r1.0_t0.npz")
+    assert set(saved.files) == {f"{l}/{k}" for l in ("dense0", "head") for k in ("kernel", "bias")}
+    md = open(a / "kendall_tau.md").read()
+    assert "reference protocol" in md and "fixed budget of 6 steps" in md
+    # a second run with the same seeds reproduces every number (wall times aside)
+    b = _tiny_reference_study(tmp_path, monkeypatch, "b", cheap)
+    timing = ("train_seconds_group", "measure_seconds_total", "measure_seconds")
+    for n in names:
+        ra, rb = (json.load(open(d / "runs" / n)) for d in (a, b))
+        for k in timing:
+            ra.pop(k, None), rb.pop(k, None)
+        assert ra == rb, n
+        np.testing.assert_array_equal(np.load(a / "params" / n.replace(".json", ".npz"))["head/kernel"],
+                                      np.load(b / "params" / n.replace(".json", ".npz"))["head/kernel"])
+    # different trials differ (different init and batch order), and so do ratios (different labels)
+    recs = {n: json.load(open(a / "runs" / n)) for n in names}
+    assert len({r["train_loss"] for r in recs.values()}) == 4
+    # and a rerun over a finished directory trains nothing
+    before = {n: os.stat(a / "runs" / n).st_mtime_ns for n in names}
+    monkeypatch.setattr(rl, "run_members", lambda *args, **kw: (_ for _ in ()).throw(AssertionError("retrained")))
+    _tiny_reference_study(tmp_path, monkeypatch, "a", cheap)
+    assert {n: os.stat(a / "runs" / n).st_mtime_ns for n in names} == before
+
+
+def test_reference_protocol_tiny_budget_writes_the_documented_files_and_is_deterministic(tmp_path, monkeypatch):
+    _check_reference_study(tmp_path, monkeypatch, cheap=True)
+
+
+@pytest.mark.slow
+def test_reference_protocol_tiny_budget_end_to_end_with_the_real_measures_and_figures(tmp_path, monkeypatch):
+    _check_reference_study(tmp_path, monkeypatch, cheap=False)
+
+
+def test_pickled_floats_reads_a_flat_dict_without_unpickling():
+    import pickle
+
+    blob = pickle.dumps({"0.0": 2.5, "0.1": 43.25, "1.0": 1e-3}, protocol=4)
+    assert rl._pickled_floats(blob) == {"0.0": 2.5, "0.1": 43.25, "1.0": 1e-3}
+
+
+def test_reference_archive_table_on_a_synthetic_archive(tmp_path):
+    """Two trials x three ratios per network in the reference's layout; MS increases with the gap, the loss with r."""
+    import pickle
+
+    base = tmp_path / "repo" / "02-sharpness-comparison" / "ARCHIVEs"
+    gaps = {"0.0": 0.01, "0.5": 0.4, "1.0": 0.9}
+    for mdir in ("MLP", "LeNet"):
+        for t in (0, 1):
+            ms = {}
+            for r, gap in gaps.items():
+                d = base / "train" / mdir / str(t) / r
+                d.mkdir(parents=True)
+                loss = 1e-3 * (1 + float(r)) * (1 + 0.1 * t)
+                if mdir == "MLP" and t == 1 and r == "0.5":
+                    loss = 2.3011  # a run that never trained: reported apart
+                (d / "log.txt").write_text(
+                    "x epoch:0/3\nx \ttrain loss: 2.0 accuracy: 0.3\nx \ttest  loss: 1.0 accuracy: 0.8\n"
+                    f"x epoch:2/3\nx \ttrain loss: {loss:.7f} accuracy: 1.0000000\n"
+                    f"x \ttest  loss: 1.0 accuracy: {1.0 - gap - 0.01 * t:.7f}\n")
+                ms[r] = 10.0 * gap + t
+            p = base / "proposal" / "last-epoch" / mdir / str(t)
+            p.mkdir(parents=True)
+            (p / "sharpness.pkl").write_bytes(pickle.dumps(ms))
+    res = rl.reference_archive_table(str(tmp_path / "repo"), str(tmp_path / "out"))
+    assert res["ms_mlp"]["runs"] == 5 and res["ms_mlp"]["never_trained"] == 1
+    assert res["lenet"]["runs"] == 6 and res["lenet"]["never_trained"] == 0
+    # oracle: pair counting on the six LeNet runs
+    rows = [(10.0 * g + t, 1e-3 * (1 + float(r)) * (1 + 0.1 * t), g + 0.01 * t) for t in (0, 1) for r, g in gaps.items()]
+    ms_, loss_, gap_ = (np.array(c) for c in zip(*rows))
+    assert res["lenet"]["tau_ms_gap"] == pytest.approx(pair_count_tau(ms_, gap_))
+    assert res["lenet"]["tau_loss_gap"] == pytest.approx(rl.kendall_tau(loss_, gap_)["tau"])
+    assert os.path.isfile(tmp_path / "out" / "reference_archive.md")
+
+
+def test_weighted_trainer_padding_has_no_effect():
+    """A batch of 5 real examples padded to 8 (weight 0) takes the same step as the 5 alone (unweighted trainer)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lcnn_jax.nn import make_model
+
+    model = make_model("mlp", 10, widths=(8,))
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.uniform(size=(12, 28, 28, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, (1, 12)), jnp.int32)
+    params = jax.tree.map(lambda a: a[None], model.init(jax.random.PRNGKey(0), images[:1])["params"])
+    tx = optax.sgd(0.5, momentum=0.9)
+    opt = jax.vmap(tx.init)(params)
+    real = np.array([3, 7, 1, 10, 4])
+    idx_pad = np.concatenate([real, [0, 0, 0]])[None, None]  # (S=1, T=1, B=8)
+    w_pad = np.concatenate([np.ones(5), np.zeros(3)])[None, None].astype(np.float32)
+    got = rl.make_weighted_chunk_trainer(model, tx)(params, opt, images, labels, jnp.asarray(idx_pad),
+                                                     jnp.asarray(w_pad))[0]
+    want = rl.make_chunk_trainer(model, tx)(params, opt, jnp.asarray([False]), images, labels,
+                                            jnp.asarray(real[None, None]))[0]
+    for a, b, p0 in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(np.asarray(a), np.asarray(p0))
