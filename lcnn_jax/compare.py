@@ -94,7 +94,12 @@ def columns(mcfg) -> list[dict]:
     ranked). Accuracies are fractions in [0, 1].
 
     * ``test_accuracy``/``train_accuracy``: on the whole test / training split (the sweep's final evaluation);
-    * ``clean_accuracy``, ``pgd_linf_<eps>``, ``pgd_l2_<eps>``, ``noise_<std>``: on the measured test subset;
+    * ``clean_accuracy``, ``apgd_<norm>_<eps>`` (APGD worst case, when ``"apgd"`` is in ``robust_attacks``),
+      ``pgd_<norm>_<eps>`` (when ``"pgd"`` is), ``noise_<std>``: on the measured test subset; robust columns
+      count an example only when it is also classified correctly on the clean input;
+    * ``certified_l2_<eps>``: certified accuracy at each radius of ``certified_l2_eps`` and ``certified_radius``
+      the mean certified L2 radius (0 for misclassified examples), from the certified bounds
+      (:mod:`lcnn_jax.measures.certified`), on the measured test subset;
     * ``jacobian_frobenius`` ``||J||_F`` of the logits, ``curvature`` ``|lam|/(||g||+1e-6)``, ``hessian_norm``
       ``|lam|``, ``grad_norm`` ``||grad_x CE||``, ``gradient_stability`` (cosine), ``local_lipschitz``: per-
       example means over the measured test subset (input space);
@@ -103,8 +108,15 @@ def columns(mcfg) -> list[dict]:
     """
     cols = [("test_accuracy", "test acc", "higher"), ("train_accuracy", "train acc", None),
             ("clean_accuracy", "clean acc (subset)", "higher")]
-    cols += [(f"pgd_linf_{float(e):g}", f"PGD-Linf {float(e):g}", "higher") for e in mcfg.pgd_linf_eps]
-    cols += [(f"pgd_l2_{float(e):g}", f"PGD-L2 {float(e):g}", "higher") for e in mcfg.pgd_l2_eps]
+    chosen = tuple(mcfg.get("robust_attacks", ("pgd",)))
+    for attack, label in (("apgd", "APGD"), ("pgd", "PGD")):
+        if attack in chosen:
+            cols += [(f"{attack}_linf_{float(e):g}", f"{label}-Linf {float(e):g}", "higher") for e in mcfg.pgd_linf_eps]
+            cols += [(f"{attack}_l2_{float(e):g}", f"{label}-L2 {float(e):g}", "higher") for e in mcfg.pgd_l2_eps]
+    radii = tuple(mcfg.get("certified_l2_eps", ()))
+    cols += [(f"certified_l2_{float(e):g}", f"certified acc L2 {float(e):g}", "higher") for e in radii]
+    if radii:
+        cols += [("certified_radius", "certified radius", "higher")]
     cols += [(f"noise_{float(s):g}", f"noise {float(s):g}", "higher") for s in mcfg.noise_std]
     cols += [("jacobian_frobenius", "Jacobian norm", "lower"), ("curvature", "curvature", "lower"),
              ("hessian_norm", "input Hessian norm", "lower"), ("grad_norm", "loss grad norm", "lower"),
@@ -247,9 +259,14 @@ class Measurer:
     here every compiled function takes the variables as an argument instead (same formulas and settings):
 
     * per-example input-space items: :func:`lcnn_jax.report.per_example_fn` / ``per_example_measures``;
-    * clean, PGD-Linf/L2 (random start, ``pgd_steps`` steps of ``pgd_step_factor * eps / pgd_steps``) and
+    * clean accuracy, robust accuracy under :func:`lcnn_jax.report.attack_suite` (per radius, the per-example
+      worst case of APGD with each loss of ``apgd_losses``, and/or PGD with ``pgd_steps`` steps of
+      ``pgd_step_factor * eps / pgd_steps``; an example counts only if also correct on the clean input) and
       Gaussian-noise accuracy: one jitted program for all attacks (:mod:`lcnn_jax.attacks`), in padded chunks
       of ``batch_size``; attack ``i`` of chunk ``c`` uses ``fold_in(fold_in(key, c), i)``;
+    * certified accuracy at ``certified_l2_eps`` and the mean certified radius: the model's certified bounds
+      (:func:`lcnn_jax.report.model_bound`, on the host per cell) and one jitted margin program (logits, and the
+      margins' gradient norms for the curvature certificate where it is sound);
     * Hutchinson trace and Lanczos top eigenvalue of the parameter Hessian of the mean CE
       (:func:`lcnn_jax.measures.hessian_trace`, :func:`~lcnn_jax.measures.hessian_top_eigenvalues`);
     * minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`, biases included) when ``sharpness``.
@@ -268,27 +285,36 @@ class Measurer:
         self.model, self.mcfg, self.sharpness, self.chunk = model, mcfg, bool(sharpness), int(sharpness_chunk)
         self.eval_kw = eval_kw = mode_kwargs(model, train=False)
         self.per_example = report.per_example_fn(model, mcfg)
-        steps, factor = int(mcfg.pgd_steps), float(mcfg.pgd_step_factor)
-        attack_list = [("clean_accuracy", None)]
-        for norm, radii in (("linf", mcfg.pgd_linf_eps), ("l2", mcfg.pgd_l2_eps)):
-            for eps in radii:
-                attack_list.append((f"pgd_{norm}_{float(eps):g}", functools.partial(
-                    attacks.pgd, norm=norm, eps=float(eps), step_size=factor * float(eps) / steps, num_steps=steps)))
+        # (column, attacks whose per-example worst case it is, AND the clean prediction?)
+        attack_list = [(column, tuple(suite.values()), True) for column, suite in report.attack_suite(mcfg).items()]
         for std in mcfg.noise_std:
             attack_list.append((f"noise_{float(std):g}",
-                                lambda f, x, y, key, s=float(std): attacks.gaussian_noise(x, key=key, std=s)))
-        self.attack_names = [n for n, _ in attack_list]
+                                (lambda f, x, y, key, s=float(std): attacks.gaussian_noise(x, key=key, std=s),), False))
+        self.attack_names = ["clean_accuracy"] + [n for n, _, _ in attack_list]
 
         @jax.jit
         def correct(variables, x, y, key):
             def logits_fn(xs):
                 return model.apply(variables, xs, **eval_kw)
 
-            out = {}
-            for i, (name, attack) in enumerate(attack_list):
-                xa = x if attack is None else attack(logits_fn, x, y, key=jax.random.fold_in(key, i))
-                out[name] = jax.numpy.argmax(logits_fn(xa), axis=-1) == y
+            clean = jax.numpy.argmax(logits_fn(x), axis=-1) == y
+            out, i = {"clean_accuracy": clean}, 0
+            for name, suite, with_clean in attack_list:
+                hit = clean if with_clean else True
+                for attack in suite:
+                    xa = attack(logits_fn, x, y, key=jax.random.fold_in(key, i))
+                    hit = hit & (jax.numpy.argmax(logits_fn(xa), axis=-1) == y)
+                    i += 1
+                out[name] = hit
             return out
+
+        @functools.partial(jax.jit, static_argnames="gradients")
+        def margins(variables, x, y, gradients):
+            from lcnn_jax.measures.certified import margin_terms
+
+            return margin_terms(lambda xs: model.apply(variables, xs, **eval_kw), x, y, gradients=gradients)
+
+        self.margins = margins
 
         @jax.jit
         def param_hessian(params, rest, xs, ys, key):
@@ -310,6 +336,29 @@ class Measurer:
         hits = map_chunks(lambda x, y, k: self.correct(variables, x, y, k), xs, ys, key=key,
                           chunk_size=int(self.mcfg.batch_size))
         return {name: float(np.mean(hits[name])) for name in self.attack_names}
+
+    def certified(self, variables, xs, ys) -> dict:
+        """``certified_l2_<eps>`` and ``certified_radius`` (mean) of one network; NaN when the model has no
+        certified bound (an operation without a rule)."""
+        import jax
+
+        from lcnn_jax import report
+        from lcnn_jax.batching import map_chunks
+        from lcnn_jax.measures import certified
+
+        radii = tuple(self.mcfg.get("certified_l2_eps", ()))
+        if not radii:
+            return {}
+        bound = report.model_bound(self.model, variables, np.shape(xs)[1:])
+        if bound is None:
+            return {**{f"certified_l2_{float(e):g}": math.nan for e in radii}, "certified_radius": math.nan}
+        use_curv = certified.curvature_certificate_is_sound(bound)
+        terms = map_chunks(lambda x, y, k: self.margins(variables, x, y, gradients=use_curv), xs, ys,
+                           key=jax.random.PRNGKey(0), chunk_size=int(self.mcfg.batch_size))
+        cert = certified.certified_radii(terms["logits"], ys, bound, terms.get("grad_norms"))
+        out = {f"certified_l2_{float(e):g}": cert.accuracy(float(e)) for e in radii}
+        out["certified_radius"] = float(np.mean(cert.radius))
+        return out
 
     def minimum_sharpness(self, variables, xs) -> float:
         import jax
@@ -343,11 +392,30 @@ class Measurer:
                                                   run=self.per_example)
         out = {n: st["mean"] for n, st in per_example.items()}
         out.update(self.robustness(variables, *test, k_rob))
+        out.update(self.certified(variables, *test))
         rest = {k: v for k, v in variables.items() if k != "params"}
         trace, top = self.param_hessian(variables["params"], rest, *train, k_hess)
         out["hessian_trace"], out["hessian_top_eigenvalue"] = float(trace), float(top)
         out["minimum_sharpness"] = self.minimum_sharpness(variables, train[0]) if self.sharpness else math.nan
         return {k: float(v) for k, v in out.items()}
+
+
+def robustness_notes(mcfg) -> list[str]:
+    """The table notes that say how the robust and certified columns were measured."""
+    chosen = tuple(mcfg.get("robust_attacks", ("pgd",)))
+    notes = []
+    if "apgd" in chosen:
+        notes.append(f"APGD: per-example worst case of APGD-{'/'.join(l.upper() for l in mcfg.apgd_losses)} "
+                     f"(Croce & Hein 2020; {int(mcfg.apgd_steps)} steps, {int(mcfg.apgd_restarts)} restart(s), no "
+                     f"step-size parameter); an example counts only if it is also correct on the clean input, as "
+                     f"for PGD.")
+    if tuple(mcfg.get("certified_l2_eps", ())):
+        notes.append("certified acc L2 eps: share of examples whose logit margin certifies every L2 perturbation "
+                     "of norm eps (lcnn_jax.measures.certified: margin > L_yj eps with the certified pairwise "
+                     "Lipschitz bounds, sqrt(2) L eps at worst (Tsuzuku et al. 2018), and the curvature certificate "
+                     "for smooth networks); certified radius: its mean per-example radius (0 when misclassified). "
+                     "Certified accuracy never exceeds robust accuracy at the same radius.")
+    return notes
 
 
 def measure_cell(measurer: Measurer, variables, test: tuple, train: tuple, *, key) -> dict:
@@ -395,7 +463,8 @@ def best_methods(agg: dict, cols: Sequence[dict]) -> dict:
 
 
 def _is_accuracy(name: str) -> bool:
-    return name.endswith("accuracy") and name != "gradient_stability" or name.startswith(("pgd_", "noise_"))
+    return (name.endswith("accuracy") and name != "gradient_stability"
+            or name.startswith(("pgd_", "apgd_", "noise_", "certified_l2_")))
 
 
 def _cell_text(name: str, st: dict) -> str:
@@ -513,6 +582,8 @@ def axis_label(name: str, cols: Sequence[dict]) -> str:
     """A readable axis label of a metric column: ``pgd_l2_1`` -> ``"PGD-L2 ε=1 accuracy (%)"``,
     ``curvature`` -> ``"input curvature |λ| / (‖g‖ + 1e-6), test mean"``; other columns keep their table label."""
     for prefix, text in (("pgd_linf_", "PGD-L∞ ε={} accuracy (%)"), ("pgd_l2_", "PGD-L2 ε={} accuracy (%)"),
+                         ("apgd_linf_", "APGD-L∞ ε={} accuracy (%)"), ("apgd_l2_", "APGD-L2 ε={} accuracy (%)"),
+                         ("certified_l2_", "certified L2 ε={} accuracy (%)"),
                          ("noise_", "Gaussian-noise σ={} accuracy (%)")):
         if name.startswith(prefix):
             return text.format(name[len(prefix):])
@@ -691,7 +762,8 @@ def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column
 
     names = {c["name"] for c in cols}
     if robust_column not in names:
-        robust_column = next((c["name"] for c in cols if c["name"].startswith("pgd_")), "clean_accuracy")
+        robust_column = next((c["name"] for prefix in ("apgd_", "pgd_") for c in cols if c["name"].startswith(prefix)),
+                             "clean_accuracy")
     run, desc = _run_title(workdir)
     run = title or run
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
@@ -869,6 +941,7 @@ def run_compare(config, workdir: str) -> dict:
         "norm), where the layer-rescaling symmetry it rests on does not hold.",
         f"train time s: the method's whole vmapped sweep ({len(seeds)} seeds at once).",
     ]
+    notes += robustness_notes(mcfg)
     # wall_time_s and timing are of THIS invocation (0 for reused cells); each cell keeps its own
     # train_time_s (its method's sweep) and measure_time_s.
     meta = {"title": title, "notes": notes, "seeds": list(seeds), "timing": timing,
@@ -876,5 +949,5 @@ def run_compare(config, workdir: str) -> dict:
             "config": config.to_dict(), "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
     obj = write_results(workdir, cells, cols, methods, meta=meta)
     agg = aggregate(cells, [c["name"] for c in cols], methods)
-    obj["figures"] = plot_results(workdir, agg, cols, robust_column=str(cmp.get("plot_robust_column", "pgd_l2_1")))
+    obj["figures"] = plot_results(workdir, agg, cols, robust_column=str(cmp.get("plot_robust_column", "apgd_l2_1")))
     return obj

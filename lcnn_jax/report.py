@@ -53,11 +53,21 @@ def measure_defaults() -> ml_collections.ConfigDict:
         hessian_examples=256,  # training examples in the loss whose parameter Hessian is measured
         hessian_probes=10,  # Hutchinson probes
         hessian_lanczos_iters=20,
-        pgd_linf_eps=(0.1,),
+        pgd_linf_eps=(0.1,),  # attack radii, L-inf and L2, of every attack in robust_attacks
         pgd_l2_eps=(1.0, 2.0),
+        # "apgd": per-example worst case of APGD with each loss of apgd_losses (Croce & Hein 2020, the core of
+        # AutoAttack), column apgd_<norm>_<eps>; "pgd": fixed-step PGD, column pgd_<norm>_<eps> (cheaper, and known
+        # to overstate the robustness of smooth networks). Either or both.
+        robust_attacks=("apgd",),
+        apgd_steps=100,
+        apgd_losses=("ce", "dlr"),
+        apgd_restarts=1,
         pgd_steps=20,
         pgd_step_factor=2.5,  # step size = factor * eps / steps (Madry et al.)
         noise_std=(1.0,),  # Gaussian-noise accuracy (CLIP protocol: N(0, 1) clipped to [0, 1])
+        # certified L2 accuracy at these radii (lcnn_jax.measures.certified: Lipschitz-margin, pairwise and, for
+        # twice-differentiable networks, curvature certificates from the certified bounds); () to skip
+        certified_l2_eps=(0.01, 0.1),
         progress=True,
     ))
 
@@ -73,9 +83,12 @@ def _positive_number(v) -> bool:
 
 # The integer and real settings of the measure section that must be > 0, with an example of a good value.
 _POSITIVE_INTS = {"num_examples": 256, "batch_size": 128, "curvature_iters": 10, "lipschitz_iters": 20,
-                  "hessian_examples": 256, "hessian_probes": 10, "hessian_lanczos_iters": 20, "pgd_steps": 20}
+                  "hessian_examples": 256, "hessian_probes": 10, "hessian_lanczos_iters": 20, "pgd_steps": 20,
+                  "apgd_steps": 100, "apgd_restarts": 1}
 _POSITIVE_NUMBERS = {"stability_noise": 0.01, "pgd_step_factor": 2.5}
-_RADII = {"pgd_linf_eps": "(0.03, 0.1)", "pgd_l2_eps": "(1.0, 2.0)", "noise_std": "(0.5, 1.0)"}
+_RADII = {"pgd_linf_eps": "(0.03, 0.1)", "pgd_l2_eps": "(1.0, 2.0)", "noise_std": "(0.5, 1.0)",
+          "certified_l2_eps": "(0.01, 0.1)"}
+ROBUST_ATTACKS = ("apgd", "pgd")
 
 
 def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
@@ -97,6 +110,13 @@ def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
         if not isinstance(v, (tuple, list)) or not all(_positive_number(r) for r in v):
             problems.append(f"{prefix}.{key}={v!r} must be a tuple of positive finite numbers, e.g. "
                             f"{prefix}.{key}={example!s} (or () to skip).")
+    for key, allowed, example in (("robust_attacks", ROBUST_ATTACKS, "('apgd', 'pgd')"),
+                                  ("apgd_losses", attacks.APGD_LOSSES, "('ce', 'dlr')")):
+        v = cfg.get(key, ())
+        if key in cfg and (not isinstance(v, (tuple, list)) or not v or len(set(v)) != len(v)
+                           or not set(v) <= set(allowed)):
+            problems.append(f"{prefix}.{key}={v!r} must name one or more of {allowed} once each, e.g. "
+                            f"{prefix}.{key}=\"{example}\".")
     if "seed" in cfg and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer))
                           or cfg.seed < 0):
         problems.append(f"{prefix}.seed={cfg.seed!r} must be a non-negative integer.")
@@ -189,23 +209,74 @@ def per_example_measures(model, variables, xs, ys, cfg, key, batch_size, run=Non
     return out
 
 
+def attack_suite(cfg) -> dict:
+    """``{column: {attack_name: attack}}`` of the measure section's attacks: ``pgd_<norm>_<eps>`` (one PGD, when
+    ``"pgd"`` is in ``robust_attacks``) and ``apgd_<norm>_<eps>`` (APGD with every loss of ``apgd_losses``, when
+    ``"apgd"`` is; the column is their per-example worst case), for each radius of ``pgd_linf_eps`` and
+    ``pgd_l2_eps``. Every attack takes ``(logits_fn, xs, ys, key=)``."""
+    chosen = tuple(cfg.get("robust_attacks", ("pgd",)))
+    steps, factor = int(cfg.pgd_steps), float(cfg.pgd_step_factor)
+    out = {}
+    for norm, radii in (("linf", cfg.pgd_linf_eps), ("l2", cfg.pgd_l2_eps)):
+        for eps in radii:
+            eps = float(eps)
+            if "apgd" in chosen:
+                out[f"apgd_{norm}_{eps:g}"] = attacks.apgd_attacks(
+                    norm, eps, num_steps=int(cfg.get("apgd_steps", 100)),
+                    losses=tuple(cfg.get("apgd_losses", ("ce", "dlr"))), restarts=int(cfg.get("apgd_restarts", 1)))
+            if "pgd" in chosen:
+                out[f"pgd_{norm}_{eps:g}"] = {"pgd": functools.partial(
+                    attacks.pgd, norm=norm, eps=eps, step_size=factor * eps / steps, num_steps=steps)}
+    return out
+
+
 def robustness(model, variables, xs, ys, cfg, key, batch_size) -> dict:
-    """Clean accuracy, PGD-Linf / PGD-L2 robust accuracy at each radius, and Gaussian-noise accuracy."""
+    """Clean accuracy, robust accuracy at each radius under the attacks of :func:`attack_suite` (APGD worst case
+    and/or PGD), and Gaussian-noise accuracy."""
     _, _, logits_fn = model_functions(model, variables)
     out = {"accuracy": attacks.accuracy(logits_fn, xs, ys, batch_size=batch_size)}
-    steps, factor = int(cfg.pgd_steps), float(cfg.pgd_step_factor)
-    for norm, radii in (("linf", cfg.pgd_linf_eps), ("l2", cfg.pgd_l2_eps)):
-        for i, eps in enumerate(radii):
-            attack = functools.partial(attacks.pgd, norm=norm, eps=float(eps), step_size=factor * float(eps) / steps,
-                                       num_steps=steps)
-            out[f"pgd_{norm}_{eps:g}"] = attacks.robust_accuracy(
-                logits_fn, xs, ys, attack=attack, key=jax.random.fold_in(key, hash((norm, i)) % 2**31),
-                batch_size=batch_size)
+    for i, (column, suite) in enumerate(attack_suite(cfg).items()):
+        res = attacks.robust_accuracy_worst_case(logits_fn, xs, ys, attacks=suite, key=jax.random.fold_in(key, i),
+                                                 batch_size=batch_size)
+        out[column] = res.accuracy
     for i, std in enumerate(cfg.noise_std):
         noise = lambda f, x, y, key, s=float(std): attacks.gaussian_noise(x, key=key, std=s)  # noqa: E731
         out[f"noise_{std:g}"] = attacks.robust_accuracy(logits_fn, xs, ys, attack=noise,
                                                         key=jax.random.fold_in(key, 1000 + i), batch_size=batch_size)
     return {k: {"mean": float(v), "std": 0.0, "n": int(xs.shape[0])} for k, v in out.items()}
+
+
+def model_bound(model, variables, input_shape):
+    """The certified bounds (:func:`lcnn_jax.measures.curvature_bound`, eval mode) of a model for certified
+    accuracy, or None when the model holds an operation the bounds have no rule for (then no certified items).
+    The lower sides (diagnostics only) get one power iteration: the certificates use the upper sides."""
+    from lcnn_jax.measures import curvature_bound
+
+    try:
+        return curvature_bound(model, variables, tuple(input_shape), num_iters=1)
+    except ValueError as e:
+        import warnings
+
+        warnings.warn(f"no certified accuracy: {e}", stacklevel=2)
+        return None
+
+
+def certified_robustness(model, variables, xs, ys, cfg, bound, batch_size) -> dict:
+    """``certified_l2_<eps>`` (the fraction of examples certified at each radius of ``certified_l2_eps``) and
+    ``certified_radius`` (per-example certified L2 radius, 0 where misclassified: mean, std) from ``bound``
+    (:func:`model_bound`); see :mod:`lcnn_jax.measures.certified`. Empty when there is no bound or no radius."""
+    from lcnn_jax.measures import certified
+
+    radii = tuple(cfg.get("certified_l2_eps", ()))
+    if bound is None or not radii:
+        return {}
+    _, _, logits_fn = model_functions(model, variables)
+    cert = certified.certify(logits_fn, xs, ys, bound, batch_size=batch_size)
+    n = int(xs.shape[0])
+    out = {f"certified_l2_{float(e):g}": {"mean": cert.accuracy(float(e)), "std": 0.0, "n": n} for e in radii}
+    out["certified_radius"] = _stats(cert.radius)
+    out["certified_radius"]["method"] = cert.method
+    return out
 
 
 def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
@@ -248,6 +319,9 @@ def measure_state(model, variables, splits: Mapping[str, tuple], cfg, *, key, tr
         tasks.append(("parameter_space", "hessian"))
     report: dict = {}
     run = per_example_fn(model, cfg)
+    bound = None
+    if cfg.get("certified_l2_eps", ()) and splits:
+        bound = model_bound(model, variables, np.shape(next(iter(splits.values()))[0])[1:])
     with tqdm(total=len(tasks), disable=not cfg.get("progress", True), desc="measure", unit="item") as bar:
         for i, (name, part) in enumerate(tasks):
             bar.set_postfix_str(f"{name}/{part}")
@@ -256,6 +330,7 @@ def measure_state(model, variables, splits: Mapping[str, tuple], cfg, *, key, tr
                 report.setdefault(name, {}).update(per_example_measures(model, variables, *splits[name], cfg, k, bs, run))
             elif part == "robustness":
                 report.setdefault(name, {}).update(robustness(model, variables, *splits[name], cfg, k, bs))
+                report[name].update(certified_robustness(model, variables, *splits[name], cfg, bound, bs))
             else:
                 report[name] = parameter_hessian(model, variables, *train_for_hessian, cfg, k)
             bar.update(1)

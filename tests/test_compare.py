@@ -25,7 +25,7 @@ SEEDS = (0, 1)
 
 def tiny_config():
     """The shipped compare config, shrunk: MLP 784-16-10 (ReLU, so minimum sharpness is defined), 2 methods,
-    2 seeds, 12 steps, 16 measured images, 2-step PGD."""
+    2 seeds, 12 steps, 16 measured images, 2-step PGD, 3-step APGD, certified accuracy at the attacks' L2 radius."""
     config = load_config(CONFIG)
     config.model.name = "mlp"
     config.model.kwargs = {"widths": (16,), "act": "relu"}
@@ -36,7 +36,8 @@ def tiny_config():
         "compare.measure.num_examples=16", "compare.measure.batch_size=16", "compare.measure.hessian_examples=16",
         "compare.measure.hessian_probes=2", "compare.measure.hessian_lanczos_iters=3",
         "compare.measure.lipschitz_iters=2", "compare.measure.curvature_iters=2", "compare.measure.pgd_steps=2",
-        "compare.measure.pgd_l2_eps=(1.0,)", "compare.sharpness_chunk=16",
+        "compare.measure.pgd_l2_eps=(1.0,)", "compare.sharpness_chunk=16", "compare.measure.apgd_steps=3",
+        "compare.measure.certified_l2_eps=(0.01, 1.0)",
         "compare.method_specs.datagrad.regularizers.datagrad.coeff=0.1",
     ])
     return config
@@ -71,6 +72,7 @@ def check_all_files_exist_with_the_documented_columns(run):
     assert names == [c["name"] for c in compare.columns(tiny_config().compare.measure)]
     for required in ("test_accuracy", "clean_accuracy", "jacobian_frobenius", "curvature", "gradient_stability",
                      "local_lipschitz", "hessian_trace", "minimum_sharpness", "pgd_linf_0.1", "pgd_l2_1",
+                     "apgd_linf_0.1", "apgd_l2_1", "certified_l2_0.01", "certified_l2_1", "certified_radius",
                      "noise_1"):
         assert required in names
     rows = read_csv(os.path.join(workdir, "results.csv"))
@@ -94,9 +96,12 @@ def check_all_files_exist_with_the_documented_columns(run):
         for n in names:
             v = float(r[n])
             assert np.isfinite(v), (r["method"], n)
-            if n.endswith("accuracy") or n.startswith(("pgd_", "noise_")):
+            if n.endswith("accuracy") or n.startswith(("pgd_", "apgd_", "noise_", "certified_l2")):
                 assert 0.0 <= v <= 1.0
         assert float(r["jacobian_frobenius"]) > 0 and float(r["minimum_sharpness"]) > 0
+        # a certificate is never beaten by an attack; the worst case is never above the clean accuracy
+        assert float(r["certified_l2_1"]) <= float(r["apgd_l2_1"]) <= float(r["clean_accuracy"])
+        assert float(r["certified_l2_1"]) <= float(r["certified_l2_0.01"]) <= float(r["clean_accuracy"])
 
 
 def check_aggregate_is_numpy_mean_and_sample_std_of_the_cells(run):
@@ -232,7 +237,8 @@ def test_unknown_method_is_a_clear_error_naming_the_choices(tmp_path):
 def test_method_configs_follow_the_specs():
     config = load_config(CONFIG)
     assert compare.check_methods(config) == ("standard", "weight_decay", "lcnn", "datagrad", "spectreg",
-                                             "derivative", "derivative_secant", "clip")  # quick: JacReg in :full
+                                             "derivative", "derivative_secant", "clip",
+                                             "adversarial")  # quick: JacReg in :full
     lcnn = compare.method_config(config, "lcnn")
     assert lcnn.model.name == "lcnn_small_cnn" and "act" not in lcnn.model.kwargs  # no relu inherited
     assert set(lcnn.regularizers.keys()) == {"lcnn"}
@@ -246,7 +252,11 @@ def test_method_configs_follow_the_specs():
     full = load_config(CONFIG + ":full")
     assert full.compare.seeds == (0, 1, 2) and full.train.num_epochs > config.train.num_epochs
     assert compare.check_methods(full) == compare.check_methods(config)[:5] + ("jacreg", "derivative",
-                                                                             "derivative_secant", "clip")
+                                                                             "derivative_secant", "clip",
+                                                                             "adversarial")
+    adv = compare.method_config(config, "adversarial").regularizers.adversarial
+    assert (adv.coeff, adv.norm, adv.eps, adv.num_steps) == (1.0, "l2", 1.0, 3)
+    assert config.compare.measure.robust_attacks == ("apgd", "pgd")  # the README compares the two
     assert compare.method_config(config, "derivative").regularizers.derivative.reading == "target"
     assert compare.method_config(config, "derivative_secant").regularizers.derivative.reading == "secant_tangent"
     with pytest.raises(ValueError, match="quick"):

@@ -29,10 +29,11 @@ def test_measure_report_matches_direct_computation(trained, capsys):
                "--config.measure.hessian_lanczos_iters=8", "--config.measure.pgd_steps=5",
                "--config.measure.splits=('test',)", "--config.measure.curvature_iters=3",
                "--config.measure.lipschitz_iters=8", "--config.measure.noise_std=(0.5,)",
-               "--config.measure.pgd_l2_eps=(2.0,)",
+               "--config.measure.pgd_l2_eps=(2.0,)", "--config.measure.robust_attacks=('apgd','pgd')",
+               "--config.measure.apgd_steps=10", "--config.measure.certified_l2_eps=(0.05,2.0)",
                "--config.measure.progress=False"])
     out = capsys.readouterr().out
-    assert rc == 0 and "curvature" in out and "pgd_l2_2" in out and "noise_0.5" in out
+    assert rc == 0 and "curvature" in out and "pgd_l2_2" in out and "noise_0.5" in out and "apgd_l2_2" in out
     rep = json.load(open(f"{trained}/measures.json"))
 
     config, model, state, info = training.load_trained(trained)
@@ -54,8 +55,14 @@ def test_measure_report_matches_direct_computation(trained, capsys):
     assert "train" not in rep  # only the requested split
     acc = float(np.mean(np.argmax(np.asarray(logits_fn(xs)), -1) == ys))
     assert t["accuracy"]["mean"] == pytest.approx(acc)
-    for item in ("pgd_linf_0.1", "pgd_l2_2", "noise_0.5"):
+    for item in ("pgd_linf_0.1", "pgd_l2_2", "apgd_linf_0.1", "apgd_l2_2", "noise_0.5", "certified_l2_0.05"):
         assert 0.0 <= t[item]["mean"] <= acc
+    # certified accuracy against the attacks at the same radius, and against an independent certify call
+    assert t["certified_l2_2"]["mean"] <= t["apgd_l2_2"]["mean"] <= t["pgd_l2_2"]["mean"] + 0.1
+    from lcnn_jax.measures import certified, curvature_bound
+    cert = certified.certify(logits_fn, xs, ys, curvature_bound(model, variables, xs.shape[1:]))
+    assert t["certified_l2_0.05"]["mean"] == pytest.approx(cert.accuracy(0.05))
+    np.testing.assert_allclose(t["certified_radius"]["mean"], cert.radius.mean(), rtol=1e-5)
     curv = t["curvature"]["mean"]
     ratio = t["hessian_norm"]["mean"] / (t["grad_norm"]["mean"] + 1e-6)
     assert curv > 0 and np.isfinite(ratio)
