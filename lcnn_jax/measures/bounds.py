@@ -403,8 +403,8 @@ class _Interpreter:
             s = self.broadcast_if_needed(s, out_aval, path)
             diag = c if s.diag is None else s.diag * c
             return [dataclasses.replace(s, diag=np.asarray(diag, np.float64), diag_path=path)]
-        s = self.materialize(s)
         vals = [self.materialize(v) if isinstance(v, _Sym) else v for v in vals]
+        s = vals[sym_idx[0]]
         if name in _STRUCTURAL:
             rows = None
             if s.rows is not None:
