@@ -69,7 +69,6 @@ layer. Independent of any data.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -697,12 +696,11 @@ def _pairwise(out: _Sym, head_input: Bound, per_l, per_k, k_net: float, dtype) -
 
 
 def _eval_kwargs(model: nn.Module) -> dict:
-    """``train=False`` for models whose ``__call__`` takes ``train`` (eval mode: running statistics)."""
-    try:
-        params = inspect.signature(model.__call__).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"train": False} if "train" in params else {}
+    """The keywords that put ``model`` in eval mode (``train=False``, ``deterministic=True``, ...; see
+    :func:`lcnn_jax.nn.mode_kwargs`): running statistics, stored spectral vectors, no dropout."""
+    from lcnn_jax.nn.models import mode_kwargs  # models import measures-free modules only; avoid a cycle anyway
+
+    return mode_kwargs(model, train=False)
 
 
 def _params_dtype(variables: Mapping) -> Any:
@@ -718,9 +716,9 @@ def curvature_bound(model: nn.Module, variables: Mapping, input_shape: Sequence[
 
     Args:
       model: any Flax module built from supported operations (the library's layers, plain Flax ``Conv``/
-        ``Dense``/``BatchNorm``, pooling, residual sums, your own modules around them). Modules whose
-        ``__call__`` takes ``train`` are applied with ``train=False``: the bound is for eval mode (running
-        BN statistics, stored spectral vectors), per example.
+        ``Dense``/``BatchNorm``, pooling, residual sums, your own modules around them). It is applied in eval
+        mode (``train=False``, ``deterministic=True``, ... as its ``__call__`` names it): running BN statistics,
+        stored spectral vectors, per example.
       variables: ``{"params": ..., "batch_stats": ..., "spectral": ...}`` as from ``model.init``/training.
       input_shape: one example's shape, e.g. ``(28, 28, 1)``; must match the shape spectral layers were
         initialised for.
