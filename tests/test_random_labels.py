@@ -417,3 +417,34 @@ def test_weighted_trainer_padding_has_no_effect():
     for a, b, p0 in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         assert not np.allclose(np.asarray(a), np.asarray(p0))
+
+
+def test_reference_sgd_ms_first_steps_by_hand_and_its_limit_is_the_newton_minimum():
+    from lcnn_jax.measures import minimum_sharpness_from_traces
+
+    tw, tb = np.array([5.0, 1.5, 0.2]), np.array([0.3, 0.05, 0.01])
+    total = tw.sum() + tb.sum()
+
+    def objective(e):  # the reference's objective on traces divided by their sum, written as a product loop
+        w, b = tw / total, tb / total
+        val, prod = 0.0, 1.0
+        for l in range(2):
+            a = np.exp(e[l])
+            val += w[l] / a ** 2
+            prod *= a
+            val += b[l] / prod ** 2
+        return val + w[2] * prod ** 2 + b[2]
+
+    # one call evaluates before stepping: steps=1 is the objective at scales 1, i.e. the plain sum of the traces
+    assert rl.reference_sgd_ms(tw, tb, steps=1) == pytest.approx(total, rel=1e-14)
+    # steps=2: the objective after one gradient step, gradient by central differences
+    h = 1e-6
+    grad = np.array([(objective(np.eye(2)[j] * h) - objective(-np.eye(2)[j] * h)) / (2 * h) for j in range(2)])
+    assert rl.reference_sgd_ms(tw, tb, lr=0.3, steps=2) == pytest.approx(total * objective(-0.3 * grad), rel=1e-8)
+    # above the minimum after the reference's 10,000 small steps, at it when the steps are large enough
+    layers = ("a", "b", "c")
+    tr = {l: {"kernel": tw[i], "bias": tb[i]} for i, l in enumerate(layers)}
+    newton = minimum_sharpness_from_traces(tr, layers=layers, include_bias=True).value
+    truncated = rl.reference_sgd_ms(tw, tb)
+    assert truncated > newton * (1 + 1e-3)
+    assert rl.reference_sgd_ms(tw, tb, lr=0.2, steps=20_000, decay=0.0) == pytest.approx(newton, rel=1e-6)
