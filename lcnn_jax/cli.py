@@ -166,6 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _distributed(command: str) -> bool:
+    """For ``train`` and ``sweep``: join the multi-process job the environment describes (:mod:`lcnn_jax.launch`
+    sets it), before anything touches a JAX device; False. For the other commands: True when started as one of
+    several processes (they are single-process commands: each process would write the same files)."""
+    from lcnn_jax.training import maybe_initialize_distributed
+
+    if command in ("train", "sweep"):
+        maybe_initialize_distributed()
+        return False
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) and os.environ.get("JAX_NUM_PROCESSES", "1") not in ("", "1")
+
+
 def _run(args, overrides) -> int:
     import errno
 
@@ -173,6 +185,11 @@ def _run(args, overrides) -> int:
     from lcnn_jax.training import ConfigError, TrainingDiverged
 
     try:
+        if _distributed(args.command):
+            return _usage_error(f"`lcnn-jax {args.command}` runs in one process; this one was started as process "
+                                f"{os.environ.get('JAX_PROCESS_ID', '?')} of {os.environ.get('JAX_NUM_PROCESSES', '?')} "
+                                f"(JAX_COORDINATOR_ADDRESS is set). Launch only `train` and `sweep` with "
+                                f"python -m lcnn_jax.launch, then run `lcnn-jax {args.command}` on its own.")
         if args.command == "train":
             from lcnn_jax.training import fit
 
@@ -184,9 +201,10 @@ def _run(args, overrides) -> int:
             from lcnn_jax.sweep import fit_sweep_from_config, format_summary
 
             summary = fit_sweep_from_config(_load(args, overrides), args.workdir)
+            mesh = summary.get("mesh") or {}
             print(f"done: {summary['num_members']} members, {summary['steps']} steps each, in "
                   f"{summary['wall_time_s']:.1f} s on {summary['num_devices']} {summary['devices']} device(s) "
-                  f"({summary['layout']} axis sharded)")
+                  f"(mesh members x data = {mesh.get('members', '?')} x {mesh.get('data', '?')})")
             print(format_summary(summary, args.workdir))
         elif args.command == "measure":
             bad = [o for o in overrides if not o.startswith("measure.")]

@@ -20,10 +20,12 @@ The stacked state is a :class:`~lcnn_jax.training.TrainState` whose every leaf h
 the step is ``jax.jit(jax.vmap(step))`` of the very step ``fit`` compiles, so a sweep is one program whose cost
 is about ``K x`` one step's FLOPs in one launch (see ``experiments/bench_sweep.py``).
 
-Devices (:func:`sweep_layout`): on the one-axis ``"data"`` mesh, when ``K`` is a multiple of the device count the
-**member axis** is sharded (each device trains whole members: no gradient all-reduce at all); otherwise the
-**batch axis** is sharded and the stacked state replicated (the data-parallel layout of ``fit``, K models at
-once). On one device both are the same program.
+Devices (:func:`sweep_layout`): a 2-D mesh ``("members", "data")`` over every device. The member axis of the
+stacked state is split over ``gcd(K, devices)`` groups of devices (each group trains whole members: no gradient
+all-reduce between groups) and each member's batch over the devices of its group (``fit``'s data parallelism). 8
+seeds on 8 GPUs: one member per GPU; 2 seeds on 8: 2 groups of 4; 3 seeds on 8: one group, the batch split 8
+ways. On one device all layouts are the same program. Several processes (:mod:`lcnn_jax.launch`) work the same
+way: every process draws the same global batches and places its devices' slices; process 0 writes the files.
 
 Divergence: the step freezes a member whose loss is not finite and records the step in its ``diverged_at``; the
 other members go on. Results report it (``diverged``/``diverged_at``) and evaluate its last good parameters; the
@@ -293,60 +295,63 @@ def init_stacked_state(setup: training.RunSetup, members: Sequence[Member]) -> T
 
 
 class SweepLayout(NamedTuple):
-    """How a stacked sweep sits on the mesh.
+    """How a stacked sweep sits on the devices: a 2-D mesh ``("members", "data")``.
 
     Attributes:
-      mesh: the one-axis ``("data",)`` mesh.
+      mesh: the mesh, ``member_shards x data_shards`` devices (all devices of the run's mesh).
       num_members: K.
-      axis: ``"member"`` (members sharded: the stacked state and stacked batches split along the member axis) or
-        ``"batch"`` (examples sharded: state replicated, batches split along the example axis).
-      state: sharding of the stacked state and of every per-member output (metrics, eval sums).
-      batch: sharding of a stacked ``(K, B, ...)`` batch.
-      shared_batch: sharding of an unstacked ``(B, ...)`` batch (shared data order, evaluation).
+      axis: ``"member"`` (members split over every device: no communication between devices at all),
+        ``"batch"`` (every device holds all K members and a slice of the examples: ``fit``'s data parallelism, K
+        models at once), ``"members x data"`` (both: groups of devices, each group a share of the members with the
+        examples split inside the group; the gradient all-reduce stays inside a group). One device: ``"member"``.
+      member_shards, data_shards: the mesh's shape; ``member_shards`` is the largest divisor of the device count
+        that divides K, so every device holds the same number of whole members.
+      state: sharding of the stacked state and of every per-member output (metrics, eval sums): leading axis on
+        ``"members"``, replicated over ``"data"``.
+      batch: sharding of a stacked ``(K, B, ...)`` batch: ``P("members", "data")``.
+      shared_batch: sharding of an unstacked ``(B, ...)`` batch (shared data order, evaluation): ``P("data")``.
     """
 
     mesh: Mesh
     num_members: int
     axis: str
+    member_shards: int
+    data_shards: int
     state: NamedSharding
     batch: NamedSharding
     shared_batch: NamedSharding
 
 
 def sweep_layout(mesh: Mesh, num_members: int) -> SweepLayout:
-    """Shard the member axis when ``num_members`` is a multiple of the device count (no communication between
-    devices at all), else the batch axis (``fit``'s data parallelism over K models at once)."""
+    """The ``("members", "data")`` layout of K members over the devices of ``mesh`` (any shape).
+
+    ``member_shards = gcd(K, devices)``: as many member groups as divide both, so the members are spread as widely
+    as the count allows (the cheaper axis: no all-reduce between groups), and ``data_shards = devices /
+    member_shards`` devices split each member's batch (which must then be a multiple of ``data_shards``; ``fit``'s
+    check that it is a multiple of the device count implies it). E.g. 8 devices: 8 seeds -> 8 x 1, 2 seeds ->
+    2 x 4, 3 seeds -> 1 x 8; 4 devices and 6 members -> 2 x 2."""
     if num_members <= 0:
         raise ValueError(f"a sweep needs at least one member, got {num_members}.")
-    n_dev = mesh.devices.size
-    ns = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
-    if num_members % n_dev == 0:
-        return SweepLayout(mesh, num_members, "member", ns("data"), ns("data"), ns())
-    return SweepLayout(mesh, num_members, "batch", ns(), ns(None, "data"), ns("data"))
+    devices = np.asarray(mesh.devices).reshape(-1)
+    n_dev = devices.size
+    m = math.gcd(int(num_members), n_dev)
+    d = n_dev // m
+    mesh2 = Mesh(devices.reshape(m, d), ("members", "data"))
+    ns = lambda *spec: NamedSharding(mesh2, P(*spec))  # noqa: E731
+    axis = "member" if d == 1 else "batch" if m == 1 else "members x data"
+    return SweepLayout(mesh2, num_members, axis, m, d, ns("members"), ns("members", "data"), ns("data"))
 
 
 def place_state(stacked: TrainState, layout: SweepLayout) -> TrainState:
     """Put a (host or device) stacked state on the mesh with the layout's state sharding."""
-    return jax.device_put(stacked, layout.state)
-
-
-def _process_local(arr: np.ndarray, sharding: NamedSharding) -> np.ndarray:
-    """This host's slice of a global host array along its sharded axis (the whole array on one host)."""
-    n_proc = jax.process_count()
-    spec = tuple(sharding.spec)
-    if n_proc == 1 or "data" not in spec:
-        return arr
-    axis = spec.index("data")
-    size = arr.shape[axis] // n_proc
-    return np.take(arr, np.arange(jax.process_index() * size, (jax.process_index() + 1) * size), axis=axis)
+    return training.put_global(stacked, layout.state)
 
 
 def place_batch(batch: Mapping[str, np.ndarray], layout: SweepLayout, *, shared: bool = False) -> dict:
-    """Place a global host batch on the mesh: stacked ``(K, B, ...)`` (``shared=False``) or one ``(B, ...)``
-    batch for all members (``shared=True``, also used by evaluation)."""
-    sharding = layout.shared_batch if shared else layout.batch
-    return {k: jax.make_array_from_process_local_data(sharding, _process_local(np.asarray(v), sharding))
-            for k, v in batch.items()}
+    """Place a global host batch (the same in every process) on the mesh: stacked ``(K, B, ...)``
+    (``shared=False``) or one ``(B, ...)`` batch for all members (``shared=True``, also used by evaluation); each
+    process copies only the slices of its own devices."""
+    return training.place_global(dict(batch), layout.shared_batch if shared else layout.batch)
 
 
 def jit_sweep_step(step_fn, layout: SweepLayout, *, shared_batch: bool = False):
@@ -380,7 +385,7 @@ def _check_sweep_file(workdir: str, record: dict) -> None:
             raise ConfigError(
                 f"{workdir!r} holds a different sweep (seeds, grid or data order differ from {path}); its "
                 f"checkpoints cannot be resumed by this one. Use a fresh workdir, or rerun the original sweep.")
-    else:
+    elif training.is_primary():
         training.write_json_atomic(path, record)
 
 
@@ -469,6 +474,7 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
                                 "members": [{"index": m.index, "id": m.id, "seed": m.seed, "grid": m.values}
                                             for m in members]})
     layout = sweep_layout(mesh, k)
+    stacked = place_state(stacked, layout)  # orbax restores into this sharding, each process its own members
     ckpt = training.Checkpointer(workdir, max_to_keep=int(tcfg.get("keep_checkpoints", 2)))
     try:  # the newest intact checkpoint; damaged ones are moved aside with a warning
         restored, start_step = ckpt.restore_newest_intact(stacked, quarantine=True)
@@ -477,19 +483,18 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
         raise
     if restored is not None:
         stacked = restored
-    training.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-    stacked = place_state(stacked, layout)
-    start = int(np.asarray(jax.device_get(stacked.step))[0])
+    primary = training.is_primary()
+    if primary:
+        training.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    start = int(training.to_host(stacked.step)[0])
     log = training.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                              resume_step=start if start_step is not None else None)
+                              resume_step=start if start_step is not None else None, write=primary)
 
     shared = data_order == "shared"
     train_step = jit_sweep_step(setup.step_fn, layout, shared_batch=shared)
     eval_step = jit_sweep_eval_step(setup.eval_fn, layout)
-    n_dev = mesh.devices.size
-    ev_bs = int(tcfg.get("eval_batch_size", 500))
-    if layout.axis == "batch":
-        ev_bs = max(n_dev, (ev_bs // n_dev) * n_dev)
+    n_data = layout.data_shards
+    ev_bs = max(n_data, (int(tcfg.get("eval_batch_size", 500)) // n_data) * n_data)
 
     def epoch_batches(epoch, start_batch):
         if shared:
@@ -524,7 +529,7 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     reported: set[int] = set()
 
     def summarize(metrics):
-        rec = {key: np.asarray(v).tolist() for key, v in jax.device_get(metrics).items()}
+        rec = {key: np.asarray(v).tolist() for key, v in training.to_host(metrics).items()}
         loss, acc = np.asarray(rec["loss"]), np.asarray(rec["accuracy"])
         ok = np.isfinite(loss)
         postfix = {"loss": f"{loss[ok].mean():.3f}" if ok.any() else "nan",
@@ -534,12 +539,12 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     hooks = any(r.epoch_end is not None for r in setup.regularizers)
 
     def epoch_end(st, epoch):
-        reset = jax.device_put(jnp.zeros((k,), jnp.float32), layout.state)
+        reset = training.put_global(np.zeros((k,), np.float32), layout.state)
         if not hooks:
             return st.replace(epoch_accuracy_sum=reset)
-        acc = np.asarray(jax.device_get(st.epoch_accuracy_sum)) / np.float32(setup.steps_per_epoch)
-        diverged = np.asarray(jax.device_get(st.diverged_at)) >= 0
-        host = jax.device_get(st.reg_state)
+        acc_sum, bad, host = training.to_host((st.epoch_accuracy_sum, st.diverged_at, st.reg_state))
+        acc = acc_sum / np.float32(setup.steps_per_epoch)
+        diverged = bad >= 0
         per_member = []
         for i in range(k):
             mine = jax.tree.map(lambda a: jnp.asarray(a[i]), host)
@@ -547,10 +552,10 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
                 mine = training.apply_epoch_end_hooks(mine, setup.regularizers, jnp.asarray(acc[i]), epoch)
             per_member.append(mine)
         reg_state = jax.tree.map(lambda *a: jnp.stack(a), *per_member)
-        return st.replace(reg_state=jax.device_put(reg_state, layout.state), epoch_accuracy_sum=reset)
+        return st.replace(reg_state=training.put_global(reg_state, layout.state), epoch_accuracy_sum=reset)
 
     def check(st, step):  # a sweep never stops for one member; it says so once per member
-        bad = np.asarray(jax.device_get(st.diverged_at))
+        bad = training.to_host(st.diverged_at)
         for i in np.flatnonzero(bad >= 0):
             if int(i) not in reported:
                 reported.add(int(i))
@@ -570,7 +575,7 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
         ckpt.close()
 
     final = run_eval(stacked, step)
-    diverged_at = np.asarray(jax.device_get(stacked.diverged_at))
+    diverged_at = training.to_host(stacked.diverged_at)
     member_results = []
     for m in members:
         bad = int(diverged_at[m.index])
@@ -587,10 +592,12 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
                "diverged": [r["id"] for r in member_results if r["diverged"]],
                "aggregate": _aggregate(member_results), "seeds": [int(s) for s in seeds],
                "grid": {p: list(v) for p, v in flat.items()}, "data_order": data_order, "layout": layout.axis,
+               "mesh": {"members": layout.member_shards, "data": layout.data_shards},
+               "num_processes": int(jax.process_count()),
                "steps": step, "wall_time_s": train_time, "total_time_s": time.time() - t_start,
                "num_devices": int(mesh.devices.size), "devices": str(jax.devices()[0].platform),
                "config": config.to_dict()}
-    if jax.process_index() == 0:
+    if primary:
         for m, r in zip(members, member_results):
             d = os.path.join(workdir, "members", m.id)
             os.makedirs(d, exist_ok=True)

@@ -5,8 +5,12 @@ The step minimises ``mean CE + sum_r reg_r.loss(...)`` (see :mod:`lcnn_jax.regul
 Data parallelism uses ``jax.jit`` over a one-axis :class:`jax.sharding.Mesh` named ``"data"`` with every local
 device: the batch is sharded along its leading axis, the train state is replicated, and XLA inserts the
 gradient all-reduce. The same code runs on one CPU, on ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
-simulated devices, or on 8 GPUs. On several hosts, call :func:`maybe_initialize_distributed` first; each host then
-feeds its own slice of every global batch.
+simulated devices, or on 8 GPUs. Several processes (``python -m lcnn_jax.launch`` on one machine, or one per
+host) join through :func:`maybe_initialize_distributed`; every process then draws the same global batch (batches
+are a pure function of seed and epoch) and places its own devices' slices (:func:`place_global`), XLA all-reduces
+across processes (gloo on the CPU), process 0 alone writes results, configs and the metrics log, and orbax writes
+each checkpoint from every process. A run on P processes computes what a one-process run on the same global batch
+computes, to float32 all-reduce rounding (``tests/test_launch.py``).
 
 Example::
 
@@ -290,19 +294,61 @@ def make_eval_step(model) -> Callable[[TrainState, Batch], dict]:
 # Sharding
 
 
-def maybe_initialize_distributed() -> None:
-    """Call ``jax.distributed.initialize()`` when the environment describes a multi-host job.
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize()`` when the environment describes a multi-process job; return whether
+    this process is part of one.
 
-    Recognised: ``JAX_COORDINATOR_ADDRESS`` (explicit), or a cluster JAX auto-detects (SLURM with several tasks,
-    Cloud TPU pods) when ``LCNN_JAX_DISTRIBUTED=1``. Single-host runs do nothing.
+    Recognised: ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0's coordinator) with ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID`` (what :mod:`lcnn_jax.launch` sets for each process it starts), or a cluster JAX
+    auto-detects (SLURM with several tasks, Cloud TPU pods) when ``LCNN_JAX_DISTRIBUTED=1``. On the CPU the
+    collectives between processes go through gloo (``jax_cpu_collectives_implementation``, JAX's default since
+    0.4.3x; set here when unset). Single-process runs do nothing. Must run before anything touches a JAX device
+    (``lcnn-jax train`` / ``sweep`` call it first thing); calling it again is a no-op.
+
+    Raises:
+      ConfigError: ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` are not integers, or JAX was already in use.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LCNN_JAX_DISTRIBUTED") == "1":
-        if not jax.distributed.is_initialized():
-            jax.distributed.initialize()
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (addr or os.environ.get("LCNN_JAX_DISTRIBUTED") == "1"):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    for env, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(env):
+            try:
+                kwargs[name] = int(os.environ[env])
+            except ValueError:
+                raise ConfigError(f"{env}={os.environ[env]!r} must be an integer.") from None
+    if str(jax.config.jax_cpu_collectives_implementation or "none").lower() == "none":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=addr or None, **kwargs)
+    except RuntimeError as e:
+        if "before" not in str(e).lower():
+            raise
+        raise ConfigError(f"jax.distributed.initialize() must run before JAX is used, but this process already "
+                          f"used a JAX device ({e}). Call lcnn_jax.training.maybe_initialize_distributed() first "
+                          f"thing in the script.") from None
+    return True
+
+
+def is_primary() -> bool:
+    """True in process 0, the one process of a multi-process job that writes results, logs and configs (orbax
+    coordinates the checkpoint writes of every process itself). Always True in a single-process run."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process reaches this point (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh ``("data",)`` over ``devices`` (default: all devices of all hosts)."""
+    """A one-axis mesh ``("data",)`` over ``devices`` (default: all devices of all processes)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     return Mesh(devices.reshape(-1), ("data",))
 
@@ -310,16 +356,58 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Place a host-local batch (numpy) on the mesh, sharded along the leading axis.
 
-    On several hosts each passes its own slice; the global array is assembled by
-    ``jax.make_array_from_process_local_data``.
+    On several processes each passes its own slice (its devices' part of the global batch, in device order); the
+    global array is assembled by ``jax.make_array_from_process_local_data``. :func:`place_global` takes the whole
+    global batch instead.
     """
     sharding = NamedSharding(mesh, P("data"))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def place_global(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """Place host arrays that every process holds in full (the same global batch everywhere: batches are a pure
+    function of seed and epoch) on ``sharding``; each process copies only its own devices' slices
+    (``jax.make_array_from_callback``), whatever the mesh layout. One process: an ordinary sharded ``device_put``."""
+    def one(v):
+        v = np.asarray(v)
+        return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
+
+    return jax.tree.map(one, tree)
+
+
+def put_global(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """``jax.device_put(tree, sharding)`` that also holds with several processes.
+
+    There, a leaf that is not yet a global array (numpy, or an array on this process's devices) is sent through
+    host memory: ``device_put`` of a process-local ``jax.Array`` onto a mesh that spans several processes gives an
+    array orbax cannot save in JAX 0.10.2. Every process must pass the same values."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(one, tree)
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Place every leaf of ``tree`` on all devices of ``mesh`` (replicated)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return put_global(tree, NamedSharding(mesh, P()))
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Every leaf as a NumPy array, also a leaf sharded over devices of several processes (gathered from all of
+    them: a collective, so every process must call this at the same point). One process: ``jax.device_get``."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
 
 
 def jit_train_step(step_fn, mesh: Mesh):
@@ -342,7 +430,7 @@ def evaluation_totals(eval_batch: Callable[[dict], dict], images: np.ndarray, la
         if pad:
             x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        out = jax.device_get(eval_batch({"image": x, "label": y, "mask": mask}))
+        out = to_host(eval_batch({"image": x, "label": y, "mask": mask}))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
     return totals
@@ -353,7 +441,8 @@ def evaluate(state: TrainState, eval_step, images: np.ndarray, labels: np.ndarra
     """Accuracy and mean cross-entropy over a whole split; the last batch is padded and masked."""
     n_dev = mesh.devices.size
     batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
-    totals = evaluation_totals(lambda b: eval_step(state, shard_batch(b, mesh)), images, labels,
+    sharding = NamedSharding(mesh, P("data"))
+    totals = evaluation_totals(lambda b: eval_step(state, place_global(b, sharding)), images, labels,
                                batch_size=batch_size)
     n = max(float(totals["count"]), 1.0)
     return {"accuracy": float(totals["correct"]) / n, "loss": float(totals["loss_sum"]) / n,
@@ -458,11 +547,12 @@ def parse_jsonl(text: str) -> tuple[list[dict], list[int]]:
 class MetricsLog:
     """Append-only JSON-lines log (``metrics.jsonl``); on resume, records after the restored step are dropped
     so the log of a resumed run reads like the log of an uninterrupted one. Lines that are not JSON (half a line
-    left by a run killed mid-write) are dropped with a warning that says so."""
+    left by a run killed mid-write) are dropped with a warning that says so. ``write=False`` (the processes other
+    than 0 of a multi-process run) touches nothing."""
 
-    def __init__(self, path: str, resume_step: int | None):
-        self.path = path
-        if os.path.exists(path):
+    def __init__(self, path: str, resume_step: int | None, *, write: bool = True):
+        self.path, self.enabled = path, write
+        if write and os.path.exists(path):
             keep = []
             if resume_step is not None:
                 with open(path) as fh:
@@ -476,6 +566,8 @@ class MetricsLog:
             write_text_atomic(path, "".join(keep))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:  # a process other than 0 of a multi-process run
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, default=_json_default) + "\n")
 
@@ -545,7 +637,9 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         if not read_only:
-            remove_unfinished_checkpoints(self.directory)
+            if is_primary():  # one process cleans up; the others wait, so no one lists a folder being removed
+                remove_unfinished_checkpoints(self.directory)
+            sync_processes("lcnn_jax.checkpointer.cleanup")
         with _quiet_orbax():  # read_only makes orbax warn that it ignores the save options
             opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                                 enable_async_checkpointing=False, read_only=read_only)
@@ -634,9 +728,11 @@ class Checkpointer:
         return None, None
 
     def _report_damaged(self, damaged: list, used: int, quarantine: bool) -> None:
+        if quarantine:  # every process has finished reading before process 0 moves folders away
+            sync_processes("lcnn_jax.checkpointer.quarantine")
         for step, e in damaged:
             where = ""
-            if quarantine:
+            if quarantine and is_primary():
                 dest = os.path.join(self.workdir, "damaged_checkpoints", str(step))
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 if os.path.exists(dest):
@@ -645,6 +741,8 @@ class Checkpointer:
                 where = f" (moved to {dest})"
             _log.warning("checkpoint step %d in %s is damaged and was skipped%s: %s; using step %d, the newest "
                          "intact checkpoint.", step, self.directory, where, e, used)
+        if quarantine:
+            sync_processes("lcnn_jax.checkpointer.quarantined")
         if damaged and quarantine:
             self.manager.reload()
 
@@ -742,9 +840,9 @@ class RunSetup:
       info, train, test: the dataset description and its (possibly subset) splits, in host memory.
       model, regularizers, tx, schedule: the Flax model, the regularizer list, the optax optimizer and its schedule.
       mesh: the one-axis ``("data",)`` mesh over every device.
-      batch_size, local_bs: the global batch and this host's slice of it.
+      batch_size, local_bs: the global batch and this process's share of it.
       steps_per_epoch, total_steps: the loop's length (``train.num_steps`` or ``num_epochs * steps_per_epoch``).
-      sample: a host-local batch for initialisation.
+      sample: the first global batch, for initialisation (the same in every process).
       step_fn: the un-jitted ``step(state, batch) -> (state, metrics)`` (with CIFAR augmentation when configured).
       eval_fn: the un-jitted ``eval_step(state, batch) -> {"loss_sum", "correct", "count"}``.
     """
@@ -809,7 +907,9 @@ def prepare_run(config) -> RunSetup:
 
     model = make_model(config.model.name, info.num_classes, **dict(config.model.get("kwargs", {}) or {}))
     regularizers = build_regularizers(config.get("regularizers"), info, pool_images=pool)
-    sample = {"image": train.images[:local_bs], "label": train.labels[:local_bs]}
+    # The first global batch, in every process: a regularizer whose init draws from it (CLIP without a pair pool)
+    # starts from the same state whatever the number of processes.
+    sample = {"image": train.images[:batch_size], "label": train.labels[:batch_size]}
     abstract_params = check_model_fits_data(model, config.model, sample["image"], info, dcfg.name)
     check_regularizers_fit_model(regularizers, abstract_params, sample, model_name=config.model.name,
                                  names=list((config.get("regularizers") or {}).keys()))
@@ -1040,8 +1140,9 @@ def _show(v) -> str:
 def _resume_state(ckpt: Checkpointer, state, mesh: Mesh):
     """The newest intact checkpoint (damaged ones moved aside with a warning) or ``state`` itself, replicated on
     ``mesh``, and the restored step (None: fresh start)."""
+    state = replicate(state, mesh)  # orbax restores into the template's sharding (every process its part)
     restored, step = ckpt.restore_newest_intact(state, quarantine=True)
-    return replicate(state if restored is None else restored, mesh), step
+    return (state if restored is None else restored), step
 
 
 def fit(config, workdir: str, *, extend: bool = False) -> dict:
@@ -1084,7 +1185,7 @@ def fit(config, workdir: str, *, extend: bool = False) -> dict:
                           f"more steps (train.num_epochs / train.num_steps), or use a new --workdir.")
     os.makedirs(workdir, exist_ok=True)
     tcfg, mesh, train, test = config.train, setup.mesh, setup.train, setup.test
-    pid, local_bs = jax.process_index(), setup.local_bs
+    primary = is_primary()
 
     state = create_train_state(setup.model, setup.tx, setup.regularizers, jax.random.PRNGKey(int(config.seed)),
                                setup.sample)
@@ -1094,21 +1195,25 @@ def fit(config, workdir: str, *, extend: bool = False) -> dict:
     except BaseException:
         ckpt.close()
         raise
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    if primary:
+        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     start = int(state.step)
     if changes:
         _log.warning("extending the run in %s from step %d: %s.", workdir, start,
                      ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()))
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start if start_step is not None else None)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start if start_step is not None else None,
+                     write=primary)
 
     train_step = jit_train_step(setup.step_fn, mesh)
     eval_step = jit_eval_step(setup.eval_fn, mesh)
     ev_bs = int(tcfg.get("eval_batch_size", 500))
 
-    def epoch_batches(epoch, start_batch):
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def epoch_batches(epoch, start_batch):  # every process draws the global batch and places its devices' part
         for b in data_lib.batches(train, setup.batch_size, seed=int(config.seed), epoch=epoch, shuffle=True,
                                   drop_remainder=True, start_batch=start_batch):
-            yield shard_batch({k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in b.items()}, mesh)
+            yield place_global(b, batch_sharding)
 
     def run_eval(st, step, extra=None):
         res, spread = {}, {}
@@ -1138,7 +1243,7 @@ def fit(config, workdir: str, *, extend: bool = False) -> dict:
         return _epoch_end(st, setup.regularizers, setup.steps_per_epoch, epoch, mesh)
 
     elapsed_before = _previous_wall_time(workdir) if start else 0.0
-    bar = _progress(setup.total_steps, start, bool(tcfg.get("progress", True)) and pid == 0)
+    bar = _progress(setup.total_steps, start, bool(tcfg.get("progress", True)) and primary)
     try:
         state, step, train_time = _train_loop(
             state, setup=setup, tcfg=tcfg, start=start, epoch_batches=epoch_batches, train_step=train_step,
@@ -1160,11 +1265,12 @@ def fit(config, workdir: str, *, extend: bool = False) -> dict:
         final = run_eval(state, step, extra=health)
         results = {**final, "steps": step, "epochs": step / setup.steps_per_epoch, "wall_time_s": train_time,
                    "total_time_s": time.time() - t_start, "num_devices": int(mesh.devices.size),
+                   "num_processes": int(jax.process_count()),
                    "num_train": len(train.images), "num_test": len(test.images),
                    "devices": str(jax.devices()[0].platform), "config": config.to_dict()}
         if changes:
             results["extended_from_step"] = start
-        if pid == 0:
+        if primary:
             write_json_atomic(os.path.join(workdir, "results.json"), results)
     except KeyboardInterrupt:
         raise TrainingInterrupted(step, step) from None
@@ -1215,10 +1321,15 @@ def _epoch_end(state: TrainState, regularizers: Sequence[Regularizer], steps_per
                mesh: Mesh) -> TrainState:
     """Run the regularizers' ``epoch_end`` hooks with the epoch's mean batch training accuracy, then reset the
     accumulator. Both live in the (checkpointed) state, so a resumed run takes the same decisions."""
-    acc = state.epoch_accuracy_sum / steps_per_epoch
-    reg_state = apply_epoch_end_hooks(state.reg_state, regularizers, acc, epoch)
+    if not any(r.epoch_end is not None for r in regularizers):
+        return state.replace(epoch_accuracy_sum=replicate(np.zeros((), np.float32), mesh))
+    # On the host (every process computes the same values), so the hooks never mix arrays of one process's
+    # devices with arrays spanning all processes.
+    reg_state, acc_sum = to_host((state.reg_state, state.epoch_accuracy_sum))
+    acc = jnp.asarray(acc_sum) / steps_per_epoch
+    reg_state = apply_epoch_end_hooks(jax.tree.map(jnp.asarray, reg_state), regularizers, acc, epoch)
     return state.replace(reg_state=replicate(reg_state, mesh),
-                         epoch_accuracy_sum=replicate(jnp.zeros((), jnp.float32), mesh))
+                         epoch_accuracy_sum=replicate(np.zeros((), np.float32), mesh))
 
 
 def _previous_wall_time(workdir: str) -> float:

@@ -262,7 +262,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     regs = [make_regularizer("weight_l2", coeff=0.1)]  # cheap to compile; the coefficient is still a state leaf
     tx = training.make_optimizer(default_config().optim, 10, None)[0]
     step_fn = training.make_train_step(model, regs)
-    for k in (4, 3):  # 4 members: member axis sharded; 3 members: batch axis sharded
+    # members x data mesh: 4 members -> 4 x 1, 3 -> 1 x 4 (batch split), 2 -> 2 x 2, 6 -> 2 x 2 (3 per group)
+    expected = {4: ("member", 4, 1), 3: ("batch", 1, 4), 2: ("members x data", 2, 2), 6: ("members x data", 2, 2)}
+    for k in (4, 3, 2, 6):
         batch = {"image": rng.random((k, 16, 8, 8, 1), dtype=np.float32),
                  "label": rng.integers(0, 10, (k, 16)).astype(np.int32)}
         one = {key: v[0] for key, v in batch.items()}
@@ -275,9 +277,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
             step = sweep.jit_sweep_step(step_fn, layout)
             for _ in range(2):
                 state, metrics = step(state, sweep.place_batch(batch, layout))
-            out.append((jax.device_get(state.params), np.asarray(metrics["loss"]), layout.axis))
-        (p1, l1, a1), (p4, l4, a4) = out
-        assert a4 == ("member" if k == 4 else "batch"), (k, a4)
+            shards = {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(state.params)}
+            out.append((jax.device_get(state.params), np.asarray(metrics["loss"]),
+                        (layout.axis, layout.member_shards, layout.data_shards), shards))
+        (p1, l1, a1, _), (p4, l4, a4, s4) = out
+        assert a4 == expected[k] and s4 == {4}, (k, a4, s4)
+        assert dict(layout.mesh.shape) == {"members": a4[1], "data": a4[2]}
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)))
         print("MAXDIFF", k, diff, np.max(np.abs(l1 - l4)))
         assert diff < 1e-5 and np.max(np.abs(l1 - l4)) < 1e-5 and l1.shape == (k,)
@@ -285,12 +290,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_four_device_member_and_batch_sharding_equal_one_device():
+def test_four_device_members_x_data_mesh_equals_one_device():
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("MAXDIFF") == 2
+    assert proc.stdout.count("MAXDIFF") == 4
 
 
 def test_train_seeds_returns_states_in_asked_order_and_fallback_matches(tmp_path, monkeypatch):
