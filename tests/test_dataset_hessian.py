@@ -125,6 +125,30 @@ def test_dataset_trace_eigenvalues_and_density_match_dense_and_the_single_batch_
                                    np.sum(d1.weights * d1.nodes ** j, axis=1), rtol=1e-8)
 
 
+@pytest.mark.slow
+def test_dataset_mode_tol_stops_on_whole_rounds_with_the_rule_of_the_estimators(x64):
+    # Hutchinson over a data set with tol: rounds of min_probes probes (one pass each); it stops after the first
+    # round whose running standard error is within tol (oracle: the dense Hessian's samples of the same probes)
+    params, xs, ys, per_example = _problem()
+    dense = _dense_hessian(lambda p: jnp.mean(per_example(p, (xs, ys))), params)
+    data = _uneven_batches(xs, ys)
+    key = jax.random.key(0)
+    zs = np.stack([np.asarray(ravel_pytree(est.tree_rademacher(jax.random.fold_in(key, i), params))[0])
+                   for i in range(60)])
+    samples = np.einsum("pi,ij,pj->p", zs, dense, zs)
+    tol, rounds = 0.3, 5
+    ok = [p for p in range(rounds, 61, rounds)
+          if np.std(samples[:p], ddof=1) / np.sqrt(p) <= tol * abs(samples[:p].mean())]
+    assert ok and ok[0] < 60
+    res = hessian_trace(per_example, params, key=key, num_probes=60, data=data, tol=tol, min_probes=rounds)
+    assert int(res.num_probes) == ok[0] and bool(res.converged)
+    np.testing.assert_allclose(res.estimate, samples[:ok[0]].mean(), rtol=1e-10)
+    # Lanczos over a data set with tol (host loop): the top eigenvalue within its residual, fewer passes than the cap
+    top = hessian_top_eigenvalues(per_example, params, key=jax.random.key(1), k=1, num_iters=20, data=data, tol=1e-4)
+    assert bool(top.converged) and int(top.num_iters) < 20
+    assert abs(float(top.eigenvalues[0]) - np.linalg.eigvalsh(dense).max()) <= float(top.residuals[0]) + 1e-12
+
+
 def test_one_compilation_whatever_the_batch_sizes_and_params():
     params, xs, ys, _ = _problem(np.float32)
     traces = []

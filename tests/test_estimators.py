@@ -128,6 +128,46 @@ def test_hutchinson_within_three_standard_errors_on_pytree(x64):
 def test_hutchinson_validation():
     with pytest.raises(ValueError, match="num_probes"):
         est.hutchinson_trace(lambda v: v, jax.random.key(0), jnp.zeros(3), 0)
+    for bad in (0.0, -1e-3, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="tol"):
+            est.hutchinson_trace(lambda v: v, jax.random.key(0), jnp.zeros(3), 10, tol=bad)
+
+
+def _first_converged_count(samples, tol, floor):
+    """Oracle of the stopping rule: the first P >= floor whose standard error is <= tol * |mean|, else None."""
+    for p in range(floor, len(samples) + 1):
+        head = samples[:p]
+        if np.std(head, ddof=1) / np.sqrt(p) <= tol * abs(head.mean()):
+            return p
+    return None
+
+
+def _tol_trace_problem():
+    rng = np.random.default_rng(3)
+    m = rng.standard_normal((12, 12))
+    a = np.diag(np.full(12, 4.0)) + 0.5 * (m + m.T)
+    matvec, like, _ = _block_operator(a)
+    return matvec, jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), like), jax.random.key(4)
+
+
+def test_hutchinson_tol_stops_at_the_first_probe_count_within_tol(x64):
+    matvec, like, key = _tol_trace_problem()
+    samples = np.asarray(est.hutchinson_samples(matvec, key, like, 200))  # the same probes as every run below
+    p = _first_converged_count(samples, 0.05, est.MIN_TOL_PROBES)
+    assert p is not None and est.MIN_TOL_PROBES < p < 200
+    res, capped, fixed = jax.jit(lambda: (est.hutchinson_trace(matvec, key, like, 200, tol=0.05),
+                                          est.hutchinson_trace(matvec, key, like, 30, tol=1e-9),
+                                          est.hutchinson_trace(matvec, key, like, 30)))()
+    assert int(res.num_probes) == p and bool(res.converged)
+    np.testing.assert_allclose(res.estimate, samples[:p].mean(), rtol=1e-12)
+    np.testing.assert_allclose(res.standard_error, np.std(samples[:p], ddof=1) / np.sqrt(p), rtol=1e-10)
+    mean, se = res  # still unpacks as (estimate, standard_error)
+    assert float(se) <= 0.05 * abs(float(mean))
+    # a tolerance out of reach runs to the cap and says so; without tol nothing is claimed
+    assert int(capped.num_probes) == 30 and not bool(capped.converged)
+    np.testing.assert_allclose(capped.estimate, samples[:30].mean(), rtol=1e-12)
+    assert fixed.converged is None and int(fixed.num_probes) == 30
+    np.testing.assert_allclose(fixed.estimate, capped.estimate, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- Lanczos
@@ -164,11 +204,60 @@ def test_lanczos_more_steps_than_dimension_has_no_ghosts(x64):
     np.testing.assert_allclose(mag.eigenvalues, [3.0, -2.0], rtol=1e-4)
 
 
+def _tol_lanczos_problem():
+    eig = np.concatenate([[10.0, 8.0, 6.0], np.linspace(-1.0, 1.0, 37)])
+    a = _sym_matrix(7, eig)
+    matvec, like, to_flat = _block_operator(a)
+    return a, matvec, jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), like), to_flat, jax.random.key(2)
+
+
+def test_lanczos_tol_stops_early_and_its_residual_bounds_the_error(x64):
+    a, matvec, like, to_flat, key = _tol_lanczos_problem()
+    res = jax.jit(lambda: est.lanczos_top_eigenvalues(matvec, key, like, k=2, num_iters=40, tol=1e-6))()
+    steps = int(res.num_iters)
+    assert bool(res.converged) and 2 <= steps < 40
+    # Oracle of the rule from a plain run of the same steps: the Ritz pairs of its tridiagonal T (numpy eigh) equal
+    # the result, and those of its leading (steps - 1) block miss the tolerance (it stopped at the first step)
+    plain = jax.jit(lambda: est.lanczos(matvec, key, like, steps, unroll=1))()
+    t = np.asarray(plain.tridiagonal())
+    for m, last_beta in ((steps, float(plain.last_beta)), (steps - 1, float(plain.betas[steps - 2]))):
+        theta, vecs = np.linalg.eigh(t[:m, :m])
+        top = np.argsort(-theta)[:2]
+        within = np.abs(last_beta * vecs[m - 1, top]) <= 1e-6 * np.abs(theta[top])
+        assert within.all() == (m == steps)
+        if m == steps:
+            np.testing.assert_allclose(res.eigenvalues, theta[top], rtol=1e-10)
+    # the residual is the true ||A y - theta y|| (dense oracle), within tol, and bounds the distance to 10 and 8
+    for i, true in enumerate((10.0, 8.0)):
+        y = np.asarray(to_flat(jax.tree_util.tree_map(lambda x: x[i], res.eigenvectors)))
+        theta = float(res.eigenvalues[i])
+        np.testing.assert_allclose(np.linalg.norm(a @ y - theta * y), float(res.residuals[i]), rtol=1e-5, atol=1e-13)
+        assert float(res.residuals[i]) <= 1e-6 * abs(theta)
+        assert abs(theta - true) <= float(res.residuals[i]) + 1e-12
+
+
+@pytest.mark.slow
+def test_tol_in_host_loops_matches_the_traced_loops(x64):
+    # the host loops (for a matvec that cannot be traced, e.g. a data set) stop at the same probe / step
+    matvec, like, key = _tol_trace_problem()
+    traced = jax.jit(lambda: est.hutchinson_trace(matvec, key, like, 200, tol=0.05))()
+    host = est.hutchinson_trace(jax.jit(matvec), key, like, 200, tol=0.05, host_loop=True)
+    assert int(host.num_probes) == int(traced.num_probes) and bool(host.converged)
+    np.testing.assert_allclose(host.estimate, traced.estimate, rtol=1e-12)
+    _, matvec, like, _, key = _tol_lanczos_problem()
+    traced = jax.jit(lambda: est.lanczos_top_eigenvalues(matvec, key, like, k=2, num_iters=40, tol=1e-6))()
+    host = est.lanczos_top_eigenvalues(jax.jit(matvec), key, like, k=2, num_iters=40, tol=1e-6, host_loop=True)
+    assert int(host.num_iters) == int(traced.num_iters) and bool(host.converged)
+    np.testing.assert_allclose(host.eigenvalues, traced.eigenvalues, rtol=1e-12)
+
+
 def test_lanczos_validation():
     with pytest.raises(ValueError, match="num_iters >= k"):
         est.lanczos_top_eigenvalues(lambda v: v, jax.random.key(0), jnp.zeros(4), 5, 3)
     with pytest.raises(ValueError, match="which"):
         est.lanczos_top_eigenvalues(lambda v: v, jax.random.key(0), jnp.zeros(4), 1, 3, which="smallest")
+    with pytest.raises(ValueError, match="tol"):
+        est.lanczos_top_eigenvalues(lambda v: v, jax.random.key(0), jnp.zeros(4), 1, 3, tol=-1.0)
 
 
 # --------------------------------------------------------------------------- spectral density

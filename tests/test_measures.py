@@ -7,7 +7,7 @@ from jax.flatten_util import ravel_pytree
 
 from lcnn_jax.measures.curvature import gradient_stability, input_curvature
 from lcnn_jax.measures.hessian import hessian_spectral_density, hessian_top_eigenvalues, hessian_trace
-from lcnn_jax.measures.jacobian import jacobian_frobenius
+from lcnn_jax.measures.jacobian import PROBE_CHUNK, jacobian_frobenius, probe_variance
 from lcnn_jax.measures.lipschitz import (
     lipschitz_pair_ascent,
     local_lipschitz,
@@ -97,18 +97,52 @@ def test_jacobian_frobenius_exact_float32_and_image_shape():
     np.testing.assert_allclose(out, [np.linalg.norm(jac(x)) for x in xs], rtol=1e-5)
 
 
-def test_jacobian_frobenius_random_projection_is_unbiased_for_the_square(x64):
+@pytest.mark.parametrize("probes", ["sphere", "gaussian"])
+def test_jacobian_frobenius_probes_are_unbiased_with_the_stated_variance(x64, probes):
+    # One-probe estimates of ||J||_F^2 over many keys: their mean is the exact square (dense Jacobian) and their
+    # variance the closed form of probe_variance (2 ||J J^T||_F^2 for Gaussian probes, 2K/(K+2) (||J J^T||_F^2 -
+    # ||J||_F^4 / K) on the sphere); the sphere's is the smaller.
     f, jac = _tanh_mlp(4, 10, 8, 4)
     xs = _rng_batch(5, (3, 10))
-    probes = 4000
-    est = jacobian_frobenius(f, xs, key=jax.random.key(0), num_probes=probes, squared=True)
-    for x, e in zip(xs, np.asarray(est)):
+    draws = 20000
+    keys = jax.random.split(jax.random.key(0), draws)
+    est = np.asarray(jax.jit(jax.vmap(lambda k: jacobian_frobenius(f, xs, key=k, squared=True, probes=probes)))(keys))
+    for i, x in enumerate(xs):
         j = jac(x)
-        # Var ||J^T r||^2 = 2 ||J J^T||_F^2 for Gaussian r
-        se = np.sqrt(2 * np.sum((j @ j.T) ** 2) / probes)
-        assert abs(e - np.sum(j**2)) < 4 * se
-    root = jacobian_frobenius(f, xs, key=jax.random.key(0), num_probes=probes)
-    np.testing.assert_allclose(root, np.sqrt(est), rtol=1e-12)
+        var = probe_variance(j, probes)
+        assert abs(est[:, i].mean() - np.sum(j**2)) < 4 * np.sqrt(var / draws)
+        np.testing.assert_allclose(est[:, i].var(), var, rtol=0.15)
+        assert probe_variance(j, "sphere") < probe_variance(j, "gaussian")
+    many = jacobian_frobenius(f, xs, key=jax.random.key(1), num_probes=8, squared=True, probes=probes)
+    root = jacobian_frobenius(f, xs, key=jax.random.key(1), num_probes=8, probes=probes)
+    np.testing.assert_allclose(root, np.sqrt(many), rtol=1e-12)
+
+
+def test_jacobian_frobenius_probe_chunks_bound_memory_and_keep_the_value(x64):
+    # exact mode in chunks of 3 basis vectors (reverse: K = 10 > 3; forward: n = 3 < K = 6, chunks of 2)
+    for (n_in, n_out, shape), chunk in (((12, 10, (3, 4)), 3), ((3, 6, (3,)), 2)):
+        f, jac = _tanh_mlp(0, n_in, 8, n_out)
+        xs = _rng_batch(1, (5, *shape))
+        np.testing.assert_allclose(jacobian_frobenius(f, xs, probe_chunk=chunk), [np.linalg.norm(jac(x)) for x in xs],
+                                   rtol=1e-10)
+    # a scalar output: every unit-sphere probe is +-1, so each probe is exact; 10 probes in chunks of 3 (the last
+    # one padded) must still average to the exact value, not 12/10 of it
+    f, jac = _tanh_mlp(2, 5, 6, 1)
+    xs = _rng_batch(3, (4, 5))
+    est = jacobian_frobenius(f, xs, key=jax.random.key(0), num_probes=10, probe_chunk=3, squared=True)
+    np.testing.assert_allclose(est, [np.sum(jac(x) ** 2) for x in xs], rtol=1e-10)
+
+
+def test_jacobian_frobenius_memory_does_not_grow_with_the_probes():
+    f, _ = _tanh_mlp(2, 300, 64, 10, dtype=np.float32)
+    xs = jnp.zeros((32, 300))
+
+    def temp_bytes(num_probes):
+        fn = jax.jit(lambda x, k: jacobian_frobenius(f, x, key=k, num_probes=num_probes))
+        return fn.lower(xs, jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
+
+    # all 1000 probes at once would need 1000 x 32 x 300 floats (38 MB) for the input cotangents alone
+    assert temp_bytes(1000) < 2 * temp_bytes(PROBE_CHUNK) < 4 * 32 * 300 * PROBE_CHUNK * 4
 
 
 @pytest.mark.parametrize("key", [None, jax.random.key(7)])
@@ -123,6 +157,10 @@ def test_jacobian_frobenius_chunked_uneven_batch_equals_unchunked(key):
 
 def test_jacobian_frobenius_rejects_malformed_input():
     f = lambda x: x * 2.0
+    with pytest.raises(ValueError, match="probes must be one of"):
+        jacobian_frobenius(f, jnp.ones((2, 3)), key=jax.random.key(0), probes="rademacher")
+    with pytest.raises(ValueError, match="probe_chunk"):
+        jacobian_frobenius(f, jnp.ones((2, 3)), probe_chunk=0)
     with pytest.raises(ValueError, match="at least one example axis"):
         jacobian_frobenius(f, jnp.ones(3))
     with pytest.raises(ValueError, match="num_probes"):
@@ -225,6 +263,33 @@ def test_local_lipschitz_matches_svd_and_is_lower_bound(x64):
     np.testing.assert_allclose(long, sigma, rtol=1e-8)
     assert np.all(np.asarray(short) <= sigma * (1 + 1e-12))
     np.testing.assert_allclose(chunked, short, rtol=1e-12)
+
+
+def test_local_lipschitz_tol_reaches_the_svd_where_a_fixed_count_falls_short(x64):
+    # a linear map whose top singular values are close (1 and 0.97): 20 power iterations read low and say so, a
+    # tolerance on the relative residual iterates on to sigma_max and reports convergence
+    rng = np.random.default_rng(13)
+    u, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    v, _ = np.linalg.qr(rng.standard_normal((9, 9)))
+    w = (u * np.array([1.0, 0.97, 0.6, 0.4, 0.2, 0.1])) @ v[:6]
+    f = lambda x: jnp.asarray(w) @ x  # noqa: E731
+    xs = _rng_batch(14, (8, 9))
+    fixed, tight = jax.jit(lambda k: (
+        local_lipschitz(f, xs, key=k, num_iters=20, return_info=True),
+        local_lipschitz(f, xs, key=k, num_iters=3000, tol=1e-7, return_info=True)))(jax.random.key(3))
+    assert fixed.converged is None and np.all(np.asarray(fixed.num_iters) == 20)
+    assert np.max(1 - np.asarray(fixed.value)) > 1e-3  # some example reads low after 20 iterations...
+    worst = np.argmax(1 - np.asarray(fixed.value))
+    assert float(fixed.relative_residual[worst]) > 1e-3  # ...and its residual says it has not converged
+    assert np.all(np.asarray(tight.converged)) and np.all(np.asarray(tight.relative_residual) <= 1e-7)
+    assert np.all(np.asarray(tight.num_iters) < 3000)
+    np.testing.assert_allclose(tight.value, 1.0, rtol=1e-9)
+    assert np.all(np.asarray(tight.value) <= 1 + 1e-12)
+    # the residual is the true ||A u - lam u|| / lam of A = J^T J (checked on the plain value: lam = value^2)
+    plain = local_lipschitz(f, xs, key=jax.random.key(3), num_iters=3000, tol=1e-7)
+    np.testing.assert_allclose(plain, tight.value, rtol=1e-12)
+    with pytest.raises(ValueError, match="tol"):
+        local_lipschitz(f, xs, key=jax.random.key(3), tol=0.0)
 
 
 def test_local_lipschitz_float32_default_iterations_close():

@@ -15,9 +15,9 @@ from lcnn_jax.measures.operator_norms import NormBounds, conv_general_norm_bound
 from lcnn_jax.measures.curvature import gradient_stability, input_curvature
 from lcnn_jax.measures.hessian import (DatasetHVP, dataset_hvp, hessian_spectral_density, hessian_top_eigenvalues,
                                       hessian_trace)
-from lcnn_jax.measures.jacobian import jacobian_frobenius
-from lcnn_jax.measures.lipschitz import (STEP_GROWTH, PairAscentResult, lipschitz_pair_ascent, local_lipschitz,
-                                         pair_ascent_step, pair_quotients)
+from lcnn_jax.measures.jacobian import jacobian_frobenius, probe_variance
+from lcnn_jax.measures.lipschitz import (STEP_GROWTH, LipschitzEstimate, PairAscentResult, lipschitz_pair_ascent,
+                                         local_lipschitz, pair_ascent_step, pair_quotients)
 from lcnn_jax.measures.sharpness import (LayerNormalizedSharpness, NormalizedSharpnessResult, SharpnessResult,
                                          layer_hessian_traces, layer_order, minimum_sharpness,
                                          minimum_sharpness_from_traces, normalized_layer_sharpness,
@@ -26,7 +26,7 @@ from lcnn_jax.measures.sharpness import (LayerNormalizedSharpness, NormalizedSha
 __all__ = ["Bound", "CurvatureBound", "Factor", "curvature_bound", "function_bound", "layer_bound", "NormBounds",
            "conv_norm_bounds", "conv_general_norm_bounds", "matrix_norm_bounds", "gradient_stability", "input_curvature", "hessian_spectral_density", "hessian_top_eigenvalues",
            "dataset_hvp", "DatasetHVP",
-           "hessian_trace", "jacobian_frobenius", "STEP_GROWTH", "PairAscentResult", "lipschitz_pair_ascent",
+           "hessian_trace", "jacobian_frobenius", "probe_variance", "LipschitzEstimate", "STEP_GROWTH", "PairAscentResult", "lipschitz_pair_ascent",
            "local_lipschitz", "pair_ascent_step", "pair_quotients", "LayerNormalizedSharpness",
            "NormalizedSharpnessResult", "SharpnessResult", "layer_hessian_traces", "layer_order",
            "minimum_sharpness", "minimum_sharpness_from_traces", "normalized_layer_sharpness",

@@ -2,18 +2,22 @@
 
 ``loss_fn(x, y)`` is the per-example loss (cross-entropy at the true label, model in eval mode) of ONE
 example ``x`` (any shape) with label ``y``. Both measures map it over a batch and return per-example
-arrays; report their mean and std over a set. They are pure and traceable: jit them with
-``loss_fn`` closed over::
+arrays; report their mean and std over a set. They are pure and traceable: jit them with the model's
+variables and the data as arguments, building ``loss_fn`` inside (closed-over arrays would become constants of
+the program: longer compilations, and new weights compile again)::
 
     import jax, optax
     from lcnn_jax.measures.curvature import input_curvature, gradient_stability
 
-    def loss_fn(x, y):
-        logits = model.apply(variables, x[None])[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    @jax.jit
+    def measure(variables, xs, ys, k):
+        def loss_fn(x, y):
+            logits = model.apply(variables, x[None])[0]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
-    measure = jax.jit(lambda xs, ys, k: input_curvature(loss_fn, xs, ys, key=k))
-    out = measure(xs, ys, jax.random.key(0))   # {"curvature": (B,), "hessian_norm": (B,), ...}
+        return input_curvature(loss_fn, xs, ys, key=k)
+
+    out = measure(variables, xs, ys, jax.random.key(0))   # {"curvature": (B,), "hessian_norm": (B,), ...}
 """
 from __future__ import annotations
 

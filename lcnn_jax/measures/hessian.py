@@ -6,7 +6,10 @@ Two modes, as in PyHessian (one batch, or a whole data loader):
   parameter pytree alone, e.g. ``lambda p: mean_ce(model.apply({"params": p}, xs), ys)``. All products are
   forward-over-reverse Hessian-vector products through one ``jax.linearize`` of the gradient, so the forward
   and backward pass run once and each HVP evaluates the tangent program only. The functions are pure and
-  traceable (jit them with ``loss_fn`` closed over); the batch lives in device memory.
+  traceable. Jit them with the parameters AND the batch as arguments of the jitted function, building
+  ``loss_fn`` inside it (as below): arrays a jitted function closes over become constants of the XLA program,
+  which lengthens compilation (and with the parameters among them XLA may fold the forward pass into constants),
+  and a new batch or new weights would compile again.
 * **data set** (``data=``): ``loss_fn(params, batch) -> (B,)`` returns the PER-EXAMPLE losses of one batch,
   and the measured loss is the mean over all ``N`` examples of the data set,
   ``L(theta) = (1/N) sum_i l_i(theta)``, so ``H v = (1/N) sum_batches sum_{i in batch} hess(l_i) v``: every
@@ -31,10 +34,16 @@ Example::
         z = x @ p["w"] + p["b"]
         return jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, y[:, None], 1)[:, 0]
 
-    # one batch, closed over; 100 probes, 10 at a time; jitted as a whole
-    loss_fn = lambda p: per_example_ce(p, (xs, ys)).mean()
-    trace, stderr = jax.jit(lambda p, k: hessian_trace(loss_fn, p, key=k, num_probes=100, batch_size=10))(
-        params, jax.random.key(0))
+    # one batch: parameters and batch are arguments of the jitted function; 100 probes, 10 at a time
+    @jax.jit
+    def trace_of(p, x, y, k):
+        return hessian_trace(lambda q: per_example_ce(q, (x, y)).mean(), p, key=k, num_probes=100, batch_size=10)
+
+    trace, stderr = trace_of(params, xs, ys, jax.random.key(0))   # compiled once: new weights or data reuse it
+    # stop once the standard error is 1 % of the trace (at most 500 probes); says where it stopped
+    res = jax.jit(lambda p, x, y, k: hessian_trace(lambda q: per_example_ce(q, (x, y)).mean(), p, key=k,
+                                                   num_probes=500, tol=0.01))(params, xs, ys, jax.random.key(0))
+    res.num_probes, res.converged
     # the data set, 32 examples at a time (or data=[batch, ...], or data=a loader / iterator factory);
     # hessian_trace(per_example_ce, params, key=..., data=(xs, ys), chunk_size=32) likewise
     top = hessian_top_eigenvalues(per_example_ce, params, key=jax.random.key(1), k=2,
@@ -57,8 +66,10 @@ import jax.numpy as jnp
 
 from lcnn_jax.autodiff import check_positive_int, linearized_param_hvp
 from lcnn_jax.estimators import (
+    MIN_TOL_PROBES,
     EigenResult,
     SpectralDensity,
+    TraceEstimate,
     hutchinson_samples,
     hutchinson_summary,
     hutchinson_trace,
@@ -121,17 +132,18 @@ def _hvp_sum(loss_fn, params, batch, mask, v, acc):
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "batch_size", "unroll"))
-def _trace_samples(loss_fn, params, batch, mask, key, *, num_probes, batch_size, unroll):
-    """Hutchinson samples ``z_p^T (sum_{i in chunk} hess(l_i)) z_p`` with the probes of ``fold_in(key, p)``."""
+def _trace_samples(loss_fn, params, batch, mask, key, start, *, num_probes, batch_size, unroll):
+    """Hutchinson samples ``z_p^T (sum_{i in chunk} hess(l_i)) z_p`` with the probes of ``fold_in(key, p)``,
+    ``p = start .. start + num_probes - 1``."""
     _, hvp = jax.linearize(jax.grad(lambda p: _masked_sum(loss_fn, p, batch, mask)), params)
-    return hutchinson_samples(hvp, key, params, num_probes, batch_size=batch_size, unroll=unroll)
+    return hutchinson_samples(hvp, key, params, num_probes, batch_size=batch_size, unroll=unroll, start=start)
 
 
 # Host-side glue as cached programs (a handful of compilations in all, not one per eager operation).
 _zeros_like_jit = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree))
 _divide_jit = jax.jit(lambda tree, n: jax.tree_util.tree_map(lambda a: a / n.astype(a.dtype), tree))
 _add_jit = jax.jit(jnp.add)
-_trace_summary_jit = jax.jit(lambda total, n: hutchinson_summary(total / n.astype(total.dtype)))
+_scale_jit = jax.jit(lambda total, n: total / n.astype(total.dtype))
 
 
 class DatasetHVP:
@@ -188,30 +200,64 @@ def hessian_trace(
     unroll: int | bool | None = None,
     data: Any = None,
     chunk_size: int | None = None,
-) -> tuple[Array, Array]:
-    """Hutchinson estimate of ``tr(d^2 loss / d params^2)``: returns ``(estimate, standard_error)``.
+    tol: float | None = None,
+    min_probes: int = MIN_TOL_PROBES,
+) -> TraceEstimate:
+    """Hutchinson estimate of ``tr(d^2 loss / d params^2)``: a :class:`~lcnn_jax.estimators.TraceEstimate`, which
+    unpacks as ``(estimate, standard_error)`` and has ``num_probes`` and ``converged``.
 
     Mean of ``z^T H z`` over ``num_probes`` Rademacher probes ``z`` shaped like ``params``; the
     standard error is ``std / sqrt(num_probes)``. Probes run sequentially (``batch_size`` at a time),
     so memory is one linearisation plus ``batch_size`` HVPs. Cost: ``num_probes`` HVPs.
 
+    ``tol`` (relative): stop at the first ``P >= min_probes`` (default 10) probes whose running standard error is
+    ``<= tol * |estimate|`` (PyHessian stops on the relative change of the mean instead), ``num_probes`` being
+    the cap; see :func:`lcnn_jax.estimators.hutchinson_trace`. The probes are those of the fixed-count run.
+
     With ``data=`` (the data-set mode of the module docstring, ``loss_fn(params, batch) -> (B,)``): the same
     probes ``z_p`` (``fold_in(key, p)``) for every chunk, ``z_p^T H z_p = (1/N) sum_chunks z_p^T H_chunk z_p``,
-    so ONE pass over the data (a generator is fine), each chunk one linearisation and ``num_probes`` HVPs.
+    so ONE pass over the data (a generator is fine), each chunk one linearisation and ``num_probes`` HVPs. With
+    ``tol`` the probes run in rounds of ``min_probes``, one pass over the data per round (so ``data`` must be
+    re-iterable), and the test is made after each round.
     """
     num_probes = check_positive_int(num_probes, "num_probes")
+    min_probes = check_positive_int(min_probes, "min_probes")
     _check_data_mode(loss_fn, params, data, chunk_size)
     if data is None:
         return hutchinson_trace(_hvp(loss_fn, params), key, params, num_probes, batch_size=batch_size,
-                                unroll=unroll)
+                                unroll=unroll, tol=tol, min_probes=min_probes)
     batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
-    batches = Batches(data, chunk_size, multi_pass=False)
-    total = None
-    for batch, mask in batches.chunks():
-        samples = _trace_samples(loss_fn, params, batch, mask, key, num_probes=num_probes, batch_size=batch_size,
-                                 unroll=unroll)
-        total = samples if total is None else _add_jit(total, samples)
-    return _trace_summary_jit(total, batches.num_examples)
+    rounds = [(0, num_probes)] if tol is None else [
+        (start, min(min_probes, num_probes - start)) for start in range(0, num_probes, min_probes)]
+    batches = Batches(data, chunk_size, multi_pass=len(rounds) > 1)
+    samples = None
+    for start, count in rounds:
+        total = None
+        for batch, mask in batches.chunks():
+            part = _trace_samples(loss_fn, params, batch, mask, key, start, num_probes=count,
+                                  batch_size=batch_size, unroll=unroll)
+            total = part if total is None else _add_jit(total, part)
+        part = _scale_jit(total, batches.num_examples)
+        samples = part if samples is None else jnp.concatenate([samples, part])
+        if tol is not None:
+            result = _summary_with_tol(samples, tol, min(max(min_probes, 2), num_probes))
+            if bool(result.converged):
+                return result
+    if tol is not None:
+        return result
+    est, se = _summary_jit(samples)
+    return TraceEstimate(est, se, jnp.asarray(samples.shape[0], jnp.int32), None)
+
+
+_summary_jit = jax.jit(hutchinson_summary)
+
+
+def _summary_with_tol(samples: Array, tol: float, floor: int) -> TraceEstimate:
+    """The estimate of the samples so far, converged when there are ``floor`` or more and the standard error is
+    within ``tol`` of the estimate (the rule of :func:`lcnn_jax.estimators.hutchinson_trace`)."""
+    est, se = _summary_jit(samples)
+    n = samples.shape[0]
+    return TraceEstimate(est, se, jnp.asarray(n, jnp.int32), jnp.asarray(n >= floor and bool(se <= tol * abs(est))))
 
 
 def hessian_top_eigenvalues(
@@ -225,14 +271,19 @@ def hessian_top_eigenvalues(
     unroll: int | bool | None = None,
     data: Any = None,
     chunk_size: int | None = None,
+    tol: float | None = None,
 ) -> EigenResult:
     """Top-``k`` Hessian eigenpairs by Lanczos with full reorthogonalisation.
 
     Returns :class:`~lcnn_jax.estimators.EigenResult` ``(eigenvalues (k,) descending, eigenvectors
-    (pytree with leading k axis), residuals (k,))``; ``which="magnitude"`` ranks by ``|lambda|``.
-    ``num_iters`` defaults to ``max(2k + 20, 30)`` Lanczos steps (= HVPs); check ``residuals``
+    (pytree with leading k axis), residuals (k,), num_iters, converged)``; ``which="magnitude"`` ranks by
+    ``|lambda|``. ``num_iters`` defaults to ``max(2k + 20, 30)`` Lanczos steps (= HVPs); check ``residuals``
     (``||H y - lambda y||``) and raise it if they are not small. Memory: ``num_iters`` copies of the
     parameters (the Lanczos basis).
+
+    ``tol`` (relative): stop at the first step where every one of the ``k`` Ritz pairs has residual
+    ``<= tol * |lambda|`` (``num_iters`` is then the cap; ``converged`` says whether it was reached). PyHessian
+    stops its power iteration on the relative change of the eigenvalue; the residual is a bound, not a change.
 
     With ``data=`` (data-set mode, ``loss_fn(params, batch) -> (B,)``): ``num_iters`` passes over the data,
     one :func:`dataset_hvp` product each; the Lanczos steps run in a host loop (``unroll`` is ignored).
@@ -242,9 +293,9 @@ def hessian_top_eigenvalues(
     _check_data_mode(loss_fn, params, data, chunk_size)
     if data is None:
         return lanczos_top_eigenvalues(_hvp(loss_fn, params), key, params, k, num_iters, which=which,
-                                       unroll=unroll)
+                                       unroll=unroll, tol=tol)
     return lanczos_top_eigenvalues(DatasetHVP(loss_fn, params, data, chunk_size=chunk_size), key, params, k,
-                                   num_iters, which=which, host_loop=True)
+                                   num_iters, which=which, host_loop=True, tol=tol)
 
 
 def hessian_spectral_density(

@@ -14,7 +14,9 @@ constructor            cotangents r                penalty                      
                                                    backprop)
 ``jacreg``             ``e_1 .. e_K`` (M = K)      ``||J||_F^2`` exactly             1 fwd + K bwd (or D
                                                                                      fwd tangents, D <= K)
-``spectreg``           ``r ~ N(0, I)`` (M = 1)     unbiased estimate of ``||J||_F^2``  1 fwd + 1 bwd
+``spectreg``           ``r = sqrt(K) u``, ``u``    unbiased estimate of ``||J||_F^2``  1 fwd + 1 bwd
+                       uniform on the unit sphere
+                       (or ``r ~ N(0, I)``; M = 1)
 =====================  ==========================  ================================  =======================
 
 (plus the backward pass through all of this when the training step differentiates the loss).
@@ -66,6 +68,8 @@ __all__ = [
     "datagrad_cotangents",
     "jacreg_cotangents",
     "spectreg_cotangents",
+    "spectreg_sphere_cotangents",
+    "SPECTREG_PROBES",
 ]
 
 
@@ -154,19 +158,34 @@ def jacreg_cotangents(key: PRNGKey, logits: Array, labels: Array) -> Array:
 
 
 def spectreg_cotangents(key: PRNGKey, logits: Array, labels: Array) -> Array:
-    """One ``r ~ N(0, I_K)`` per example: ``E ||J^T r||^2 = tr(J J^T) = ||J||_F^2``."""
+    """One Gaussian ``r ~ N(0, I_K)`` per example: ``E ||J^T r||^2 = tr(J J^T) = ||J||_F^2``; the variance of one
+    draw is ``2 ||J J^T||_F^2``. SpectReg's ``probes="gaussian"``."""
     del labels
     if key is None:
         raise ValueError("spectreg draws random projections: pass a PRNG key (fold the step in for freshness).")
     return jax.random.normal(key, (1,) + logits.shape, logits.dtype)
 
 
-_KINDS = {"datagrad": datagrad_cotangents, "jacreg": jacreg_cotangents, "spectreg": spectreg_cotangents}
+def spectreg_sphere_cotangents(key: PRNGKey, logits: Array, labels: Array) -> Array:
+    """One ``r = sqrt(K) u`` per example, ``u`` uniform on the unit sphere of R^K (Hoffman, Roberts & Yaida 2019):
+    ``E[u u^T] = I / K``, so ``E ||J^T r||^2 = ||J||_F^2`` too, with the smaller variance
+    ``2K / (K + 2) (||J J^T||_F^2 - ||J||_F^4 / K)`` (:func:`lcnn_jax.measures.jacobian.probe_variance`). The same
+    Gaussian draw as :func:`spectreg_cotangents`, rescaled to length ``sqrt(K)``. SpectReg's default."""
+    r = spectreg_cotangents(key, logits, labels)
+    norm = jnp.sqrt(jnp.sum(jnp.square(r), axis=-1, keepdims=True))
+    return r * (math.sqrt(logits.shape[-1]) / jnp.maximum(norm, jnp.finfo(r.dtype).tiny))
+
+
+_KINDS = {"datagrad": datagrad_cotangents, "jacreg": jacreg_cotangents, "spectreg": spectreg_sphere_cotangents}
+#: SpectReg's probe distributions; ``"auto"`` is ``"sphere"``, whose variance is never the larger.
+SPECTREG_PROBES = ("auto", "sphere", "gaussian")
 
 
 # ------------------------------------------------------------------------------------------------ the template
-def _vjp_penalty(cotangents: CotangentFn, params: Params, batch: Batch, key: PRNGKey, apply_fn: ApplyFn) -> Array:
-    """``mean_i sum_m ||J_i^T r_{m,i}||^2`` with ONE forward pass and M (vmapped) backward passes."""
+def _vjp_penalty(cotangents: CotangentFn, params: Params, batch: Batch, key: PRNGKey, apply_fn: ApplyFn,
+                 vjp_batch: int | None = None) -> Array:
+    """``mean_i sum_m ||J_i^T r_{m,i}||^2`` with ONE forward pass and M backward passes: all M in one vmapped
+    backward (``vjp_batch=None``), or in vmapped groups of ``vjp_batch`` one after another (see :func:`jacreg`)."""
     xs = _images(batch)
     logits, vjp_fn = jax.vjp(lambda inputs: apply_fn(params, inputs), xs)
     _check_logits(logits, xs)
@@ -174,8 +193,13 @@ def _vjp_penalty(cotangents: CotangentFn, params: Params, batch: Batch, key: PRN
     r = cotangents(key, logits, labels)
     if r.ndim != 3 or r.shape[1:] != logits.shape:
         raise ValueError(f"cotangents must have shape (M, B, K) with (B, K) = {logits.shape}, got {r.shape}.")
-    (jtr,) = jax.vmap(vjp_fn)(r)  # (M, B, *input_shape)
-    return jnp.mean(jnp.sum(_per_example_sq_norm(jtr, 2), axis=0))
+    m = r.shape[0]
+    size = m if vjp_batch is None else max(1, min(int(vjp_batch), m))
+    total = 0.0
+    for start in range(0, m, size):  # unrolled: at most M groups
+        (jtr,) = jax.vmap(vjp_fn)(r[start:start + size])  # (size, B, *input_shape)
+        total = total + jnp.sum(_per_example_sq_norm(jtr, 2), axis=0)
+    return jnp.mean(total)
 
 
 def _jvp_frobenius(params: Params, batch: Batch, key: PRNGKey, apply_fn: ApplyFn) -> Array:
@@ -223,20 +247,37 @@ def jacobian_penalty(kind: Union[str, CotangentFn], coeff: Any, *, name: str | N
 def datagrad(coeff: Any) -> Regularizer:
     """DataGrad / double backprop: ``coeff * mean_i ||grad_x CE(f(x_i), y_i)||^2 = ||J^T (p - e_y)||^2``.
 
+    Scale, for coefficients ported from PyTorch: the penalty is the mean over the B examples of each example's
+    own squared input gradient. PyTorch double-backprop code usually penalises the squared input gradient of the
+    MEAN loss, ``||grad_X (1/B) sum_i CE_i||^2 = (1/B^2) sum_i ||grad_x CE_i||^2`` (examples are independent), which
+    is this penalty divided by B. So ``coeff = lambda_torch / B`` reproduces a PyTorch ``lambda_torch`` at batch
+    size B (e.g. 0.01 at batch 128 -> 7.8e-5); ours does not change with the batch size, theirs does.
+
     Needs ``batch["label"]``. Cost: 1 forward + 1 backward pass (then differentiated by the training step).
     """
     return jacobian_penalty("datagrad", coeff)
 
 
-def jacreg(coeff: Any, *, mode: str = "auto") -> Regularizer:
+def jacreg(coeff: Any, *, mode: str = "auto", vjp_batch: int | str = "auto") -> Regularizer:
     """JacReg: exact ``coeff * mean_i ||J_i||_F^2``.
 
-    ``mode="reverse"``: the template with the K one-hot cotangents (1 forward + K backward passes, vmapped, so
-    memory grows with K). ``mode="forward"``: D forward tangents (linearize once, D JVPs), for inputs smaller than
-    the output. ``"auto"`` picks forward when D <= K, else reverse (decided from static shapes at trace time).
+    ``mode="reverse"``: the template with the K one-hot cotangents (1 forward + K input-space backward passes;
+    the training step's gradient then runs back through all of them, so a step costs about K + 2 plain steps).
+    ``mode="forward"``: D forward tangents (linearize once, D JVPs), for inputs smaller than the output. ``"auto"``
+    picks forward when D <= K, else reverse (decided from static shapes at trace time).
+
+    ``vjp_batch``: how many of the K backward passes run as one vmapped backward (the vmap folds them into the
+    batch axis, a K x larger batch). ``"auto"``: 1 on the CPU (the K passes one after another), all K on other
+    platforms. On XLA:CPU the vmapped form is the slower one: on the small CNN (batch 64, K = 10) the parameter
+    gradient of the penalty took 2.3x longer with one K x 64 backward than with K backward passes of 64, and the
+    train step was 15.3x the plain step against ~7x (``experiments/bench_regularizers.py --only jacreg``); on
+    accelerators one wide backward is the usual win. An int fixes it (memory grows with it).
     """
     if mode not in ("auto", "reverse", "forward"):
         raise ValueError(f"jacreg mode must be 'auto', 'reverse' or 'forward', got {mode!r}.")
+    if vjp_batch != "auto" and not (isinstance(vjp_batch, (int, np.integer)) and not isinstance(vjp_batch, bool)
+                                    and vjp_batch >= 1):
+        raise ValueError(f"jacreg vjp_batch must be 'auto' or an integer >= 1, got {vjp_batch!r}.")
 
     def penalty(params, batch, key, apply_fn):
         xs = _images(batch)
@@ -247,18 +288,27 @@ def jacreg(coeff: Any, *, mode: str = "auto") -> Regularizer:
             chosen = "forward" if math.prod(xs.shape[1:]) <= out.shape[-1] else "reverse"
         if chosen == "forward":
             return _jvp_frobenius(params, batch, key, apply_fn)
-        return _vjp_penalty(jacreg_cotangents, params, batch, key, apply_fn)
+        group = vjp_batch
+        if group == "auto":  # the platform the step is being compiled for (trace time, static)
+            group = 1 if jax.default_backend() == "cpu" else None
+        return _vjp_penalty(jacreg_cotangents, params, batch, key, apply_fn, vjp_batch=group)
 
     return penalty_regularizer("jacreg", coeff, penalty)
 
 
-def spectreg(coeff: Any) -> Regularizer:
-    """SpectReg: ``coeff * mean_i ||J_i^T r_i||^2`` with a fresh ``r_i ~ N(0, I_K)`` per example per step.
+def spectreg(coeff: Any, *, probes: str = "auto") -> Regularizer:
+    """SpectReg: ``coeff * mean_i ||J_i^T r_i||^2`` with a fresh random ``r_i`` per example per step.
 
-    Unbiased for ``||J||_F^2`` (``E[r r^T] = I``). Randomness comes only from the ``key`` passed to ``loss``:
-    give a new key each step (``jax.random.fold_in(key, step)``). Cost: 1 forward + 1 backward pass.
+    Unbiased for ``||J||_F^2`` (``E[r r^T] = I``). ``probes``: ``"sphere"`` (``r = sqrt(K) u``, ``u`` uniform on
+    the unit sphere, :func:`spectreg_sphere_cotangents`), or ``"gaussian"`` (``r ~ N(0, I_K)``, Varga et al.'s
+    choice); ``"auto"`` (default) is ``"sphere"``, whose variance is below the Gaussian one for every ``J``
+    (runs before this option existed used Gaussian probes). Randomness comes only from the ``key`` passed to
+    ``loss``: give a new key each step (``jax.random.fold_in(key, step)``). Cost: 1 forward + 1 backward pass.
     """
-    return jacobian_penalty("spectreg", coeff)
+    if probes not in SPECTREG_PROBES:
+        raise ValueError(f"spectreg probes must be one of {SPECTREG_PROBES} ('auto' = 'sphere'), got {probes!r}.")
+    kind = spectreg_cotangents if probes == "gaussian" else spectreg_sphere_cotangents
+    return jacobian_penalty(kind, coeff, name="spectreg")
 
 
 def _negative_entropy(params: Params, batch: Batch, key: PRNGKey, apply_fn: ApplyFn) -> Array:
