@@ -5,6 +5,9 @@ float64 is switched on per test through the ``x64`` fixture, never inside librar
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The CLI's persistent compilation cache stays off in tests (cli.main runs in-process and would write to the
+# user's cache directory); tests/test_report.py checks the cache settings themselves.
+os.environ.setdefault("LCNN_JAX_COMPILATION_CACHE", "0")
 import jax
 import pytest
 
@@ -26,9 +29,12 @@ if os.environ.get("LCNN_TEST_OPTIMIZE") != "1":
     jax.config.update("jax_disable_most_optimizations", True)
 
 # The longest tests start first, so that the two workers finish together instead of one idling at the end.
-_LONGEST_FIRST = ("test_dataset_hessian.py::test_dataset_trace", "test_lcnn.py::test_training_with",
-                  "test_sharpness.py::test_traces_match_dense_hessian", "test_sweep.py::test_train_seeds",
-                  "test_smalldata_study.py::", "test_training.py::test_cli_missing")
+_LONGEST_FIRST = ("test_sharpness.py::test_traces_match_dense_hessian", "test_certified.py::test_certificates",
+                  "test_bounds.py::test_bound_of_a_model_defined_here", "test_measures.py::test_local_lipschitz_float32",
+                  "test_measures.py::test_input_curvature_linear_softmax", "test_lcnn.py::test_spectral_conv_true",
+                  # the slow group's longest, for CI's -m slow run
+                  "test_dataset_hessian.py::test_dataset_trace", "test_sweep.py::test_train_seeds",
+                  "test_training.py::test_cli_missing", "test_smalldata_study.py::")
 
 
 def pytest_collection_modifyitems(session, config, items):

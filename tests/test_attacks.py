@@ -61,6 +61,7 @@ def test_pgd_stays_in_ball_and_box(norm, eps, step):
     assert np.all(ce(x_adv) > ce(xs))
 
 
+@pytest.mark.slow  # long for the default run; CI runs it
 def test_pgd_beats_fgsm_and_eps_zero_is_identity():
     logits_fn = _mlp_logits(2, 16, 8, 3)
     xs = _images(3, 8)

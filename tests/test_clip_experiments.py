@@ -20,6 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import clip_regression_toy as toy  # noqa: E402
 from experiments import clip_table as table  # noqa: E402
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): the CLIP study scripts.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 
 # ------------------------------------------------------------------------------------------------ Lipschitz helper
 def test_pair_ascent_lipschitz_is_not_fooled_by_float32_rounding():

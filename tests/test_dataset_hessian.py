@@ -68,6 +68,7 @@ def test_dataset_hvp_is_the_hessian_of_the_mean_over_examples(x64):
 PROBES, RUNS = 3, 2
 
 
+@pytest.mark.slow  # long for the default run; CI runs it
 def test_dataset_trace_eigenvalues_and_density_match_dense_and_the_single_batch_mode(x64):
     params, xs, ys, per_example = _problem()
     dense = _dense_hessian(lambda p: jnp.mean(per_example(p, (xs, ys))), params)

@@ -354,6 +354,7 @@ def test_cure_matches_reference_formula(x64, mlp_problem):
         lcnn_regs.cure(h=0.0)
 
 
+@pytest.mark.slow  # long for the default run; CI runs it
 def test_training_with_lcnn_penalty_lowers_beta():
     from lcnn_jax.data import load_split
     from lcnn_jax.training import create_train_state, make_train_step

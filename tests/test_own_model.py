@@ -23,6 +23,10 @@ from lcnn_jax.configs import default_config, validate_config
 from lcnn_jax.nn import models as nn_models
 from lcnn_jax.nn import make_model, mode_kwargs, model_keywords, register_model, registered_models, resolve_model
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): a researcher's model through training, measuring and the bounds.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

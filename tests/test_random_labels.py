@@ -16,6 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import random_labels as rl  # noqa: E402
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): the study script end to end.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 
 def pair_count_tau(x, y):
     """Kendall tau-a from all pairs; equals tau-b when there are no ties."""

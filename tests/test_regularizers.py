@@ -152,10 +152,13 @@ def test_jacreg_equals_dense_frobenius(x64, mode, image_shape):
     np.testing.assert_allclose(value, 2.0 * expected, rtol=1e-10)
 
 
-def test_jacreg_param_gradient_matches_dense(x64):
+@pytest.mark.parametrize("vjp_batch", ["auto", 3, 4])  # K = 4: auto (1 on the CPU), groups 3 + 1, all in one
+def test_jacreg_param_gradient_matches_dense(x64, vjp_batch):
     params, batch = setup()
-    reg = jacreg(1.0)
+    reg = jacreg(1.0, mode="reverse", vjp_batch=vjp_batch)
     state = reg.init(jax.random.PRNGKey(0), params, batch)
+    value = reg.loss(params, state, batch, jax.random.PRNGKey(0), mlp_apply)[0]
+    np.testing.assert_allclose(value, frobenius_oracle(params, batch), rtol=1e-10)
     g_lib = jax.jit(jax.grad(lambda p: reg.loss(p, state, batch, jax.random.PRNGKey(0), mlp_apply)[0]))(params)
     g_ref = jax.jit(jax.grad(lambda p: frobenius_oracle(p, batch)))(params)
     for name in params:
@@ -165,6 +168,9 @@ def test_jacreg_param_gradient_matches_dense(x64):
 def test_jacreg_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         jacreg(1.0, mode="sideways")
+    for bad in (0, -1, 2.5, "all", True):
+        with pytest.raises(ValueError, match="vjp_batch"):
+            jacreg(1.0, vjp_batch=bad)
 
 
 # ---------------------------------------------------------------------------------------------- SpectReg
@@ -486,6 +492,7 @@ def test_target_reading_parameter_gradient_matches_finite_differences(x64):
     np.testing.assert_allclose(analytic, fd, rtol=1e-6)
 
 
+@pytest.mark.slow  # long for the default run; CI runs it
 def test_target_reading_lowers_the_jacobian_norm_of_a_trained_mlp():
     """Behaviour: 200 full-batch SGD steps of an MLP 784-64-10 on 128 mnist5k images, with and without reading B
     (same initialisation, same steps): the mean exact logit-Jacobian Frobenius norm on those images falls."""

@@ -27,6 +27,10 @@ from lcnn_jax import cli, compare, report, training
 from lcnn_jax.configs import apply_overrides, default_config, load_config, validate_config
 from lcnn_jax.data import DatasetError
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): every test trains and damages a run directory.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "experiments", "configs", "quickstart.py")
 

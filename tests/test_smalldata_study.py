@@ -20,6 +20,10 @@ from experiments import smalldata_study as study  # noqa: E402
 from lcnn_jax import data as data_lib  # noqa: E402
 from lcnn_jax.nn import make_model  # noqa: E402
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): the study script end to end.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 
 # ------------------------------------------------------------------------------------------------ selection
 def test_selection_follows_validation_not_test():

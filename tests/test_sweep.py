@@ -19,6 +19,10 @@ from lcnn_jax import sweep, training
 from lcnn_jax.configs import ConfigError, apply_overrides, default_config
 from lcnn_jax.regularizers.base import Regularizer
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): sweeps train whole (small) runs.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COEFFS = (0.0, 0.05)
 SEEDS = (0, 1)

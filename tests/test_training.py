@@ -15,6 +15,10 @@ from lcnn_jax import training
 from lcnn_jax.configs import apply_overrides, default_config
 from lcnn_jax.regularizers.base import Regularizer
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): every test trains or runs the CLI end to end.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
