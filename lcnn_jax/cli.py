@@ -12,6 +12,13 @@ Tables are printed at most 120 characters wide; every column is in the files wri
 Exit codes: 0 success; 2 bad usage, config, dataset or run directory (one-paragraph message, no traceback, nothing
 written); 3 training diverged; 4 no space left on the device (the last complete checkpoint is kept); 130
 interrupted by Ctrl-C. After 3, 4 or 130, rerunning the same command resumes from the last checkpoint.
+
+Compiled programs are kept between runs in JAX's persistent compilation cache, by default in
+``$XDG_CACHE_HOME/lcnn_jax/xla`` (``~/.cache/lcnn_jax/xla``): a second ``measure`` of a network of the same
+architecture, or a resumed ``train``, loads its programs instead of compiling them (the library passes weights and
+data as arguments, so the programs do not depend on them). ``LCNN_JAX_COMPILATION_CACHE=DIR`` chooses another
+directory, ``LCNN_JAX_COMPILATION_CACHE=0`` turns it off; a cache the user configured for JAX itself
+(``JAX_COMPILATION_CACHE_DIR``) is left as it is.
 """
 from __future__ import annotations
 
@@ -146,10 +153,50 @@ def _measure(args, overrides) -> None:
           + (f" ... ({len(results)} files)" if len(results) > 3 else ""))
 
 
+#: Values of LCNN_JAX_COMPILATION_CACHE that turn the CLI's persistent compilation cache off.
+CACHE_OFF = ("0", "off", "false", "no", "none")
+
+
+def compilation_cache_dir() -> str | None:
+    """The directory of the CLI's persistent compilation cache, or None when there is none to set: turned off by
+    ``LCNN_JAX_COMPILATION_CACHE=0`` (or off / false / no / none), or left to JAX because the user set
+    ``JAX_COMPILATION_CACHE_DIR``. ``LCNN_JAX_COMPILATION_CACHE=DIR`` names the directory; the default is
+    ``$XDG_CACHE_HOME/lcnn_jax/xla``, else ``~/.cache/lcnn_jax/xla``."""
+    env = os.environ.get("LCNN_JAX_COMPILATION_CACHE")
+    if env is not None and env.strip().lower() in CACHE_OFF + ("",):
+        return None
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lcnn_jax", "xla")
+
+
+def enable_compilation_cache() -> str | None:
+    """Point JAX's persistent compilation cache at :func:`compilation_cache_dir` (before anything compiles) and
+    return the directory; None (and nothing changed) when it is off, JAX already has a cache directory, or the
+    directory cannot be created (then the run simply compiles, with a warning)."""
+    import jax
+
+    path = compilation_cache_dir()
+    if path is None or jax.config.jax_compilation_cache_dir:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        print(f"lcnn-jax: warning: no compilation cache ({path}: {e.strerror}); set LCNN_JAX_COMPILATION_CACHE=DIR "
+              f"or LCNN_JAX_COMPILATION_CACHE=0.", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    enable_compilation_cache()
 
     try:
         return _run(args, overrides)

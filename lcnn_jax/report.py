@@ -49,10 +49,14 @@ def measure_defaults() -> ml_collections.ConfigDict:
         test_data_dir=ml_collections.FieldReference(None, field_type=str),  # ...e.g. mnist + an IDX folder
         curvature_iters=10,  # LCNN protocol
         stability_noise=0.01,  # std of the Gaussian noise for gradient stability
-        lipschitz_iters=20,
+        lipschitz_iters=20,  # power iterations on J^T J (the cap when lipschitz_tol is set)
+        # stop each example once ||A u - lam u|| <= tol * lam (A = J^T J); None: exactly lipschitz_iters
+        lipschitz_tol=ml_collections.FieldReference(None, field_type=float),
         hessian_examples=256,  # training examples in the loss whose parameter Hessian is measured
-        hessian_probes=10,  # Hutchinson probes
-        hessian_lanczos_iters=20,
+        hessian_probes=10,  # Hutchinson probes (the cap when hessian_tol is set)
+        hessian_lanczos_iters=20,  # Lanczos steps (the cap when hessian_tol is set)
+        # relative tolerance of both parameter-Hessian items: the trace's standard error, the eigenvalue's residual
+        hessian_tol=ml_collections.FieldReference(None, field_type=float),
         pgd_linf_eps=(0.1,),  # attack radii, L-inf and L2, of every attack in robust_attacks
         pgd_l2_eps=(1.0, 2.0),
         # "apgd": per-example worst case of APGD with each loss of apgd_losses (Croce & Hein 2020, the core of
@@ -86,6 +90,7 @@ _POSITIVE_INTS = {"num_examples": 256, "batch_size": 128, "curvature_iters": 10,
                   "hessian_examples": 256, "hessian_probes": 10, "hessian_lanczos_iters": 20, "pgd_steps": 20,
                   "apgd_steps": 100, "apgd_restarts": 1}
 _POSITIVE_NUMBERS = {"stability_noise": 0.01, "pgd_step_factor": 2.5}
+_TOLERANCES = {"lipschitz_tol": 1e-3, "hessian_tol": 0.01}  # positive numbers or None
 _RADII = {"pgd_linf_eps": "(0.03, 0.1)", "pgd_l2_eps": "(1.0, 2.0)", "noise_std": "(0.5, 1.0)",
           "certified_l2_eps": "(0.01, 0.1)"}
 ROBUST_ATTACKS = ("apgd", "pgd")
@@ -103,6 +108,9 @@ def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
     for key, example in _POSITIVE_NUMBERS.items():
         if key in cfg and not _positive_number(cfg[key]):
             problems.append(f"{prefix}.{key}={cfg[key]!r} must be a positive finite number (e.g. {example}).")
+    for key, example in _TOLERANCES.items():
+        if cfg.get(key) is not None and not _positive_number(cfg[key]):
+            problems.append(f"{prefix}.{key}={cfg[key]!r} must be a positive finite number (e.g. {example}) or None.")
     for key, example in _RADII.items():
         if key not in cfg:
             continue
@@ -181,20 +189,34 @@ def model_functions(model, variables) -> tuple[Callable, Callable, Callable]:
 
 
 def per_example_fn(model, cfg) -> Callable:
-    """The jitted ``run(variables, xs, ys, key) -> {item: (B,)}`` of the per-example items (compile once, apply
-    to every chunk of every split)."""
+    """The jitted ``run(variables, xs, ys, key) -> {item: (B,)}`` of the per-example items. The variables and the
+    data are arguments, so it compiles once and every chunk, split and network of the same architecture reuses it
+    (one program per model and settings in a process)."""
+    tol = cfg.get("lipschitz_tol")
+    return _per_example_program(model, int(cfg.curvature_iters), float(cfg.stability_noise),
+                                int(cfg.lipschitz_iters), None if tol is None else float(tol))
 
+
+@functools.lru_cache(maxsize=None)
+def _per_example_program(model, curvature_iters: int, stability_noise: float, lipschitz_iters: int,
+                         lipschitz_tol: float | None) -> Callable:
     @jax.jit
     def run(variables, xs, ys, key):
         f, loss_fn, _ = model_functions(model, variables)
         k1, k2, k3 = jax.random.split(key, 3)
-        curv = input_curvature(loss_fn, xs, ys, key=k1, num_iters=int(cfg.curvature_iters))
+        curv = input_curvature(loss_fn, xs, ys, key=k1, num_iters=curvature_iters)
+        lip = local_lipschitz(f, xs, key=k3, num_iters=lipschitz_iters, tol=lipschitz_tol, return_info=True)
         return {"jacobian_frobenius": jacobian_frobenius(f, xs),
                 "curvature": curv["curvature"], "hessian_norm": curv["hessian_norm"], "grad_norm": curv["grad_norm"],
-                "gradient_stability": gradient_stability(loss_fn, xs, ys, key=k2, noise_std=float(cfg.stability_noise)),
-                "local_lipschitz": local_lipschitz(f, xs, key=k3, num_iters=int(cfg.lipschitz_iters))}
+                "gradient_stability": gradient_stability(loss_fn, xs, ys, key=k2, noise_std=stability_noise),
+                "local_lipschitz": lip.value, "local_lipschitz_residual": lip.relative_residual}
 
     return run
+
+
+#: The relative residual below which ``local_lipschitz`` counts an example as converged in the report when
+#: ``measure.lipschitz_tol`` is None (a fixed iteration count).
+LIPSCHITZ_REPORT_TOL = 1e-3
 
 
 def per_example_measures(model, variables, xs, ys, cfg, key, batch_size, run=None) -> dict:
@@ -203,6 +225,13 @@ def per_example_measures(model, variables, xs, ys, cfg, key, batch_size, run=Non
     run = per_example_fn(model, cfg) if run is None else run
     vals = map_chunks(functools.partial(run, variables), xs, ys, key=key, chunk_size=batch_size)
     out = {k: _stats(vals[k]) for k in PER_EXAMPLE_ITEMS}
+    # How converged the power iteration is: the share of examples whose relative residual ||A u - lam u|| / lam
+    # (A = J^T J) is within the tolerance, and the largest residual.
+    if "local_lipschitz_residual" in vals:
+        res = np.asarray(vals["local_lipschitz_residual"], np.float64)
+        tol = cfg.get("lipschitz_tol") or LIPSCHITZ_REPORT_TOL
+        out["local_lipschitz"]["converged_fraction"] = float(np.mean(res <= tol)) if res.size else 1.0
+        out["local_lipschitz"]["max_relative_residual"] = float(res.max()) if res.size else 0.0
     # Share of examples where the output does not depend on the input at all (see dead_network_mark).
     jac = np.asarray(vals["jacobian_frobenius"], np.float64)
     out["jacobian_frobenius"]["zero_fraction"] = float(np.mean(jac < DEAD_JACOBIAN)) if jac.size else 0.0
@@ -232,18 +261,85 @@ def attack_suite(cfg) -> dict:
 
 def robustness(model, variables, xs, ys, cfg, key, batch_size) -> dict:
     """Clean accuracy, robust accuracy at each radius under the attacks of :func:`attack_suite` (APGD worst case
-    and/or PGD), and Gaussian-noise accuracy."""
-    _, _, logits_fn = model_functions(model, variables)
-    out = {"accuracy": attacks.accuracy(logits_fn, xs, ys, batch_size=batch_size)}
-    for i, (column, suite) in enumerate(attack_suite(cfg).items()):
-        res = attacks.robust_accuracy_worst_case(logits_fn, xs, ys, attacks=suite, key=jax.random.fold_in(key, i),
-                                                 batch_size=batch_size)
-        out[column] = res.accuracy
+    and/or PGD), and Gaussian-noise accuracy.
+
+    Each kind of attack (APGD worst case or PGD, per norm) is ONE jitted program whose arguments are the variables,
+    the chunk, the key and the radius, so it compiles once for every radius, split and network of the same
+    architecture. Keys: column ``i`` (in :func:`attack_suite` order), chunk ``c``, attack ``j`` of the column get
+    ``fold_in(fold_in(fold_in(key, i), c), j)``, as :func:`lcnn_jax.attacks.robust_accuracy_worst_case`; noise
+    std ``i`` uses ``fold_in(fold_in(key, 1000 + i), c)``."""
+    def mean_hits(program, k, *extra):
+        hits = map_chunks(lambda x, y, kc: program(variables, x, y, kc, *extra), xs, ys, key=k,
+                          chunk_size=batch_size)
+        return float(np.mean(hits))
+
+    out = {"accuracy": mean_hits(_clean_program(model), key)}
+    for i, (column, program, eps) in enumerate(_attack_columns(model, cfg)):
+        out[column] = mean_hits(program, jax.random.fold_in(key, i), np.float32(eps))
     for i, std in enumerate(cfg.noise_std):
-        noise = lambda f, x, y, key, s=float(std): attacks.gaussian_noise(x, key=key, std=s)  # noqa: E731
-        out[f"noise_{std:g}"] = attacks.robust_accuracy(logits_fn, xs, ys, attack=noise,
-                                                        key=jax.random.fold_in(key, 1000 + i), batch_size=batch_size)
+        out[f"noise_{std:g}"] = mean_hits(_noise_program(model), jax.random.fold_in(key, 1000 + i), np.float32(std))
     return {k: {"mean": float(v), "std": 0.0, "n": int(xs.shape[0])} for k, v in out.items()}
+
+
+def _attack_columns(model, cfg) -> list:
+    """``[(column, program, eps)]`` in the order of :func:`attack_suite`."""
+    chosen = tuple(cfg.get("robust_attacks", ("pgd",)))
+    out = []
+    for norm, radii in (("linf", cfg.pgd_linf_eps), ("l2", cfg.pgd_l2_eps)):
+        for eps in radii:
+            eps = float(eps)
+            if "apgd" in chosen:
+                out.append((f"apgd_{norm}_{eps:g}", _robust_program(
+                    model, norm, "apgd", int(cfg.get("apgd_steps", 100)),
+                    losses=tuple(cfg.get("apgd_losses", ("ce", "dlr"))), restarts=int(cfg.get("apgd_restarts", 1))),
+                    eps))
+            if "pgd" in chosen:
+                out.append((f"pgd_{norm}_{eps:g}", _robust_program(
+                    model, norm, "pgd", int(cfg.pgd_steps), step_factor=float(cfg.pgd_step_factor)), eps))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _clean_program(model) -> Callable:
+    @jax.jit
+    def run(variables, x, y, key):
+        del key
+        return jax.numpy.argmax(model_functions(model, variables)[2](x), axis=-1) == y
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _noise_program(model) -> Callable:
+    @jax.jit
+    def run(variables, x, y, key, std):
+        logits_fn = model_functions(model, variables)[2]
+        return jax.numpy.argmax(logits_fn(attacks.gaussian_noise(x, key=key, std=std)), axis=-1) == y
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _robust_program(model, norm: str, kind: str, steps: int, *, losses: tuple = (), restarts: int = 1,
+                    step_factor: float = 2.5) -> Callable:
+    """``run(variables, x, y, key, eps) -> (B,) bool``: correct on the clean input AND under every attack of the
+    column (APGD with each loss, or PGD), the radius ``eps`` an argument."""
+
+    @jax.jit
+    def run(variables, x, y, key, eps):
+        logits_fn = model_functions(model, variables)[2]
+        hit = jax.numpy.argmax(logits_fn(x), axis=-1) == y
+        if kind == "apgd":
+            advs = [attacks.apgd(logits_fn, x, y, norm=norm, eps=eps, num_steps=steps, loss=loss, restarts=restarts,
+                                 key=jax.random.fold_in(key, j)) for j, loss in enumerate(losses)]
+        else:
+            advs = [attacks.pgd(logits_fn, x, y, norm=norm, eps=eps, step_size=step_factor * eps / steps,
+                                num_steps=steps, key=jax.random.fold_in(key, 0))]
+        for xa in advs:
+            hit = hit & (jax.numpy.argmax(logits_fn(xa), axis=-1) == y)
+        return hit
+
+    return run
 
 
 def model_bound(model, variables, input_shape):
@@ -270,8 +366,11 @@ def certified_robustness(model, variables, xs, ys, cfg, bound, batch_size) -> di
     radii = tuple(cfg.get("certified_l2_eps", ()))
     if bound is None or not radii:
         return {}
-    _, _, logits_fn = model_functions(model, variables)
-    cert = certified.certify(logits_fn, xs, ys, bound, batch_size=batch_size)
+    use_curv = certified.curvature_certificate_is_sound(bound)
+    program = _margins_program(model, use_curv)
+    terms = map_chunks(lambda x, y, k: program(variables, x, y), xs, ys, key=jax.random.PRNGKey(0),
+                       chunk_size=batch_size)
+    cert = certified.certified_radii(terms["logits"], ys, bound, terms.get("grad_norms"))
     n = int(xs.shape[0])
     out = {f"certified_l2_{float(e):g}": {"mean": cert.accuracy(float(e)), "std": 0.0, "n": n} for e in radii}
     out["certified_radius"] = _stats(cert.radius)
@@ -279,25 +378,56 @@ def certified_robustness(model, variables, xs, ys, cfg, bound, batch_size) -> di
     return out
 
 
-def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
-    """Hutchinson trace and Lanczos top eigenvalue of the parameter Hessian of the mean CE over ``xs``."""
-    from lcnn_jax.nn import mode_kwargs
+@functools.lru_cache(maxsize=None)
+def _margins_program(model, gradients: bool) -> Callable:
+    """``run(variables, x, y)``: :func:`lcnn_jax.measures.certified.margin_terms` of the model, compiled once."""
+    from lcnn_jax.measures.certified import margin_terms
 
+    @jax.jit
+    def run(variables, x, y):
+        return margin_terms(model_functions(model, variables)[2], x, y, gradients=gradients)
+
+    return run
+
+
+def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
+    """Hutchinson trace and Lanczos top eigenvalue of the parameter Hessian of the mean CE over ``xs``, from one
+    program whose arguments are the parameters, the other variables and the data (compiled once per model and
+    settings). With ``measure.hessian_tol`` both stop on that relative tolerance (trace: its standard error; top
+    eigenvalue: its Lanczos residual), ``hessian_probes`` / ``hessian_lanczos_iters`` being the caps. Each item says
+    how converged it is: ``n`` (probes or steps run), ``converged`` (None without a tolerance) and, for the
+    eigenvalue, ``relative_residual`` (``||H y - lam y|| / |lam|``)."""
+    tol = cfg.get("hessian_tol")
+    program = _parameter_hessian_program(model, int(cfg.hessian_probes), int(cfg.hessian_lanczos_iters),
+                                         None if tol is None else float(tol))
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
+    trace, top = jax.device_get(program(params, rest, xs, ys, key))
+    lam, res = float(top.eigenvalues[0]), float(top.residuals[0])
+    conv = lambda c: None if c is None else bool(c)  # noqa: E731
+    return {"hessian_trace": {"mean": float(trace.estimate), "std": float(trace.standard_error),
+                              "n": int(trace.num_probes), "converged": conv(trace.converged)},
+            "hessian_top_eigenvalue": {"mean": lam, "std": 0.0, "n": int(top.num_iters), "converged": conv(top.converged),
+                                       "relative_residual": res / abs(lam) if lam else float("inf")}}
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_hessian_program(model, probes: int, lanczos_iters: int, tol: float | None) -> Callable:
+    from lcnn_jax.nn import mode_kwargs
+
     eval_kw = mode_kwargs(model, train=False)
 
-    def loss(p):
-        logits = model.apply({"params": p, **rest}, xs, **eval_kw)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+    @jax.jit
+    def run(params, rest, xs, ys, key):
+        def loss(p):
+            logits = model.apply({"params": p, **rest}, xs, **eval_kw)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
 
-    k1, k2 = jax.random.split(key)
-    trace, se = jax.jit(lambda p, k: hessian_trace(loss, p, key=k, num_probes=int(cfg.hessian_probes)))(params, k1)
-    top = jax.jit(lambda p, k: hessian_top_eigenvalues(loss, p, key=k, k=1,
-                                                       num_iters=int(cfg.hessian_lanczos_iters)))(params, k2)
-    return {"hessian_trace": {"mean": float(trace), "std": float(se), "n": int(cfg.hessian_probes)},
-            "hessian_top_eigenvalue": {"mean": float(top.eigenvalues[0]), "std": 0.0,
-                                       "n": int(cfg.hessian_lanczos_iters)}}
+        k1, k2 = jax.random.split(key)
+        return (hessian_trace(loss, params, key=k1, num_probes=probes, tol=tol),
+                hessian_top_eigenvalues(loss, params, key=k2, k=1, num_iters=lanczos_iters, tol=tol))
+
+    return run
 
 
 def measure_state(model, variables, splits: Mapping[str, tuple], cfg, *, key, train_for_hessian=None) -> dict:

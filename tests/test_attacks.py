@@ -116,6 +116,63 @@ def test_accuracy_and_robust_accuracy_uneven_chunks_match_numpy():
     assert attacks.robust_accuracy(logits_fn, xs, ys, attack=attack, batch_size=4) == pytest.approx(adv_expected)
 
 
+def test_params_argument_gives_the_closure_results_and_one_compilation():
+    # logits_fn(params, xs) with params an argument of the program = the closed-over form, for both drivers
+    rng = np.random.default_rng(11)
+    params = {"w1": jnp.asarray(rng.standard_normal((16, 8)) / 4, jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)}
+
+    def apply(p, xs):
+        return jnp.tanh(xs.reshape(xs.shape[0], -1) @ p["w1"]) @ p["w2"]
+
+    xs, ys = _images(12, 7), jnp.array([0, 1, 2, 0, 1, 2, 0])
+    closed = functools.partial(apply, params)
+    attack = functools.partial(attacks.pgd, eps=0.2, step_size=0.05, num_steps=4)
+    key = jax.random.key(3)
+    assert attacks.accuracy(apply, xs, ys, batch_size=4, params=params) == attacks.accuracy(closed, xs, ys,
+                                                                                          batch_size=4)
+    assert attacks.robust_accuracy(apply, xs, ys, attack=attack, key=key, batch_size=4, params=params) == \
+        attacks.robust_accuracy(closed, xs, ys, attack=attack, key=key, batch_size=4)
+    with_params = attacks.robust_accuracy_worst_case(apply, xs, ys, attacks={"pgd": attack}, key=key, batch_size=4,
+                                                     params=params)
+    closure = attacks.robust_accuracy_worst_case(closed, xs, ys, attacks={"pgd": attack}, key=key, batch_size=4)
+    assert with_params.accuracy == closure.accuracy and with_params.clean_accuracy == closure.clean_accuracy
+
+
+def test_attack_unroll_rule_and_unrolled_steps_compute_the_same_iterates():
+    assert attacks.attack_unroll(20) == attacks.ATTACK_UNROLL and attacks.attack_unroll(3) == 3
+    assert attacks.attack_unroll(0) == 1 and attacks.attack_unroll(20, unroll=True) is True
+    assert attacks.attack_unroll(20, unroll=1) == 1
+    logits_fn = _mlp_logits(13, 16, 8, 3)
+    xs, ys = _images(14, 6), jnp.arange(6) % 3
+    runs = [attacks.pgd(logits_fn, xs, ys, norm="l2", eps=0.5, step_size=0.1, num_steps=7, key=jax.random.key(4),
+                        unroll=u) for u in (1, None)]
+    runs += [attacks.apgd(logits_fn, xs, ys, norm="linf", eps=0.1, num_steps=7, key=jax.random.key(5), unroll=u)
+             for u in (1, None)]
+    np.testing.assert_allclose(runs[1], runs[0], atol=1e-6)
+    np.testing.assert_allclose(runs[3], runs[2], atol=1e-6)
+
+
+def test_pgd_l2_starts_uniform_in_the_ball_or_at_a_uniform_radius():
+    # identity "model", zero steps: the returned point is the random start. "ball": radius eps U^(1/d), so
+    # P(r <= q eps) = q^d; "radial" (torchattacks): eps U, uniform radius on [0, eps].
+    n, d, eps = 4000, 16, 1.0
+    xs = jnp.full((n, d), 0.5, jnp.float32)
+    ys = jnp.zeros(n, jnp.int32)
+    radii = {}
+    for start in ("ball", "radial"):
+        x0 = attacks.pgd(lambda x: x[:, :2], xs, ys, norm="l2", eps=eps, step_size=0.0, num_steps=0,
+                         key=jax.random.key(6), clip=None, l2_start=start)
+        radii[start] = np.linalg.norm(np.asarray(x0 - xs, np.float64), axis=1)
+        assert radii[start].max() <= eps * (1 + 1e-6)
+    for q in (0.5, 0.8, 0.95):
+        assert abs(np.mean(radii["ball"] <= q * eps) - q ** d) < 0.02
+        assert abs(np.mean(radii["radial"] <= q * eps) - q) < 0.03
+    with pytest.raises(ValueError, match="l2_start"):
+        attacks.pgd(lambda x: x, xs[:2], ys[:2], norm="l2", eps=eps, step_size=0.1, num_steps=1,
+                    key=jax.random.key(0), l2_start="sphere")
+
+
 def test_gaussian_noise_statistics_and_box():
     xs = jnp.full((4, 50, 50), 0.5, jnp.float32)
     noisy = attacks.gaussian_noise(xs, key=jax.random.key(0), std=0.1, clip=None)

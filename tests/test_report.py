@@ -10,6 +10,10 @@ from lcnn_jax.cli import main
 from lcnn_jax.configs import default_config
 from lcnn_jax.data import load_split
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): lcnn-jax measure end to end.
+# CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -70,6 +74,50 @@ def test_measure_report_matches_direct_computation(trained, capsys):
     ps = rep["parameter_space"]
     assert ps["hessian_trace"]["n"] == 4 and np.isfinite(ps["hessian_trace"]["mean"])
     assert ps["hessian_top_eigenvalue"]["mean"] > 0  # CE Hessian near a trained point: positive top eigenvalue
+    # how converged: no tolerance was asked for the parameter-space items; the Lipschitz item reports its residuals
+    assert ps["hessian_trace"]["converged"] is None and ps["hessian_top_eigenvalue"]["n"] == 8
+    assert ps["hessian_top_eigenvalue"]["relative_residual"] >= 0
+    assert 0 <= t["local_lipschitz"]["converged_fraction"] <= 1 and t["local_lipschitz"]["max_relative_residual"] >= 0
+    # the robust columns are those of the library's worst-case driver with the same keys (robustness is task 1)
+    import ml_collections
+
+    from lcnn_jax import attacks, report
+    k_rob = jax.random.fold_in(jax.random.PRNGKey(0), 1)
+    suites = report.attack_suite(ml_collections.ConfigDict(rep["measure_config"]))
+    for i, (column, suite) in enumerate(suites.items()):
+        if column in ("apgd_l2_2", "pgd_linf_0.1"):
+            direct = attacks.robust_accuracy_worst_case(logits_fn, xs, ys, attacks=suite, batch_size=4,
+                                                        key=jax.random.fold_in(k_rob, i))
+            assert t[column]["mean"] == pytest.approx(direct.accuracy), column
+
+
+def test_robustness_compiles_one_program_per_attack_kind_whatever_the_radii_and_splits():
+    # the radius is an argument of the program, the variables too: two splits x three radii x two noise levels
+    # reuse one compiled program per kind, and the values are those of the library's drivers with the same keys
+    import functools
+
+    from lcnn_jax import attacks, report
+    from lcnn_jax.nn import make_model
+
+    model = make_model("mlp", 10, widths=(8,))
+    xs = np.random.default_rng(0).uniform(size=(6, 4, 4, 1)).astype(np.float32)
+    ys = np.arange(6) % 10
+    variables = model.init(jax.random.PRNGKey(0), xs[:1])
+    cfg = report.measure_defaults()
+    cfg.update(dict(robust_attacks=("pgd",), pgd_steps=2, pgd_linf_eps=(), pgd_l2_eps=(0.5, 1.0, 2.0),
+                    noise_std=(0.5, 1.0)))
+    key = jax.random.PRNGKey(3)
+    out = [report.robustness(model, variables, x, y, cfg, key, 4) for x, y in ((xs, ys), (xs[::-1], ys[::-1]))]
+    assert report._robust_program(model, "l2", "pgd", 2, step_factor=2.5)._cache_size() == 1
+    assert report._noise_program(model)._cache_size() == 1 and report._clean_program(model)._cache_size() == 1
+    logits_fn = lambda x: model.apply(variables, x)  # noqa: E731
+    column = "pgd_l2_1"
+    i = list(report.attack_suite(cfg)).index(column)
+    attack = functools.partial(attacks.pgd, norm="l2", eps=1.0, step_size=2.5 * 1.0 / 2, num_steps=2)
+    direct = attacks.robust_accuracy_worst_case(logits_fn, xs, ys, attacks={"pgd": attack}, batch_size=4,
+                                                key=jax.random.fold_in(key, i))
+    assert out[0][column]["mean"] == pytest.approx(direct.accuracy)
+    assert out[0]["accuracy"]["mean"] == pytest.approx(direct.clean_accuracy)
 
 
 def test_measure_missing_run_and_bad_override_exit_2(tmp_path, trained, capsys):
@@ -78,3 +126,31 @@ def test_measure_missing_run_and_bad_override_exit_2(tmp_path, trained, capsys):
     assert main(["measure", "--workdir", trained, "--config.measure.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
     assert main(["measure", "--workdir", trained, "--config.train.batch_size=3"]) == 2
+
+
+def test_cli_compilation_cache_directory_and_opt_out(tmp_path, monkeypatch):
+    import os
+
+    from lcnn_jax import cli
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("LCNN_JAX_COMPILATION_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.compilation_cache_dir() == str(tmp_path / "lcnn_jax" / "xla")  # the default
+    for off in ("0", "off", "False", "none"):
+        monkeypatch.setenv("LCNN_JAX_COMPILATION_CACHE", off)
+        assert cli.compilation_cache_dir() is None
+    monkeypatch.delenv("LCNN_JAX_COMPILATION_CACHE")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "users"))
+    assert cli.compilation_cache_dir() is None  # the user's own JAX cache is left to JAX
+    monkeypatch.setenv("LCNN_JAX_COMPILATION_CACHE", str(tmp_path / "chosen"))
+    assert cli.compilation_cache_dir() == str(tmp_path / "chosen")
+    prev = jax.config.jax_compilation_cache_dir
+    assert prev is None  # tests run without a cache (conftest)
+    try:
+        assert cli.enable_compilation_cache() == str(tmp_path / "chosen")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "chosen")
+        assert os.path.isdir(tmp_path / "chosen")
+        assert cli.enable_compilation_cache() is None  # already configured: left as it is
+    finally:
+        jax.config.update("jax_compilation_cache_dir", prev)
