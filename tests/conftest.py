@@ -27,6 +27,13 @@ def x64():
 # that need speed at run time re-enable optimisation locally). LCNN_TEST_OPTIMIZE=1 restores the default.
 if os.environ.get("LCNN_TEST_OPTIMIZE") != "1":
     jax.config.update("jax_disable_most_optimizations", True)
+    # For the same reason the library's automatic unrolling of short loops (a run-time speed-up on XLA:CPU that
+    # multiplies the size of the compiled program) is off: the estimators' and the attacks' loops stay rolled.
+    # Unrolling changes how a loop is compiled, not what it computes; tests about unrolling pass ``unroll=`` or
+    # restore MAX_AUTO_UNROLL themselves.
+    from lcnn_jax import estimators as _estimators
+
+    _estimators.MAX_AUTO_UNROLL = 0
 
 # The longest tests start first, so that the two workers finish together instead of one idling at the end.
 _LONGEST_FIRST = ("test_sharpness.py::test_traces_match_dense_hessian", "test_certified.py::test_certificates",

@@ -139,14 +139,17 @@ def test_params_argument_gives_the_closure_results_and_one_compilation():
     assert with_params.accuracy == closure.accuracy and with_params.clean_accuracy == closure.clean_accuracy
 
 
-def test_attack_unroll_rule_and_unrolled_steps_compute_the_same_iterates():
-    assert attacks.attack_unroll(20) == attacks.ATTACK_UNROLL and attacks.attack_unroll(3) == 3
-    assert attacks.attack_unroll(0) == 1 and attacks.attack_unroll(20, unroll=True) is True
-    assert attacks.attack_unroll(20, unroll=1) == 1
+def test_attack_unroll_rule_and_unrolled_steps_compute_the_same_iterates(monkeypatch):
+    from lcnn_jax import estimators
+
+    monkeypatch.setattr(estimators, "MAX_AUTO_UNROLL", 20)  # the library's value (conftest sets 0 for the suite)
+    assert attacks.attack_unroll(20) is True and attacks.attack_unroll(3) is True
+    assert attacks.attack_unroll(21) == 1 and attacks.attack_unroll(100, unroll=True) is True
+    assert attacks.attack_unroll(20, unroll=1) == 1 and attacks.attack_unroll(20, unroll=False) == 1
     logits_fn = _mlp_logits(13, 16, 8, 3)
     xs, ys = _images(14, 6), jnp.arange(6) % 3
     runs = [attacks.pgd(logits_fn, xs, ys, norm="l2", eps=0.5, step_size=0.1, num_steps=7, key=jax.random.key(4),
-                        unroll=u) for u in (1, None)]
+                        unroll=u) for u in (1, None)]  # rolled vs the default (fully unrolled, 7 <= 20)
     runs += [attacks.apgd(logits_fn, xs, ys, norm="linf", eps=0.1, num_steps=7, key=jax.random.key(5), unroll=u)
              for u in (1, None)]
     np.testing.assert_allclose(runs[1], runs[0], atol=1e-6)

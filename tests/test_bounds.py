@@ -255,6 +255,7 @@ def tiny_lcnn_resnet():
     return model, random_variables(model, (7, 7, 1), 1)
 
 
+@pytest.mark.slow  # long for the default run; CI runs it
 @pytest.mark.parametrize("which", ["small_cnn", "resnet"])
 def test_bound_of_library_lcnn_models(x64, digits, which, tiny_lcnn_resnet):
     if which == "small_cnn":

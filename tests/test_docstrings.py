@@ -30,6 +30,10 @@ import pytest
 
 import lcnn_jax
 
+# Out of the default run (it must stay under 3 minutes on 2 cores): every docstring example compiles its own
+# programs. CI runs it with -m slow.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SLOW = {

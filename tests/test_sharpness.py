@@ -158,6 +158,7 @@ def test_traces_match_dense_hessian(x64, case):
     assert list(traces) == list(params)
 
 
+@pytest.mark.slow  # long for the default run; CI runs it
 def test_smooth_activation_gives_gauss_newton_diagonal(x64):
     """With tanh the result is the Gauss-Newton diagonal, which differs from the Hessian diagonal."""
     logits_fn = make_mlp_logits(jnp.tanh)
