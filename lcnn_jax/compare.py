@@ -4,8 +4,8 @@ For each method of ``config.compare.methods`` (a name of ``config.compare.method
 the base config, see :func:`method_config`) the seeds ``config.compare.seeds`` are trained as ONE vmapped program
 (:func:`lcnn_jax.sweep.fit_sweep`), then every (method, seed) *cell* is measured with the report suite
 (:func:`lcnn_jax.report.measure_state`: accuracy, Jacobian Frobenius norm, input curvature, gradient stability,
-local Lipschitz, PGD-Linf/L2 and Gaussian-noise accuracy, parameter-Hessian trace and top eigenvalue) plus
-minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`) where it is defined.
+local Lipschitz, APGD and/or PGD robust accuracy, certified accuracy, Gaussian-noise accuracy, parameter-Hessian
+trace and top eigenvalue) plus minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`) where it is defined.
 
 Files in ``workdir``:
 
@@ -255,8 +255,9 @@ def train_method(method_cfg, run_dir: str, seeds: Sequence[int], *, data_order: 
 class Measurer:
     """The measurement suite of one model, compiled once and applied to every seed's variables.
 
-    :func:`lcnn_jax.report.measure_state` jits closures over the weights, so it recompiles for every network;
-    here every compiled function takes the variables as an argument instead (same formulas and settings):
+    Every compiled function takes the variables as an argument (as the report's programs do), so the seeds and
+    the methods that train the same architecture share the programs (same formulas and settings as
+    :func:`lcnn_jax.report.measure_state`):
 
     * per-example input-space items: :func:`lcnn_jax.report.per_example_fn` / ``per_example_measures``;
     * clean accuracy, robust accuracy under :func:`lcnn_jax.report.attack_suite` (per radius, the per-example
@@ -268,7 +269,7 @@ class Measurer:
       (:func:`lcnn_jax.report.model_bound`, on the host per cell) and one jitted margin program (logits, and the
       margins' gradient norms for the curvature certificate where it is sound);
     * Hutchinson trace and Lanczos top eigenvalue of the parameter Hessian of the mean CE
-      (:func:`lcnn_jax.measures.hessian_trace`, :func:`~lcnn_jax.measures.hessian_top_eigenvalues`);
+      (:func:`lcnn_jax.report.parameter_hessian`: one program per model and settings);
     * minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`, biases included) when ``sharpness``.
     """
 
@@ -276,10 +277,8 @@ class Measurer:
         import functools
 
         import jax
-        import optax
 
         from lcnn_jax import attacks, report
-        from lcnn_jax.measures import hessian_top_eigenvalues, hessian_trace
         from lcnn_jax.nn import mode_kwargs
 
         self.model, self.mcfg, self.sharpness, self.chunk = model, mcfg, bool(sharpness), int(sharpness_chunk)
@@ -316,18 +315,7 @@ class Measurer:
 
         self.margins = margins
 
-        @jax.jit
-        def param_hessian(params, rest, xs, ys, key):
-            def loss(p):
-                logits = model.apply({"params": p, **rest}, xs, **eval_kw)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
-
-            k1, k2 = jax.random.split(key)
-            trace, se = hessian_trace(loss, params, key=k1, num_probes=int(mcfg.hessian_probes))
-            top = hessian_top_eigenvalues(loss, params, key=k2, k=1, num_iters=int(mcfg.hessian_lanczos_iters))
-            return trace, top.eigenvalues[0]
-
-        self.correct, self.param_hessian = correct, param_hessian
+        self.correct = correct
         self._logits_fn = None
 
     def robustness(self, variables, xs, ys, key) -> dict:
@@ -393,9 +381,8 @@ class Measurer:
         out = {n: st["mean"] for n, st in per_example.items()}
         out.update(self.robustness(variables, *test, k_rob))
         out.update(self.certified(variables, *test))
-        rest = {k: v for k, v in variables.items() if k != "params"}
-        trace, top = self.param_hessian(variables["params"], rest, *train, k_hess)
-        out["hessian_trace"], out["hessian_top_eigenvalue"] = float(trace), float(top)
+        out.update({k: st["mean"] for k, st in report.parameter_hessian(self.model, variables, *train, self.mcfg,
+                                                                         k_hess).items()})
         out["minimum_sharpness"] = self.minimum_sharpness(variables, train[0]) if self.sharpness else math.nan
         return {k: float(v) for k, v in out.items()}
 
