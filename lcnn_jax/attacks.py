@@ -96,7 +96,7 @@ def attack_unroll(num_steps: int, unroll: int | bool | None = None) -> int | boo
     loop beyond. Measured on XLA:CPU (PGD-Linf, 20 steps, small CNN at width 0.5, 512 images, weights as arguments):
     rolled 16.1 s, 5 steps per iteration 16.3 s, fully unrolled 5.0 s, for 1.4 / 1.6 / 3.2 s of compilation; a
     partial unroll does not help, so long attacks (APGD's 100 steps) stay rolled to keep compilation bounded."""
-    full = auto_unroll(int(num_steps), None if unroll is None else unroll)
+    full = auto_unroll(int(num_steps), unroll)
     return 1 if full is False else full
 
 

@@ -266,16 +266,14 @@ class Measurer:
       Gaussian-noise accuracy: one jitted program for all attacks (:mod:`lcnn_jax.attacks`), in padded chunks
       of ``batch_size``; attack ``i`` of chunk ``c`` uses ``fold_in(fold_in(key, c), i)``;
     * certified accuracy at ``certified_l2_eps`` and the mean certified radius: the model's certified bounds
-      (:func:`lcnn_jax.report.model_bound`, on the host per cell) and one jitted margin program (logits, and the
-      margins' gradient norms for the curvature certificate where it is sound);
+      (:func:`lcnn_jax.report.model_bound`, on the host per cell) through
+      :func:`lcnn_jax.report.certified_robustness` (one margin program per model);
     * Hutchinson trace and Lanczos top eigenvalue of the parameter Hessian of the mean CE
       (:func:`lcnn_jax.report.parameter_hessian`: one program per model and settings);
     * minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`, biases included) when ``sharpness``.
     """
 
     def __init__(self, model, mcfg, *, sharpness: bool, sharpness_chunk: int = 32):
-        import functools
-
         import jax
 
         from lcnn_jax import attacks, report
@@ -307,14 +305,6 @@ class Measurer:
                 out[name] = hit
             return out
 
-        @functools.partial(jax.jit, static_argnames="gradients")
-        def margins(variables, x, y, gradients):
-            from lcnn_jax.measures.certified import margin_terms
-
-            return margin_terms(lambda xs: model.apply(variables, xs, **eval_kw), x, y, gradients=gradients)
-
-        self.margins = margins
-
         self.correct = correct
         self._logits_fn = None
 
@@ -326,13 +316,10 @@ class Measurer:
         return {name: float(np.mean(hits[name])) for name in self.attack_names}
 
     def certified(self, variables, xs, ys) -> dict:
-        """``certified_l2_<eps>`` and ``certified_radius`` (mean) of one network; NaN when the model has no
-        certified bound (an operation without a rule)."""
-        import jax
-
+        """``certified_l2_<eps>`` and ``certified_radius`` (mean) of one network
+        (:func:`lcnn_jax.report.certified_robustness`); NaN when the model has no certified bound (an operation
+        without a rule)."""
         from lcnn_jax import report
-        from lcnn_jax.batching import map_chunks
-        from lcnn_jax.measures import certified
 
         radii = tuple(self.mcfg.get("certified_l2_eps", ()))
         if not radii:
@@ -340,13 +327,8 @@ class Measurer:
         bound = report.model_bound(self.model, variables, np.shape(xs)[1:])
         if bound is None:
             return {**{f"certified_l2_{float(e):g}": math.nan for e in radii}, "certified_radius": math.nan}
-        use_curv = certified.curvature_certificate_is_sound(bound)
-        terms = map_chunks(lambda x, y, k: self.margins(variables, x, y, gradients=use_curv), xs, ys,
-                           key=jax.random.PRNGKey(0), chunk_size=int(self.mcfg.batch_size))
-        cert = certified.certified_radii(terms["logits"], ys, bound, terms.get("grad_norms"))
-        out = {f"certified_l2_{float(e):g}": cert.accuracy(float(e)) for e in radii}
-        out["certified_radius"] = float(np.mean(cert.radius))
-        return out
+        out = report.certified_robustness(self.model, variables, xs, ys, self.mcfg, bound, int(self.mcfg.batch_size))
+        return {k: float(st["mean"]) for k, st in out.items()}
 
     def minimum_sharpness(self, variables, xs) -> float:
         import jax

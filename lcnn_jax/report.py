@@ -238,24 +238,38 @@ def per_example_measures(model, variables, xs, ys, cfg, key, batch_size, run=Non
     return out
 
 
+def _attack_specs(cfg) -> list:
+    """``[(column, kind, norm, eps, steps, options)]`` of the measure section's robust columns, in report order: for
+    each radius of ``pgd_linf_eps`` then ``pgd_l2_eps``, ``apgd_<norm>_<eps>`` (when ``"apgd"`` is in
+    ``robust_attacks``; options: losses, restarts) then ``pgd_<norm>_<eps>`` (when ``"pgd"`` is; option: the step
+    factor, step = factor eps / steps)."""
+    chosen = tuple(cfg.get("robust_attacks", ("pgd",)))
+    apgd = (int(cfg.get("apgd_steps", 100)), {"losses": tuple(cfg.get("apgd_losses", ("ce", "dlr"))),
+                                              "restarts": int(cfg.get("apgd_restarts", 1))})
+    pgd = (int(cfg.pgd_steps), {"step_factor": float(cfg.pgd_step_factor)})
+    out = []
+    for norm, radii in (("linf", cfg.pgd_linf_eps), ("l2", cfg.pgd_l2_eps)):
+        for eps in radii:
+            eps = float(eps)
+            if "apgd" in chosen:
+                out.append((f"apgd_{norm}_{eps:g}", "apgd", norm, eps, *apgd))
+            if "pgd" in chosen:
+                out.append((f"pgd_{norm}_{eps:g}", "pgd", norm, eps, *pgd))
+    return out
+
+
 def attack_suite(cfg) -> dict:
     """``{column: {attack_name: attack}}`` of the measure section's attacks: ``pgd_<norm>_<eps>`` (one PGD, when
     ``"pgd"`` is in ``robust_attacks``) and ``apgd_<norm>_<eps>`` (APGD with every loss of ``apgd_losses``, when
     ``"apgd"`` is; the column is their per-example worst case), for each radius of ``pgd_linf_eps`` and
     ``pgd_l2_eps``. Every attack takes ``(logits_fn, xs, ys, key=)``."""
-    chosen = tuple(cfg.get("robust_attacks", ("pgd",)))
-    steps, factor = int(cfg.pgd_steps), float(cfg.pgd_step_factor)
     out = {}
-    for norm, radii in (("linf", cfg.pgd_linf_eps), ("l2", cfg.pgd_l2_eps)):
-        for eps in radii:
-            eps = float(eps)
-            if "apgd" in chosen:
-                out[f"apgd_{norm}_{eps:g}"] = attacks.apgd_attacks(
-                    norm, eps, num_steps=int(cfg.get("apgd_steps", 100)),
-                    losses=tuple(cfg.get("apgd_losses", ("ce", "dlr"))), restarts=int(cfg.get("apgd_restarts", 1)))
-            if "pgd" in chosen:
-                out[f"pgd_{norm}_{eps:g}"] = {"pgd": functools.partial(
-                    attacks.pgd, norm=norm, eps=eps, step_size=factor * eps / steps, num_steps=steps)}
+    for column, kind, norm, eps, steps, opts in _attack_specs(cfg):
+        if kind == "apgd":
+            out[column] = attacks.apgd_attacks(norm, eps, num_steps=steps, **opts)
+        else:
+            out[column] = {"pgd": functools.partial(attacks.pgd, norm=norm, eps=eps,
+                                                    step_size=opts["step_factor"] * eps / steps, num_steps=steps)}
     return out
 
 
@@ -282,21 +296,9 @@ def robustness(model, variables, xs, ys, cfg, key, batch_size) -> dict:
 
 
 def _attack_columns(model, cfg) -> list:
-    """``[(column, program, eps)]`` in the order of :func:`attack_suite`."""
-    chosen = tuple(cfg.get("robust_attacks", ("pgd",)))
-    out = []
-    for norm, radii in (("linf", cfg.pgd_linf_eps), ("l2", cfg.pgd_l2_eps)):
-        for eps in radii:
-            eps = float(eps)
-            if "apgd" in chosen:
-                out.append((f"apgd_{norm}_{eps:g}", _robust_program(
-                    model, norm, "apgd", int(cfg.get("apgd_steps", 100)),
-                    losses=tuple(cfg.get("apgd_losses", ("ce", "dlr"))), restarts=int(cfg.get("apgd_restarts", 1))),
-                    eps))
-            if "pgd" in chosen:
-                out.append((f"pgd_{norm}_{eps:g}", _robust_program(
-                    model, norm, "pgd", int(cfg.pgd_steps), step_factor=float(cfg.pgd_step_factor)), eps))
-    return out
+    """``[(column, program, eps)]`` in the order of :func:`attack_suite`: the radius is an argument of the program."""
+    return [(column, _robust_program(model, norm, kind, steps, **opts), eps)
+            for column, kind, norm, eps, steps, opts in _attack_specs(cfg)]
 
 
 @functools.lru_cache(maxsize=None)

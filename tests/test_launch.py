@@ -144,6 +144,13 @@ def _leaves(tree):
     return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
 
 
+def _run_ok(cmd: list) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (the CLI, or the launcher in front of it) to completion and require exit code 0."""
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
 def _max_diff(a, b) -> float:
     la, lb = _leaves(a), _leaves(b)
     assert len(la) == len(lb) and all(x.shape == y.shape for x, y in zip(la, lb))
@@ -175,12 +182,8 @@ def test_two_processes_equal_one_process_and_resume_after_killing_one(tmp_path):
 
     args = TINY + ["--config.train.num_steps=100", "--config.train.checkpoint_every=10"]
     one, two, killed = (str(tmp_path / n) for n in ("one", "two", "killed"))
-    p = subprocess.run(CLI + ["train"] + args + ["--workdir", one], env=ENV, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = subprocess.run(LAUNCH + ["--num_processes", "2", "--"] + CLI + ["train"] + args + ["--workdir", two],
-                       env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _run_ok(CLI + ["train"] + args + ["--workdir", one])
+    _run_ok(LAUNCH + ["--num_processes", "2", "--"] + CLI + ["train"] + args + ["--workdir", two])
     ref, got = training.load_trained(one), training.load_trained(two)
     assert _max_diff(ref[2].params, got[2].params) < 1e-5
     assert int(got[2].step) == 100
@@ -208,9 +211,7 @@ def test_two_processes_equal_one_process_and_resume_after_killing_one(tmp_path):
     assert not any(_alive(pid) for pid in pids)
     stopped_at = training.checkpoint_steps(killed)[-1]
     assert stopped_at < 100
-    p = subprocess.run(LAUNCH + ["--num_processes", "2", "--"] + CLI + ["train"] + args + ["--workdir", killed],
-                       env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _run_ok(LAUNCH + ["--num_processes", "2", "--"] + CLI + ["train"] + args + ["--workdir", killed])
     resumed = training.load_trained(killed)
     assert int(resumed[2].step) == 100
     assert _max_diff(ref[2].params, resumed[2].params) < 1e-5
@@ -226,12 +227,8 @@ def test_four_process_sweep_on_a_members_x_data_mesh_equals_one_process(tmp_path
     args = TINY + ["--config.train.num_steps=30", "--config.train.checkpoint_every=10",
                    "--config.sweep.seeds=(0,1)"]
     one, four = str(tmp_path / "one"), str(tmp_path / "four")
-    p = subprocess.run(CLI + ["sweep"] + args + ["--workdir", one], env=ENV, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = subprocess.run(LAUNCH + ["--num_processes", "4", "--"] + CLI + ["sweep"] + args + ["--workdir", four],
-                       env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _run_ok(CLI + ["sweep"] + args + ["--workdir", one])
+    p = _run_ok(LAUNCH + ["--num_processes", "4", "--"] + CLI + ["sweep"] + args + ["--workdir", four])
     assert "mesh members x data = 2 x 2" in p.stdout
     ref, got = sweep.load_sweep(one)[2], sweep.load_sweep(four)[2]
     assert _max_diff(ref.params, got.params) < 1e-5
