@@ -1,5 +1,5 @@
-"""Throughput of a vectorized sweep (K members in one vmapped, jitted step) against the same K runs one after
-another, measured in one process on the devices present.
+"""Throughput of a sweep (K members in one jitted step, vmapped and unrolled: ``sweep.MEMBER_LOOPS``) against the
+same K runs one after another, measured in one process on the devices present.
 
     python experiments/bench_sweep.py [--seeds 3] [--coeffs 0,0.01] [--regularizer datagrad] [--steps 30]
                                       [--model mlp] [--batch_size 64]
@@ -7,9 +7,10 @@ another, measured in one process on the devices present.
 Both sides train the same K = seeds x coeffs members on mnist5k for ``--steps`` steps each, with per-seed batch
 order (what :func:`lcnn_jax.sweep.fit_sweep` does by default): the sequential side uses the single-run step of
 :func:`lcnn_jax.training.fit` (compiled once and reused for the K runs, which flatters it: K separate ``fit``
-calls would compile K times); the vectorized side uses :func:`lcnn_jax.sweep.jit_sweep_step`. Host batching and
-transfer are inside the timed loops on both sides. Prints compile times, steady-state member-steps/s and their
-ratio, and the end-to-end ratio including compilation.
+calls would compile K times); the one-program side uses :func:`lcnn_jax.sweep.jit_sweep_step` with each member
+loop. Host batching and transfer are inside the timed loops on every side. Prints compile times, steady-state
+member-steps/s and their ratio to the sequential side, the end-to-end ratio including compilation, and which loop
+``member_loop="auto"`` picks here.
 """
 from __future__ import annotations
 
@@ -71,42 +72,47 @@ def main() -> None:
         jax.block_until_ready(met)
         seq_time += time.perf_counter() - t0
 
-    # ---- vectorized: all K members in one vmapped step
+    # ---- one program: all K members in one jitted step, vmapped or unrolled (sweep.MEMBER_LOOPS)
     layout = sweep.sweep_layout(mesh, k)
-    stacked = sweep.place_state(sweep.init_stacked_state(setup, members), layout)
+    stacked = sweep.init_stacked_state(setup, members)
 
     def stacked_batch(t):
         rows = [batch(m.seed, t) for m in members]
         return sweep.place_batch({key: np.stack([r[key] for r in rows]) for key in rows[0]}, layout)
 
-    vstep = sweep.jit_sweep_step(setup.step_fn, layout)
-    t0 = time.perf_counter()
-    vstep = vstep.lower(stacked, stacked_batch(0)).compile()
-    compile_vmap = time.perf_counter() - t0
-    for t in range(args.warmup):
-        stacked, met = vstep(stacked, stacked_batch(t))
-    jax.block_until_ready(met)
-    t0 = time.perf_counter()
-    for t in range(args.warmup, n):
-        stacked, met = vstep(stacked, stacked_batch(t))
-    jax.block_until_ready(met)
-    vec_time = time.perf_counter() - t0
+    def time_loop(loop):
+        st = sweep.place_state(sweep.init_stacked_state(setup, members), layout)
+        step = sweep.jit_sweep_step(setup.step_fn, layout, loop=loop)
+        t0 = time.perf_counter()
+        step = step.lower(st, stacked_batch(0)).compile()
+        compile_s = time.perf_counter() - t0
+        for t in range(args.warmup):
+            st, met = step(st, stacked_batch(t))
+        jax.block_until_ready(met)
+        t0 = time.perf_counter()
+        for t in range(args.warmup, n):
+            st, met = step(st, stacked_batch(t))
+        jax.block_until_ready(met)
+        return compile_s, time.perf_counter() - t0
+
+    auto = sweep.resolve_member_loop("auto", layout, lambda: sweep._step_convolves(setup, stacked))
+    loops = {loop: time_loop(loop) for loop in sweep.MEMBER_LOOPS[1:]}
 
     member_steps = k * args.steps
-    seq_rate, vec_rate = member_steps / seq_time, member_steps / vec_time
+    seq_rate = member_steps / seq_time
     e2e_seq = k * compile_single + seq_time  # K separate fit() calls compile K times
-    e2e_vec = compile_vmap + vec_time
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
-          f"sweep layout: {layout.axis} axis sharded")
+          f"sweep layout: {layout.axis} axis sharded; member_loop='auto' picks {auto!r}")
     print(f"model: {args.model}   regularizer: {args.regularizer} coeffs {coeffs} x {args.seeds} seeds = K={k} "
           f"members   batch {args.batch_size}   {args.steps} timed steps per member (+{args.warmup} warm-up)")
-    print(f"compile: single-run step {compile_single:.2f} s, vmapped step {compile_vmap:.2f} s")
-    print(f"sequential: {seq_time:.2f} s  {seq_rate:,.1f} member-steps/s  "
-          f"({seq_rate * args.batch_size:,.0f} examples/s)")
-    print(f"vectorized: {vec_time:.2f} s  {vec_rate:,.1f} member-steps/s  "
-          f"({vec_rate * args.batch_size:,.0f} examples/s)")
-    print(f"speedup (steady state, vectorized / sequential throughput): {vec_rate / seq_rate:.2f}x")
-    print(f"speedup end-to-end incl. compilation (K compiles vs 1): {e2e_seq / e2e_vec:.2f}x")
+    print(f"sequential (K runs, one compiled single-run step): compile {compile_single:.2f} s, run {seq_time:.2f} s, "
+          f"{seq_rate:,.1f} member-steps/s ({seq_rate * args.batch_size:,.0f} examples/s)")
+    for loop, (compile_s, run_s) in loops.items():
+        rate = member_steps / run_s
+        print(f"one program, member_loop={loop!r}: compile {compile_s:.2f} s, run {run_s:.2f} s, "
+              f"{rate:,.1f} member-steps/s ({rate * args.batch_size:,.0f} examples/s); throughput / sequential "
+              f"{rate / seq_rate:.2f}x; end-to-end incl. compilation (K compiles vs 1) "
+              f"{e2e_seq / (compile_s + run_s):.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ model, optimizer and regularizer *structure*, and differs only in array values -
 
 The stacked state is a :class:`~lcnn_jax.training.TrainState` whose every leaf has a leading member axis ``K``;
 the step is ``jax.jit(jax.vmap(step))`` of the very step ``fit`` compiles, so a sweep is one program whose cost
-is about ``K x`` one step's FLOPs in one launch (see ``experiments/bench_sweep.py``).
+is about ``K x`` one step's FLOPs in one launch (see ``experiments/bench_sweep.py``). On CPU, a convolutional
+net's members are instead computed one after another inside that program (``member_loop="auto"``, see
+``MEMBER_LOOPS``): XLA:CPU runs a vmapped (grouped) convolution several times slower than K plain ones.
 
 Devices (:func:`sweep_layout`): a 2-D mesh ``("members", "data")`` over every device. The member axis of the
 stacked state is split over ``gcd(K, devices)`` groups of devices (each group trains whole members: no gradient
@@ -85,6 +87,10 @@ __all__ = [
     "place_batch",
     "jit_sweep_step",
     "jit_sweep_eval_step",
+    "MEMBER_LOOPS",
+    "map_members",
+    "resolve_member_loop",
+    "uses_convolution",
     "fit_sweep",
     "fit_sweep_from_config",
     "config_members",
@@ -354,20 +360,95 @@ def place_batch(batch: Mapping[str, np.ndarray], layout: SweepLayout, *, shared:
     return training.place_global(dict(batch), layout.shared_batch if shared else layout.batch)
 
 
-def jit_sweep_step(step_fn, layout: SweepLayout, *, shared_batch: bool = False):
-    """``jax.jit(jax.vmap(step_fn))``: one compiled step for all K members (stacked state donated).
+# How the K members of one compiled step are computed (``member_loop``):
+#   "vmap":   jax.vmap over the member axis. A member-batched convolution becomes ONE grouped convolution
+#             (feature_group_count = K), which cuDNN runs well but XLA:CPU runs 3-4x slower per member than K
+#             ordinary convolutions (experiments/bench_sweep.py --model small_cnn prints the ratios).
+#   "unroll": the K members one after another inside the same jitted program (a Python loop at trace time: K
+#             copies of the step, K x the compile time), each an ordinary single-model step. lax.map would
+#             compile once, but XLA:CPU runs the convolutions inside its while loop slower still (measured).
+#   "auto":   "unroll" on CPU when the step convolves, the members are not split over devices and K <= 16;
+#             "vmap" otherwise (dense layers batch well under vmap on every backend).
+MEMBER_LOOPS = ("auto", "vmap", "unroll")
+MAX_UNROLLED_MEMBERS = 16
+
+
+def _jaxprs_in(value):
+    """The jaxprs held by one equation parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _jaxprs_in(v)
+
+
+def uses_convolution(fn, *args) -> bool:
+    """Whether ``fn(*args)`` (arrays or ``jax.ShapeDtypeStruct``; traced, not run) performs a convolution
+    anywhere, inside ``jit``/``scan``/``cond``/custom-derivative bodies included."""
+    todo = [jax.make_jaxpr(fn)(*args).jaxpr]
+    while todo:
+        jaxpr = todo.pop()
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for v in eqn.params.values():
+                todo.extend(_jaxprs_in(v))
+    return False
+
+
+def resolve_member_loop(member_loop: str, layout: SweepLayout, convolves) -> str:
+    """``"vmap"`` or ``"unroll"`` for ``member_loop`` (see ``MEMBER_LOOPS``); ``convolves`` is a bool or a
+    zero-argument callable (called only when ``"auto"`` needs it: tracing costs a little).
+
+    Raises:
+      ConfigError: an unknown ``member_loop``."""
+    if member_loop not in MEMBER_LOOPS:
+        raise ConfigError(f"member_loop={member_loop!r} is unknown; use one of {MEMBER_LOOPS}.")
+    if member_loop != "auto":
+        return member_loop
+    platform = np.asarray(layout.mesh.devices).reshape(-1)[0].platform
+    if platform != "cpu" or layout.member_shards != 1 or layout.num_members > MAX_UNROLLED_MEMBERS:
+        return "vmap"
+    return "unroll" if (convolves() if callable(convolves) else convolves) else "vmap"
+
+
+def map_members(fn, in_axes: Sequence[int | None], loop: str = "vmap"):
+    """``fn`` applied to every member: arguments with ``in_axes`` 0 carry a leading member axis (the same length
+    K for all), ``None`` ones are shared; every output gets a leading member axis. ``loop``: ``"vmap"``
+    (``jax.vmap``) or ``"unroll"`` (K calls at trace time, outputs stacked); same values up to float error."""
+    in_axes = tuple(in_axes)
+    if loop == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+    if loop != "unroll":
+        raise ValueError(f"loop must be 'vmap' or 'unroll', got {loop!r}")
+
+    def unrolled(*args):
+        mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
+        k = jax.tree.leaves(mapped)[0].shape[0]
+        outs = [fn(*[jax.tree.map(lambda leaf, i=i: leaf[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)])
+                for i in range(k)]
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
+
+    return unrolled
+
+
+def jit_sweep_step(step_fn, layout: SweepLayout, *, shared_batch: bool = False, loop: str = "vmap"):
+    """``jax.jit(jax.vmap(step_fn))`` (or the unrolled member loop, ``loop="unroll"``, see ``MEMBER_LOOPS``): one
+    compiled step for all K members (stacked state donated).
 
     ``shared_batch=False``: the batch carries a leading member axis (``in_axes=0``), each member its own batch;
     ``True``: one batch for every member (``in_axes=None``). Metrics come back with a leading member axis."""
-    vstep = jax.vmap(step_fn, in_axes=(0, None if shared_batch else 0))
+    vstep = map_members(step_fn, (0, None if shared_batch else 0), loop)
     batch_sharding = layout.shared_batch if shared_batch else layout.batch
     return jax.jit(vstep, in_shardings=(layout.state, batch_sharding), out_shardings=(layout.state, layout.state),
                    donate_argnums=(0,))
 
 
-def jit_sweep_eval_step(eval_fn, layout: SweepLayout):
-    """The vmapped eval step: every member on the same (unstacked) batch; per-member ``(K,)`` sums."""
-    return jax.jit(jax.vmap(eval_fn, in_axes=(0, None)), in_shardings=(layout.state, layout.shared_batch),
+def jit_sweep_eval_step(eval_fn, layout: SweepLayout, *, loop: str = "vmap"):
+    """The member-mapped eval step: every member on the same (unstacked) batch; per-member ``(K,)`` sums."""
+    return jax.jit(map_members(eval_fn, (0, None), loop), in_shardings=(layout.state, layout.shared_batch),
                    out_shardings=layout.state)
 
 
@@ -420,8 +501,17 @@ def _aggregate(member_results: Sequence[dict]) -> list[dict]:
     return out
 
 
+def _step_convolves(setup: training.RunSetup, stacked: TrainState) -> bool:
+    """Whether one member's forward pass (the eval step, traced on shapes only) convolves."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+    n = 2
+    batch = {"image": jax.ShapeDtypeStruct((n, *setup.train.images.shape[1:]), jnp.float32),
+             "label": jax.ShapeDtypeStruct((n,), jnp.int32), "mask": jax.ShapeDtypeStruct((n,), jnp.float32)}
+    return uses_convolution(setup.eval_fn, one, batch)
+
+
 def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, Sequence[float]] | None = None,
-              data_order: str = "per_seed") -> dict:
+              data_order: str = "per_seed", member_loop: str = "auto") -> dict:
     """Train every member of ``seeds x grid`` as one vmapped, jitted program and write the results to ``workdir``.
 
     Args:
@@ -434,6 +524,10 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
         None or empty: the seeds alone.
       data_order: ``"per_seed"`` (each member sees its own seed's batch order, reproducing its single run) or
         ``"shared"`` (all see ``config.seed``'s order; one batch broadcast to all members, cheaper).
+      member_loop: how one compiled step computes the K members, ``"vmap"``, ``"unroll"`` or ``"auto"`` (unroll
+        for convolutional nets on CPU, where a vmapped convolution is 3-4x slower per member; see
+        ``MEMBER_LOOPS``). The same values up to float error; not part of the run's identity (a sweep may resume
+        with another loop). The choice is in the summary's ``member_loop``.
 
     Cost: one step costs about K times the single run's step in one compiled launch; host work per step is
     one batch per distinct seed (``per_seed``) or one batch (``shared``).
@@ -458,6 +552,8 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     t_start = time.time()
     if data_order not in DATA_ORDERS:
         raise ConfigError(f"data_order={data_order!r} is unknown; use one of {DATA_ORDERS}.")
+    if member_loop not in MEMBER_LOOPS:
+        raise ConfigError(f"member_loop={member_loop!r} is unknown; use one of {MEMBER_LOOPS}.")
     validate_config(config)
     training.check_run_dir(config, workdir, kind="sweep")
     members = sweep_members(seeds, grid)
@@ -491,8 +587,9 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
                               resume_step=start if start_step is not None else None, write=primary)
 
     shared = data_order == "shared"
-    train_step = jit_sweep_step(setup.step_fn, layout, shared_batch=shared)
-    eval_step = jit_sweep_eval_step(setup.eval_fn, layout)
+    loop = resolve_member_loop(member_loop, layout, lambda: _step_convolves(setup, stacked))
+    train_step = jit_sweep_step(setup.step_fn, layout, shared_batch=shared, loop=loop)
+    eval_step = jit_sweep_eval_step(setup.eval_fn, layout, loop=loop)
     n_data = layout.data_shards
     ev_bs = max(n_data, (int(tcfg.get("eval_batch_size", 500)) // n_data) * n_data)
 
@@ -592,6 +689,7 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
                "diverged": [r["id"] for r in member_results if r["diverged"]],
                "aggregate": _aggregate(member_results), "seeds": [int(s) for s in seeds],
                "grid": {p: list(v) for p, v in flat.items()}, "data_order": data_order, "layout": layout.axis,
+               "member_loop": loop,
                "mesh": {"members": layout.member_shards, "data": layout.data_shards},
                "num_processes": int(jax.process_count()),
                "steps": step, "wall_time_s": train_time, "total_time_s": time.time() - t_start,

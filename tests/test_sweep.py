@@ -321,3 +321,41 @@ def test_train_seeds_returns_states_in_asked_order_and_fallback_matches(tmp_path
     assert alone.trained_with == "fit" and "MemoryError" in alone.note
     for a, b in zip(alone.states, run.states):
         assert _leaves_maxdiff(a.params, b.params) < 1e-5
+
+
+def test_member_loop_unroll_equals_vmap_for_a_conv_net_and_auto_picks_it_on_cpu(tmp_path):
+    """The unrolled member loop (what ``auto`` picks for a convolutional net on CPU) trains the same members as
+    the vmapped one, to float error, and the summary says which loop ran; MLPs stay vmapped."""
+    cfg = tiny_config(**{"model.name": "small_cnn", "train.num_steps": 6, "train.batch_size": 16})
+    cfg.model.kwargs = {"width_mult": 0.125, "act": "relu"}
+    grid = {"spectreg.coeff": (0.0, 0.05)}
+    runs = {loop: sweep.fit_sweep(cfg, str(tmp_path / loop), seeds=(0, 1), grid=grid, member_loop=loop)
+            for loop in ("auto", "vmap")}
+    assert runs["auto"]["member_loop"] == "unroll" and runs["vmap"]["member_loop"] == "vmap"
+    states = {loop: sweep.load_sweep(str(tmp_path / loop))[2] for loop in runs}
+    assert _leaves_maxdiff(states["auto"].params, states["vmap"].params) < 1e-5
+    assert _leaves_maxdiff(states["auto"].params, jax.tree.map(lambda a: a[::-1], states["auto"].params)) > 1e-3
+    for a, b in zip(runs["auto"]["members"], runs["vmap"]["members"]):
+        assert abs(a["test_loss"] - b["test_loss"]) < 1e-5 and a["test_accuracy"] == b["test_accuracy"]
+    with pytest.raises(ConfigError, match="member_loop"):
+        sweep.fit_sweep(cfg, str(tmp_path / "bad"), seeds=(0,), member_loop="pmap")
+
+
+def test_uses_convolution_sees_nested_bodies_and_auto_rule():
+    x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+    k = jnp.ones((3, 3, 1, 2))
+    conv = lambda x: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    assert sweep.uses_convolution(conv, x)
+    assert sweep.uses_convolution(lambda x: jax.lax.scan(lambda c, _: (conv(c).sum(-1, keepdims=True), None), x,
+                                                         None, length=2)[0], x)
+    assert sweep.uses_convolution(jax.grad(lambda x: jax.jit(conv)(x).sum()), x)
+    assert not sweep.uses_convolution(lambda x: jnp.tanh(x.reshape(2, -1) @ jnp.ones((64, 3))), x)
+    mesh = training.data_mesh(jax.devices()[:1])
+    assert sweep.resolve_member_loop("auto", sweep.sweep_layout(mesh, 3), True) == "unroll"
+    assert sweep.resolve_member_loop("auto", sweep.sweep_layout(mesh, 3), False) == "vmap"
+    assert sweep.resolve_member_loop("auto", sweep.sweep_layout(mesh, sweep.MAX_UNROLLED_MEMBERS + 1), True) == "vmap"
+    assert sweep.resolve_member_loop("vmap", sweep.sweep_layout(mesh, 3), True) == "vmap"
+    f = lambda a, b: {"s": a * 2 + b, "t": a.sum()}  # noqa: E731
+    a, b = jnp.arange(6.0).reshape(3, 2), jnp.ones(2)
+    v, u = sweep.map_members(f, (0, None), "vmap")(a, b), sweep.map_members(f, (0, None), "unroll")(a, b)
+    assert all(np.array_equal(v[key], u[key]) and v[key].shape[0] == 3 for key in v)
