@@ -263,8 +263,8 @@ class Measurer:
     * clean accuracy, robust accuracy under :func:`lcnn_jax.report.attack_suite` (per radius, the per-example
       worst case of APGD with each loss of ``apgd_losses``, and/or PGD with ``pgd_steps`` steps of
       ``pgd_step_factor * eps / pgd_steps``; an example counts only if also correct on the clean input) and
-      Gaussian-noise accuracy: one jitted program for all attacks (:mod:`lcnn_jax.attacks`), in padded chunks
-      of ``batch_size``; attack ``i`` of chunk ``c`` uses ``fold_in(fold_in(key, c), i)``;
+      Gaussian-noise accuracy: :func:`lcnn_jax.report.robustness` (its programs and key scheme), in padded
+      chunks of ``batch_size``;
     * certified accuracy at ``certified_l2_eps`` and the mean certified radius: the model's certified bounds
       (:func:`lcnn_jax.report.model_bound`, on the host per cell) through
       :func:`lcnn_jax.report.certified_robustness` (one margin program per model);
@@ -274,46 +274,20 @@ class Measurer:
     """
 
     def __init__(self, model, mcfg, *, sharpness: bool, sharpness_chunk: int = 32):
-        import jax
-
-        from lcnn_jax import attacks, report
+        from lcnn_jax import report
         from lcnn_jax.nn import mode_kwargs
 
         self.model, self.mcfg, self.sharpness, self.chunk = model, mcfg, bool(sharpness), int(sharpness_chunk)
-        self.eval_kw = eval_kw = mode_kwargs(model, train=False)
+        self.eval_kw = mode_kwargs(model, train=False)
         self.per_example = report.per_example_fn(model, mcfg)
-        # (column, attacks whose per-example worst case it is, AND the clean prediction?)
-        attack_list = [(column, tuple(suite.values()), True) for column, suite in report.attack_suite(mcfg).items()]
-        for std in mcfg.noise_std:
-            attack_list.append((f"noise_{float(std):g}",
-                                (lambda f, x, y, key, s=float(std): attacks.gaussian_noise(x, key=key, std=s),), False))
-        self.attack_names = ["clean_accuracy"] + [n for n, _, _ in attack_list]
-
-        @jax.jit
-        def correct(variables, x, y, key):
-            def logits_fn(xs):
-                return model.apply(variables, xs, **eval_kw)
-
-            clean = jax.numpy.argmax(logits_fn(x), axis=-1) == y
-            out, i = {"clean_accuracy": clean}, 0
-            for name, suite, with_clean in attack_list:
-                hit = clean if with_clean else True
-                for attack in suite:
-                    xa = attack(logits_fn, x, y, key=jax.random.fold_in(key, i))
-                    hit = hit & (jax.numpy.argmax(logits_fn(xa), axis=-1) == y)
-                    i += 1
-                out[name] = hit
-            return out
-
-        self.correct = correct
         self._logits_fn = None
 
     def robustness(self, variables, xs, ys, key) -> dict:
-        from lcnn_jax.batching import map_chunks
+        """``clean_accuracy``, the robust columns and ``noise_<std>``: :func:`lcnn_jax.report.robustness`."""
+        from lcnn_jax import report
 
-        hits = map_chunks(lambda x, y, k: self.correct(variables, x, y, k), xs, ys, key=key,
-                          chunk_size=int(self.mcfg.batch_size))
-        return {name: float(np.mean(hits[name])) for name in self.attack_names}
+        out = report.robustness(self.model, variables, xs, ys, self.mcfg, key, int(self.mcfg.batch_size))
+        return {("clean_accuracy" if k == "accuracy" else k): float(st["mean"]) for k, st in out.items()}
 
     def certified(self, variables, xs, ys) -> dict:
         """``certified_l2_<eps>`` and ``certified_radius`` (mean) of one network

@@ -156,6 +156,33 @@ def test_attack_unroll_rule_and_unrolled_steps_compute_the_same_iterates(monkeyp
     np.testing.assert_allclose(runs[3], runs[2], atol=1e-6)
 
 
+def _conv_apply(p, xs):
+    """A tiny convolutional network (the layer whose backward pass apgd_stepwise exists for)."""
+    h = jax.lax.conv_general_dilated(xs, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(h.reshape(xs.shape[0], -1)) @ p["w"]
+
+
+@pytest.mark.parametrize("norm,loss,restarts", [("linf", "ce", 2), ("l2", "dlr", 1), ("l2", "dlr_targeted", 1)])
+def test_apgd_stepwise_computes_the_iterates_of_apgd(norm, loss, restarts, x64):
+    """The host-driven segments (5 steps, then the remaining 2 of 12) give apgd's result: in float64, where a
+    different fusion of the same operations cannot flip one of APGD's comparisons, to 1e-10."""
+    rng = np.random.default_rng(21)
+    params = {"k": jnp.asarray(rng.standard_normal((3, 3, 1, 2)), jnp.float64),
+              "w": jnp.asarray(rng.standard_normal((32, 5)) / 4, jnp.float64)}
+    xs = jnp.asarray(rng.uniform(0, 1, (6, 4, 4, 1)), jnp.float64)
+    ys = jnp.argmax(_conv_apply(params, xs), axis=-1).astype(jnp.int32)  # all correct: every example is attacked
+    kw = dict(norm=norm, eps=0.3 if norm == "linf" else 1.0, num_steps=12, loss=loss, restarts=restarts,
+              key=jax.random.key(7))
+    ref = attacks.apgd(functools.partial(_conv_apply, params), xs, ys, unroll=1, **kw)
+    out = attacks.apgd_stepwise(_conv_apply, xs, ys, params=params, **kw)
+    assert out.dtype == jnp.float64 and float(jnp.min(jnp.max(jnp.abs(ref - xs), axis=(1, 2, 3)))) > 0.01  # all moved
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="segment"):
+        attacks.apgd_stepwise(_conv_apply, xs, ys, params=params, segment=0, **kw)
+    with pytest.raises(ValueError, match="norm"):
+        attacks.apgd_stepwise(_conv_apply, xs, ys, params=params, **{**kw, "norm": "l1"})
+
+
 def test_pgd_l2_starts_uniform_in_the_ball_or_at_a_uniform_radius():
     # identity "model", zero steps: the returned point is the random start. "ball": radius eps U^(1/d), so
     # P(r <= q eps) = q^d; "radial" (torchattacks): eps U, uniform radius on [0, eps].
