@@ -7,12 +7,12 @@ Two sizes (the argument after the colon):
 
 * ``quick`` (default): small CNN at width 1/4 (conv8-conv16-fc256, 206k parameters), 3 epochs, 2 seeds, every
   method but JacReg (see ``QUICK_METHODS``), 256 measured test images, APGD 25 steps and PGD 10 steps. Measured:
-  17.4 minutes on 2 CPU cores (x86-64, otherwise idle, empty compilation cache; 454 s training, 581 s measuring);
+  8.8 minutes on 2 CPU cores (x86-64, otherwise idle, empty compilation cache; 175 s training, 349 s measuring);
   not yet timed on a GPU.
 * ``full``: the same network and data, 4 epochs, 3 seeds, all ten methods (JacReg included), 512 measured test
-  images, APGD 100 steps and PGD 20 steps, more Hessian / Lipschitz iterations. Last measured at 38 minutes on the
-  same 2 CPU cores with eight methods and PGD only (JacReg's training 12.8 of them; measuring ~100 s per method);
-  not re-timed since APGD and the two newer methods were added.
+  images, APGD 100 steps and PGD 20 steps, more Hessian / Lipschitz iterations. Measured: 53.5 minutes on the same
+  2 CPU cores (405 s training, 2799 s measuring: 93 s per cell, most of it the 338k input gradients of the attacks);
+  a protocol for a GPU. Not yet timed on one.
 
 Data: every method trains on the same 3500 of the 4000 mnist5k training images (``data.pair_pool_size=500``
 holds 500 out as CLIP's pair pool, as the CLIP reference holds 6000 of 60000 out) and is measured on the first
