@@ -703,6 +703,9 @@ def apgd_stepwise(
     100 steps, 512 images, small CNN at width 0.5, 2 CPU cores): rolled 72.5 s, stepwise 21.8 s (3.3x). On GPU the
     two run alike. The compiled pieces are cached
     per ``logits_fn`` (pass the same function object each time) and setting; ``eps`` and ``key`` are arguments.
+
+    Cost: as :func:`apgd`, ``restarts * (num_steps + 1)`` forward and backward passes plus one forward pass on the
+    clean input, in ``restarts * (ceil(num_steps / segment) + 2) + 2`` compiled calls.
     """
     restarts, target_rank = _check_apgd(functools.partial(logits_fn, params), xs, ys, norm=norm, eps=eps,
                                         num_steps=num_steps, loss=loss, key=key, restarts=restarts,

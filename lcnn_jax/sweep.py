@@ -386,7 +386,7 @@ def _jaxprs_in(value):
 
 def uses_convolution(fn, *args) -> bool:
     """Whether ``fn(*args)`` (arrays or ``jax.ShapeDtypeStruct``; traced, not run) performs a convolution
-    anywhere, inside ``jit``/``scan``/``cond``/custom-derivative bodies included."""
+    anywhere, inside ``jit``/``scan``/``cond``/custom-derivative bodies included. Cost: one trace of ``fn``."""
     todo = [jax.make_jaxpr(fn)(*args).jaxpr]
     while todo:
         jaxpr = todo.pop()
@@ -398,14 +398,18 @@ def uses_convolution(fn, *args) -> bool:
     return False
 
 
+def _check_member_loop(member_loop) -> None:
+    if member_loop not in MEMBER_LOOPS:
+        raise ConfigError(f"member_loop={member_loop!r} is unknown; use one of {MEMBER_LOOPS}.")
+
+
 def resolve_member_loop(member_loop: str, layout: SweepLayout, convolves) -> str:
     """``"vmap"`` or ``"unroll"`` for ``member_loop`` (see ``MEMBER_LOOPS``); ``convolves`` is a bool or a
     zero-argument callable (called only when ``"auto"`` needs it: tracing costs a little).
 
     Raises:
       ConfigError: an unknown ``member_loop``."""
-    if member_loop not in MEMBER_LOOPS:
-        raise ConfigError(f"member_loop={member_loop!r} is unknown; use one of {MEMBER_LOOPS}.")
+    _check_member_loop(member_loop)
     if member_loop != "auto":
         return member_loop
     platform = np.asarray(layout.mesh.devices).reshape(-1)[0].platform
@@ -417,7 +421,8 @@ def resolve_member_loop(member_loop: str, layout: SweepLayout, convolves) -> str
 def map_members(fn, in_axes: Sequence[int | None], loop: str = "vmap"):
     """``fn`` applied to every member: arguments with ``in_axes`` 0 carry a leading member axis (the same length
     K for all), ``None`` ones are shared; every output gets a leading member axis. ``loop``: ``"vmap"``
-    (``jax.vmap``) or ``"unroll"`` (K calls at trace time, outputs stacked); same values up to float error."""
+    (``jax.vmap``) or ``"unroll"`` (K calls at trace time, outputs stacked); same values up to float error.
+    Cost: K times ``fn``'s work either way; ``"unroll"`` traces and compiles ``fn`` K times."""
     in_axes = tuple(in_axes)
     if loop == "vmap":
         return jax.vmap(fn, in_axes=in_axes)
@@ -512,7 +517,7 @@ def _step_convolves(setup: training.RunSetup, stacked: TrainState) -> bool:
 
 def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, Sequence[float]] | None = None,
               data_order: str = "per_seed", member_loop: str = "auto") -> dict:
-    """Train every member of ``seeds x grid`` as one vmapped, jitted program and write the results to ``workdir``.
+    """Train every member of ``seeds x grid`` as one jitted program and write the results to ``workdir``.
 
     Args:
       config: the base config (as for :func:`lcnn_jax.training.fit`); it must already use every regularizer the
@@ -552,8 +557,7 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     t_start = time.time()
     if data_order not in DATA_ORDERS:
         raise ConfigError(f"data_order={data_order!r} is unknown; use one of {DATA_ORDERS}.")
-    if member_loop not in MEMBER_LOOPS:
-        raise ConfigError(f"member_loop={member_loop!r} is unknown; use one of {MEMBER_LOOPS}.")
+    _check_member_loop(member_loop)  # before any work; resolved once the devices are known
     validate_config(config)
     training.check_run_dir(config, workdir, kind="sweep")
     members = sweep_members(seeds, grid)
