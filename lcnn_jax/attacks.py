@@ -696,7 +696,7 @@ def apgd_stepwise(
     steps (the state stays on the device between them), with ``logits_fn(params, xs)`` and ``params`` an argument.
 
     Same arguments and result as :func:`apgd` (up to float reassociation). Not traceable: call it outside jit. Why:
-    XLA:CPU runs the backward convolution of a network inside a ``while`` loop about 2x slower than outside one
+    XLA:CPU runs the backward convolution of a network inside a ``while`` loop several times slower than outside one
     (inside the loop the backward convolution keeps a kernel layout, ``01oi``, that XLA:CPU does not rewrite to the
     ``01io`` form of its fast path, as it does outside loops), so APGD's long rolled loop is slow on CPU, and
     unrolling 100 steps would compile for minutes. ``python experiments/bench_attack_unroll.py --apgd`` (APGD-CE,

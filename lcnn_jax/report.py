@@ -341,7 +341,7 @@ def _robust_program(model, norm: str, kind: str, steps: int, *, losses: tuple = 
     PGD (at most a few dozen steps, unrolled) is one jitted program. APGD runs through
     :func:`lcnn_jax.attacks.apgd_stepwise`, host-driven segments of 5 compiled steps: the same iterates as
     :func:`lcnn_jax.attacks.apgd`, without the rolled loop in which XLA:CPU runs a convolution's backward pass
-    about 2x slower."""
+    several times slower (``experiments/bench_attack_unroll.py --apgd``: 3.3x for the whole attack)."""
     apply = _batch_logits(model)
 
     @jax.jit

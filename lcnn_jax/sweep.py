@@ -366,7 +366,8 @@ def place_batch(batch: Mapping[str, np.ndarray], layout: SweepLayout, *, shared:
 #             ordinary convolutions (experiments/bench_sweep.py --model small_cnn prints the ratios).
 #   "unroll": the K members one after another inside the same jitted program (a Python loop at trace time: K
 #             copies of the step, K x the compile time), each an ordinary single-model step. lax.map would
-#             compile once, but XLA:CPU runs the convolutions inside its while loop slower still (measured).
+#             compile once, but XLA:CPU runs a convolution's backward pass inside a while loop on a slow path
+#             (see lcnn_jax.attacks.apgd_stepwise), slower still than vmap in a trial run.
 #   "auto":   "unroll" on CPU when the step convolves, the members are not split over devices and K <= 16;
 #             "vmap" otherwise (dense layers batch well under vmap on every backend).
 MEMBER_LOOPS = ("auto", "vmap", "unroll")
