@@ -34,6 +34,8 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from lcnn_jax.errors import DatasetError
+
 __all__ = [
     "DATASETS",
     "DatasetError",
@@ -50,10 +52,6 @@ __all__ = [
     "shuffle_labels",
     "subset",
 ]
-
-
-class DatasetError(ValueError):
-    """A dataset could not be found or read; the message names what was looked for and the fix."""
 
 
 class Split(NamedTuple):

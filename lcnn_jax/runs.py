@@ -30,14 +30,9 @@ import os
 import re
 from typing import Iterator, NamedTuple, Sequence
 
-from lcnn_jax.training import ConfigError
+from lcnn_jax.errors import MemberChoiceError
 
 __all__ = ["RunMember", "Workdir", "MemberChoiceError", "inspect_workdir", "select_members", "load_members"]
-
-
-class MemberChoiceError(ConfigError):
-    """The members asked for (``--member`` / ``--seed`` / ``--method``) do not name exactly what can be measured
-    in the workdir; the message lists its members and how to choose."""
 
 
 class RunMember(NamedTuple):

@@ -21,10 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import errno
-import io
 import itertools
 import json
 import logging
@@ -32,7 +29,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,45 +43,10 @@ from lcnn_jax.regularizers.base import Regularizer
 from lcnn_jax.types import Array, Batch, PRNGKey, PyTree
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the fix."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class RunDirError(ConfigError):
-    """The ``workdir`` cannot be used as asked: it is a file, it holds a run of another config, or none of its
-    checkpoints can be read. Nothing has been written; the message names the problem and the fix."""
-
-
-class NoSpaceLeft(OSError):
-    """The disk holding the ``workdir`` is full (``errno.ENOSPC``). The last complete checkpoint is kept; free some
-    space and rerun the same command to resume."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during the training loop. ``step`` is the last step taken, ``checkpoint_step`` the newest
-    checkpoint on disk (None: none yet); rerunning the same command resumes from it. A subclass of
-    ``KeyboardInterrupt``, so code that handles that keeps working."""
-
-    def __init__(self, step: int, checkpoint_step: int | None):
-        super().__init__(step, checkpoint_step)
-        self.step, self.checkpoint_step = int(step), checkpoint_step
-
-    def __str__(self) -> str:
-        saved = ("no checkpoint was saved yet, so a rerun starts over" if self.checkpoint_step is None
-                 else f"the last checkpoint is step {self.checkpoint_step}")
-        return f"interrupted at step {self.step} ({saved}); rerun the same command to resume."
-
+from lcnn_jax.errors import (ConfigError, NoSpaceLeft, RunDirError, TrainingDiverged,  # noqa: F401
+                             TrainingInterrupted, short_error as _short_error)
+from lcnn_jax.io import (MetricsLog, is_no_space as _is_no_space, json_default as _json_default,  # noqa: F401
+                         parse_jsonl, read_metrics_log, write_csv_atomic, write_json_atomic, write_text_atomic)
 
 _log = logging.getLogger(__name__)
 
@@ -480,120 +442,6 @@ def jit_eval_step(eval_fn, mesh: Mesh):
 # Files
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, ``fsync`` and ``os.replace``, so a
-    reader (or a crash) sees the whole new file or the previous one, never half of one. Newlines are written as
-    given. Every result file of the library and the experiment scripts goes through here."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or Ctrl-C: leave the old file, not a stray temporary one
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """``obj`` as indented JSON with sorted keys (numpy / jax values as lists), written by :func:`write_text_atomic`.
-    Nothing is written when ``obj`` cannot be serialised."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
-
-
-def write_csv_atomic(path: str, fieldnames: Sequence[str], rows: Iterable[dict], *,
-                     extrasaction: str = "raise") -> None:
-    """The dict ``rows`` as CSV under the header ``fieldnames`` (missing keys empty; a key outside the header
-    raises ``ValueError`` unless ``extrasaction="ignore"``), written by :func:`write_text_atomic`."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction=extrasaction)
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
-def _json_default(o):
-    if isinstance(o, (np.generic, jax.Array)):
-        return np.asarray(o).tolist()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    return str(o)
-
-
-def parse_jsonl(text: str) -> tuple[list[dict], list[int]]:
-    """The records of a JSON-lines text and the (1-based) numbers of the lines that are not valid JSON objects.
-
-    A run killed while appending leaves half a line at the end of ``metrics.jsonl``; it is reported among the bad
-    lines instead of making the whole log unreadable."""
-    records, bad = [], []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        if isinstance(rec, dict):
-            records.append(rec)
-        else:
-            bad.append(i)
-    return records, bad
-
-
-class MetricsLog:
-    """Append-only JSON-lines log (``metrics.jsonl``); on resume, records after the restored step are dropped
-    so the log of a resumed run reads like the log of an uninterrupted one. Lines that are not JSON (half a line
-    left by a run killed mid-write) are dropped with a warning that says so. ``write=False`` (the processes other
-    than 0 of a multi-process run) touches nothing."""
-
-    def __init__(self, path: str, resume_step: int | None, *, write: bool = True):
-        self.path, self.enabled = path, write
-        if write and os.path.exists(path):
-            keep = []
-            if resume_step is not None:
-                with open(path) as fh:
-                    records, bad = parse_jsonl(fh.read())
-                if bad:
-                    _log.warning("%s: dropped %d unreadable line(s) (line %s; a run killed while writing leaves "
-                                 "half a line); resuming from step %d.", path, len(bad),
-                                 ", ".join(map(str, bad)), resume_step)
-                keep = [json.dumps(r, default=_json_default) + "\n" for r in records
-                        if r.get("step", 0) <= resume_step]
-            write_text_atomic(path, "".join(keep))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:  # a process other than 0 of a multi-process run
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
-
-
-def read_metrics_log(workdir: str) -> list[dict]:
-    """All records of ``workdir/metrics.jsonl`` (a line that is not JSON, e.g. half a line left by a killed run,
-    is skipped)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-        return parse_jsonl(fh.read())[0]
-
-
-def _is_no_space(exc: BaseException | None) -> bool:
-    """Whether ``exc`` or an exception in its chain says the disk is full: ``OSError(ENOSPC)``, or the text of
-    TensorStore's ``RESOURCE_EXHAUSTED ... No space left on device [os_error_code='28']`` that orbax re-raises."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        text = str(exc)
-        if "No space left on device" in text or "os_error_code='28'" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 @contextlib.contextmanager
 def _quiet_orbax():
     """Silence orbax's own error logging (the ``absl`` logger) while probing checkpoints or saving: the same
@@ -762,12 +610,6 @@ def _kept(step: int | None) -> str:
     if step is None:
         return "No checkpoint was saved yet: free some space and rerun the same command to start again."
     return f"The last complete checkpoint (step {step}) is kept: free some space and rerun the same command to resume."
-
-
-def _short_error(e: BaseException) -> str:
-    """``Type: first line of the message`` (at most 160 characters) for a one-line warning."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {text[:160]}"
 
 
 def remove_unfinished_checkpoints(directory: str) -> list[str]:
