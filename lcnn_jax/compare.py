@@ -701,7 +701,7 @@ def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column
     ``figures/robustness_vs_jacobian.png`` (``robust_column`` against the Jacobian Frobenius norm), drawn by
     :func:`scatter_figure`; the title names the run (``title``, else the workdir's name) and the subtitle
     describes it (dataset, model, seeds, epochs, from ``results.json``). Returns the paths written."""
-    import matplotlib.pyplot as plt
+    from lcnn_jax.io import save_figure_atomic
 
     names = {c["name"] for c in cols}
     if robust_column not in names:
@@ -716,12 +716,7 @@ def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column
             ("robustness_vs_jacobian.png", "jacobian_frobenius", robust_column,
              f"{axis_label(robust_column, cols).removesuffix(' (%)')} vs Jacobian norm")):
         fig = scatter_figure(agg, cols, xname, yname, title=f"{run}: {what}", subtitle=desc)
-        path = os.path.join(workdir, "figures", fname)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(save_figure_atomic(fig, os.path.join(workdir, "figures", fname), bbox_inches="tight"))
     return paths
 
 
@@ -748,14 +743,10 @@ def _cell_path(workdir: str, method: str, seed: int) -> str:
 
 
 def _read_cell(path: str, fp: str):
-    try:
-        with open(path) as fh:
-            cell = json.load(fh)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if cell.get("fingerprint") != fp:
-        return None
-    return {k: (math.nan if v is None else v) for k, v in cell.items()}
+    from lcnn_jax.io import load_if_matches
+
+    cell = load_if_matches(path, fp, field="fingerprint")
+    return None if cell is None else {k: (math.nan if v is None else v) for k, v in cell.items()}
 
 
 def run_compare(config, workdir: str) -> dict:
