@@ -1,7 +1,7 @@
-"""The public names: ``import lcnn_jax as lj`` reaches every module, and every entry of the README's API table
-resolves to what it says.
+"""The public names: ``import lcnn_jax as lj`` reaches every module, and every entry of the API overview table
+(docs/api/index.md, the README's until the docs moved to docs/) resolves to what it says.
 
-The API table's convention (stated in the README): a row whose first column starts with ``**module**`` opens the
+The API table's convention (stated on that page): a row whose first column starts with ``**module**`` opens the
 section of the module named in backticks (``lcnn_jax.x``); in every other row each backticked span of the FIRST
 column is a public name of that module: ``name`` (a function, class, or an UPPER_CASE constant),
 ``name(args)`` (a callable accepting those arguments), or ``prefix_*`` (at least one such name). In ``args``:
@@ -49,13 +49,16 @@ def test_regularizer_names_are_the_functions_and_old_module_paths_still_work():
     assert make_regularizer("clip", coeff=0.1, num_pairs=4).name == "clip"
 
 
-# --------------------------------------------------------------------------------------------- README API table
+# ------------------------------------------------------------------------------------- the docs' API table
+
+API_PAGE = os.path.join("docs", "api", "index.md")
 
 
 def _api_rows():
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    match = re.search(r"^## API overview\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert match, "README.md has no '## API overview' section"
+    """The first column of every row of the API overview's table (the page's first table)."""
+    text = open(os.path.join(ROOT, API_PAGE), encoding="utf-8").read()
+    match = re.search(r"^# API overview\n.*?^(\| name \| what it is \|\n(?:\|.*\n)+)", text, flags=re.S | re.M)
+    assert match, f"{API_PAGE} has no '# API overview' heading followed by a '| name | what it is |' table"
     rows = []
     for line in match.group(1).splitlines():
         if not line.startswith("|") or re.fullmatch(r"\|[\s|:-]*\|", line.strip()) or line.startswith("| name "):
@@ -82,7 +85,7 @@ def _split_top_level(s: str) -> list[str]:
 
 
 def api_entries():
-    """``(module, entry)`` for every name in the first column of the README's API table."""
+    """``(module, entry)`` for every name in the first column of the API overview's table."""
     module, out = None, []
     for first in _api_rows():
         spans = re.findall(r"`([^`]+)`", first)
@@ -116,20 +119,20 @@ def _check_signature(obj, name: str, args: str):
         if arg in ("...", ""):
             return
         if arg.startswith("**"):
-            assert has_var_kw, f"{name}: README lists {arg} but {name}{sig} takes no **kwargs"
+            assert has_var_kw, f"{name}: the API table lists {arg} but {name}{sig} takes no **kwargs"
             continue
         key, eq, value = arg.partition("=")
         key = key.strip()
-        assert key.isidentifier(), f"{name}: cannot read README argument {arg!r}"
+        assert key.isidentifier(), f"{name}: cannot read the API table argument {arg!r}"
         if not eq:
-            assert pos_index < len(positional), f"{name}: README lists positional {key!r}; {name}{sig} has fewer"
+            assert pos_index < len(positional), f"{name}: the API table lists positional {key!r}; {name}{sig} has fewer"
             assert positional[pos_index].name == key, (
-                f"{name}: README's positional argument {pos_index} is {key!r}; the code calls it "
+                f"{name}: the API table's positional argument {pos_index} is {key!r}; the code calls it "
                 f"{positional[pos_index].name!r} ({name}{sig})")
             bound_args.append(object())
             pos_index += 1
             continue
-        assert key in params or has_var_kw, f"{name}: README lists {key}= but {name}{sig} has no such argument"
+        assert key in params or has_var_kw, f"{name}: the API table lists {key}= but {name}{sig} has no such argument"
         bound_kwargs[key] = object()
         if key in params and value.strip():
             try:
@@ -138,7 +141,7 @@ def _check_signature(obj, name: str, args: str):
                 continue  # an illustration ("linf"/"l2"), not a default
             default = params[key].default
             assert default is not inspect.Parameter.empty and default == literal, (
-                f"{name}: README gives {key}={value.strip()} but the default is "
+                f"{name}: the API table gives {key}={value.strip()} but the default is "
                 f"{'none' if default is inspect.Parameter.empty else repr(default)}")
     # The listed arguments, and nothing else, must be enough to call it (other parameters have defaults).
     sig.bind(*bound_args, **bound_kwargs)
@@ -150,7 +153,7 @@ def test_readme_api_entry_resolves(module, entry):
 
     mod = getattr(lj, module.split(".", 1)[1]) if module != "lcnn_jax" else lj
     head = re.match(r"[A-Za-z_][\w.]*\*?", entry)
-    assert head, f"cannot read README API entry `{entry}` in the {module} section"
+    assert head, f"cannot read API table entry `{entry}` in the {module} section"
     name, rest = head.group(0), entry[head.end():]
     if name.endswith("*"):
         matches = [n for n in dir(mod) if n.startswith(name[:-1])]
@@ -158,7 +161,7 @@ def test_readme_api_entry_resolves(module, entry):
         return
     obj = mod
     for part in name.split("."):
-        assert hasattr(obj, part), f"`{name}` is listed in the README's {module} section but {module} lacks it"
+        assert hasattr(obj, part), f"`{name}` is listed in the API table's {module} section but {module} lacks it"
         obj = getattr(obj, part)
     if name.isupper():  # a constant (a registry dict, a tuple of names)
         assert not rest, f"`{entry}`: a constant takes no arguments"
