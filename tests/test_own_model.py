@@ -209,9 +209,10 @@ def test_model_without_train_argument_trains_and_evaluates():
 
 
 def _readme_example() -> str:
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    """The example of the guide's "Your own model" page (it was the README's until the docs moved to docs/)."""
+    text = open(os.path.join(REPO, "docs", "guide", "own_model.md"), encoding="utf-8").read()
     match = re.search(r"<!-- own-model example.*?-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md lost its own-model example"
+    assert match, "docs/guide/own_model.md lost its own-model example"
     return match.group(1)
 
 
@@ -219,7 +220,7 @@ def _readme_example() -> str:
 def test_readme_own_model_example_runs(registry, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns: dict = {"__name__": "readme_example"}
-    exec(compile(_readme_example(), "<README own-model example>", "exec"), ns)  # noqa: S102
+    exec(compile(_readme_example(), "<docs own-model example>", "exec"), ns)  # noqa: S102
     results, rep = ns["results"], ns["rep"]
     assert 0.0 <= results["test_accuracy"] <= 1.0 and rep["checkpoint_step"] == results["steps"]
     assert os.path.exists(tmp_path / "runs" / "tiny_cnn" / "measures.json")
