@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from experiments.clip_table import pair_ascent_lipschitz
-from lcnn_jax import training
+from lcnn_jax import io
 from lcnn_jax.data import regression_toy
 from lcnn_jax.nn import make_model
 from lcnn_jax.regularizers.clip import clip, draw_pairs
@@ -240,8 +240,7 @@ def plot_toy(model, run: ToyRun, path: str, rows: Sequence[dict] | None = None) 
                  f"{run.steps} Adam steps each\n(shaded: no training data)", fontsize=10)
     ax.legend(fontsize=8, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    io.save_figure_atomic(fig, path, dpi=120)
 
 
 def markdown_table(rows: Sequence[dict], meta: dict) -> str:
@@ -284,9 +283,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "data_loss": args.data_loss,
             "warm_start_order": list(run.lams), "train_wall_s": run.wall_s, "command": cmd.strip(),
             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})"}
-    training.write_text_atomic(os.path.join(args.out, "regression_toy.json"),
-                               json.dumps({"meta": meta, "rows": rows}, indent=2))
-    training.write_text_atomic(os.path.join(args.out, "regression_toy.md"), markdown_table(rows, meta))
+    io.write_text_atomic(os.path.join(args.out, "regression_toy.json"),
+                         json.dumps({"meta": meta, "rows": rows}, indent=2))
+    io.write_text_atomic(os.path.join(args.out, "regression_toy.md"), markdown_table(rows, meta))
     print(markdown_table(rows, meta))
     return {"meta": meta, "rows": rows}
 

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import table_runner
 from lcnn_jax import attacks, data as data_lib, sweep, training
 from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config, load_config_module
@@ -271,21 +272,11 @@ def load_eval_data(mnist_test_dir: str | None, *, pair_pool_size: int = 500, sub
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
-def _mean_std(values) -> tuple:
-    vals = np.asarray([v for v in values if v is not None], np.float64)
-    if vals.size == 0:
-        return None, None
-    return float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0
-
-
 def aggregate_row(row: str, per_seed: Sequence[dict], epochs: int) -> dict:
     """The CSV record of one row: identity columns plus ``<metric>_mean`` / ``<metric>_std`` over seeds."""
     method, target = _CONFIGS.split_variant(row)
-    rec = {"row": row, "method": method, "target": None if target is None else round(100 * target),
-           "num_seeds": len(per_seed), "epochs": int(epochs)}
-    for m in METRICS:
-        rec[f"{m}_mean"], rec[f"{m}_std"] = _mean_std([s.get(m) for s in per_seed])
-    return rec
+    return {"row": row, "method": method, "target": None if target is None else round(100 * target),
+            "num_seeds": len(per_seed), "epochs": int(epochs), **table_runner.aggregate(per_seed, METRICS)}
 
 
 def config_digest(config) -> str:
@@ -308,35 +299,28 @@ def run_row(row: str, *, epochs: int, seeds: Sequence[int], out_dir: str, workdi
                 "num_test": len(eval_data[0]["test"][0]),
                 "num_official": len(eval_data[0]["official"][0]) if "official" in eval_data[0] else 0,
                 "evals": list(EVALS), "config_digest": digest}
-    if os.path.exists(path) and not force:
-        with open(path) as fh:
-            saved = json.load(fh)
-        if saved.get("settings") == settings:
-            print(f"[clip_table] {row}: results exist ({path}), skipped", flush=True)
-            return saved
-    wd = os.path.join(workdir, f"e{epochs}{suffix}", f"{row}-{digest}")
-    model, states, trained_with, note, train_s = train_row(config, wd, seeds, use_sweep=use_sweep)
     splits, lip_pairs = eval_data
-    t0 = time.time()
-    per_seed = []
-    for i, (s, st) in enumerate(zip(seeds, states)):
-        variables = {"params": st.params, **st.model_state}
-        res = evaluate_member(model, variables, splits, lip_pairs, key=jax.random.PRNGKey(1000 + int(s)),
-                              pgd_steps=pgd_steps, lip_max_steps=lip_max_steps)
-        res["final_coeff"] = float(st.reg_state[0]["coeff"]) if st.reg_state else None
-        res["seed"] = int(s)
-        per_seed.append(res)
-    result = {"row": row, "settings": settings, "per_seed": per_seed, "aggregate": aggregate_row(row, per_seed, epochs),
-              "trained_with": trained_with, "note": note, "train_wall_s": train_s, "eval_wall_s": time.time() - t0,
-              "workdir": wd, "clip_log": clip_log_diagnostics(wd, seeds) if row.startswith("clip") else {}}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    training.write_json_atomic(path, result)
-    a = result["aggregate"]
-    print(f"[clip_table] {row}: train {a['train_acc_mean']:.4f} test {a['test_acc_mean']:.4f} noise "
-          f"{a['noise_acc_mean']:.4f} (paper-era {a['noise_paper_acc_mean']:.4f}) pgd {a['pgd_acc_mean']:.4f} "
-          f"(reference attack {a['pgd_ref_acc_mean']:.4f}) lip {a['lipschitz_mean']:.3f} "
-          f"({trained_with}, train {train_s:.0f} s, eval {result['eval_wall_s']:.0f} s)", flush=True)
-    return result
+
+    def evaluate(model, state, seed):
+        res = evaluate_member(model, {"params": state.params, **state.model_state}, splits, lip_pairs,
+                              key=jax.random.PRNGKey(1000 + seed), pgd_steps=pgd_steps, lip_max_steps=lip_max_steps)
+        res["final_coeff"] = float(state.reg_state[0]["coeff"]) if state.reg_state else None
+        return res
+
+    def compute():
+        wd = os.path.join(workdir, f"e{epochs}{suffix}", f"{row}-{digest}")
+        res = table_runner.train_and_evaluate(lambda c, w, s: train_row(c, w, s, use_sweep=use_sweep), config, wd,
+                                              seeds, evaluate)
+        a = aggregate_row(row, res["per_seed"], epochs)
+        print(f"[clip_table] {row}: train {a['train_acc_mean']:.4f} test {a['test_acc_mean']:.4f} noise "
+              f"{a['noise_acc_mean']:.4f} (paper-era {a['noise_paper_acc_mean']:.4f}) pgd {a['pgd_acc_mean']:.4f} "
+              f"(reference attack {a['pgd_ref_acc_mean']:.4f}) lip {a['lipschitz_mean']:.3f} "
+              f"({res['trained_with']}, train {res['train_wall_s']:.0f} s, eval {res['eval_wall_s']:.0f} s)",
+              flush=True)
+        return {**res, "row": row, "aggregate": a,
+                "clip_log": clip_log_diagnostics(wd, seeds) if row.startswith("clip") else {}}
+
+    return table_runner.cached_row(path, settings, compute, force=force, tag="clip_table", name=row)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -405,16 +389,12 @@ def markdown_table(results: Sequence[dict], meta: dict) -> str:
 
 def write_outputs(results: Sequence[dict], meta: dict, out_dir: str, suffix: str = "") -> dict:
     """``table{suffix}.json`` (meta + rows), ``table{suffix}.csv`` (:data:`CSV_COLUMNS`) and ``table{suffix}.md``."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"table{suffix}.{k}") for k in ("json", "csv", "md")}
-    training.write_json_atomic(paths["json"], {"meta": meta, "columns": list(CSV_COLUMNS),
-                                               "paper": {k: list(v) for k, v in PAPER.items()},
-                                               "rows": [r["aggregate"] for r in results],
-                                               "details": results})
-    training.write_csv_atomic(paths["csv"], CSV_COLUMNS, ({k: ("" if r["aggregate"].get(k) is None else r["aggregate"][k])
-                                                           for k in CSV_COLUMNS} for r in results))
-    training.write_text_atomic(paths["md"], markdown_table(results, meta))
-    return paths
+    rows = [r["aggregate"] for r in results]
+    return table_runner.write_table(
+        out_dir, f"table{suffix}", obj={"meta": meta, "columns": list(CSV_COLUMNS),
+                                        "paper": {k: list(v) for k, v in PAPER.items()}, "rows": rows,
+                                        "details": results},
+        columns=CSV_COLUMNS, rows=rows, markdown=markdown_table(results, meta))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -449,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cmd = "python experiments/clip_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"epochs": args.epochs, "seeds": seeds, "pgd_steps": args.pgd_steps, "command": cmd.strip(),
             "output": "sigmoid after the output layer" if args.sigmoid_output else "linear output (logits)",
-            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})",
+            "device": table_runner.device_description(),
             "wall_s": time.time() - t0,
             "rows_wall_s": {r["row"]: r["train_wall_s"] + r["eval_wall_s"] for r in results}}
     paths = write_outputs(results, meta, args.out, "_sigmoid" if args.sigmoid_output else "")

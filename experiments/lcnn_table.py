@@ -71,7 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lcnn_jax import attacks, data as data_lib, sweep, training
+from experiments import table_runner
+from lcnn_jax import attacks, data as data_lib, io, sweep, training
 from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config
 from lcnn_jax.measures import curvature_bound, gradient_stability, input_curvature
@@ -206,21 +207,13 @@ def step_time_from_log(records: Sequence[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
-def mean_std(values) -> tuple:
-    """Mean and sample std (ddof=1; 0 for one value) of the non-None values; ``(None, None)`` for none."""
-    vals = np.asarray([v for v in values if v is not None], np.float64)
-    if vals.size == 0:
-        return None, None
-    return float(vals.mean()), (float(vals.std(ddof=1)) if vals.size > 1 else 0.0)
+mean_std = io.mean_std
 
 
 def aggregate_row(row: str, per_seed: Sequence[dict], epochs: int) -> dict:
     """One CSV record: identity columns plus ``<metric>_mean`` / ``<metric>_std`` over seeds."""
-    rec = {"row": row, "num_seeds": len(per_seed), "epochs": int(epochs), "bench_ratio": None}
-    for m in PER_SEED:
-        rec[f"{m}_mean"], rec[f"{m}_std"] = mean_std([s.get(m) for s in per_seed])
-    rec["step_ratio_mean"], rec["step_ratio_std"] = None, None
-    return rec
+    return {"row": row, "num_seeds": len(per_seed), "epochs": int(epochs), "bench_ratio": None,
+            **table_runner.aggregate(per_seed, PER_SEED), "step_ratio_mean": None, "step_ratio_std": None}
 
 
 def attach_ratios(aggregates: Sequence[dict], bench: Mapping | None = None) -> list[dict]:
@@ -282,15 +275,6 @@ def row_settings(*, epochs: int, seeds: Sequence[int], splits: Mapping[str, tupl
             "measure_splits": sorted(splits) if measure_splits is None else sorted(measure_splits), "sizes": {k: len(v[0]) for k, v in splits.items()}}
 
 
-def load_row(path: str, settings: dict) -> dict | None:
-    """The saved result at ``path`` if it was computed with ``settings``, else None."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        saved = json.load(fh)
-    return saved if saved.get("settings") == settings else None
-
-
 def run_row(row: str, *, epochs: int, seeds: Sequence[int], out_dir: str, workdir: str, splits: Mapping,
             measure_limit: int, pgd_steps: int = PGD_STEPS, pgd_limit: int | None = None,
             measure_splits: Sequence[str] | None = None, force: bool = False, trainer=sweep.train_seeds,
@@ -301,38 +285,30 @@ def run_row(row: str, *, epochs: int, seeds: Sequence[int], out_dir: str, workdi
     path = os.path.join(out_dir, "rows", f"{row}.json")
     settings = row_settings(epochs=epochs, seeds=seeds, splits=splits, measure_limit=measure_limit,
                             pgd_steps=pgd_steps, pgd_limit=pgd_limit, measure_splits=measure_splits)
-    saved = None if force else load_row(path, settings)
-    if saved is not None:
-        print(f"[lcnn_table] {row}: results exist ({path}), skipped", flush=True)
-        return saved
-    config = row_config(row, epochs=epochs, seed=seeds[0])
-    wd = os.path.join(workdir, f"e{epochs}", row)
-    model, states, trained_with, note, train_s = trainer(config, wd, seeds)
-    try:
-        timing = step_time_from_log(training.read_metrics_log(wd))
-    except FileNotFoundError:
-        timing = {"step_s": None, "intervals": 0}
-    t0 = time.time()
-    per_seed = []
-    for s, st in zip(seeds, states):
-        variables = {"params": st.params, **st.model_state}
-        res = evaluator(model, variables, splits, key=jax.random.PRNGKey(1000 + int(s)),
-                        measure_limit=measure_limit, pgd_limit=settings["pgd_limit"], pgd_steps=pgd_steps,
-                        measure_splits=settings["measure_splits"], bound=row in LCNN_ROWS)
-        res["step_ms"] = None if timing["step_s"] is None else 1000 * timing["step_s"]
-        res["seed"] = int(s)
-        per_seed.append(res)
-    result = {"row": row, "settings": settings, "per_seed": per_seed,
-              "aggregate": aggregate_row(row, per_seed, epochs), "timing": timing, "trained_with": trained_with,
-              "note": note, "train_wall_s": train_s, "eval_wall_s": time.time() - t0, "workdir": wd}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    training.write_json_atomic(path, result)
-    a = result["aggregate"]
-    print(f"[lcnn_table] {row}: test acc {a['test_acc_mean']:.4f} official acc {a['official_acc_mean']} "
-          f"official curv {a['official_curv_mean_mean']} "
-          f"step {a['step_ms_mean']} ms ({trained_with}, train {train_s:.0f} s, eval {result['eval_wall_s']:.0f} s)",
-          flush=True)
-    return result
+
+    def evaluate(model, state, seed):
+        return evaluator(model, {"params": state.params, **state.model_state}, splits,
+                         key=jax.random.PRNGKey(1000 + seed), measure_limit=measure_limit,
+                         pgd_limit=settings["pgd_limit"], pgd_steps=pgd_steps,
+                         measure_splits=settings["measure_splits"], bound=row in LCNN_ROWS)
+
+    def compute():
+        wd = os.path.join(workdir, f"e{epochs}", row)
+        res = table_runner.train_and_evaluate(trainer, row_config(row, epochs=epochs, seed=seeds[0]), wd, seeds,
+                                              evaluate)
+        try:
+            timing = step_time_from_log(training.read_metrics_log(wd))
+        except FileNotFoundError:
+            timing = {"step_s": None, "intervals": 0}
+        for rec in res["per_seed"]:
+            rec["step_ms"] = None if timing["step_s"] is None else 1000 * timing["step_s"]
+        a = aggregate_row(row, res["per_seed"], epochs)
+        print(f"[lcnn_table] {row}: test acc {a['test_acc_mean']:.4f} official acc {a['official_acc_mean']} "
+              f"official curv {a['official_curv_mean_mean']} step {a['step_ms_mean']} ms ({res['trained_with']}, "
+              f"train {res['train_wall_s']:.0f} s, eval {res['eval_wall_s']:.0f} s)", flush=True)
+        return {**res, "row": row, "aggregate": a, "timing": timing}
+
+    return table_runner.cached_row(path, settings, compute, force=force, tag="lcnn_table", name=row)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -422,24 +398,18 @@ def plot(results: Sequence[dict], split: str, path: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    io.save_figure_atomic(fig, path, dpi=120)
 
 
 def write_outputs(results: Sequence[dict], meta: dict, out_dir: str, bench: Mapping | None = None) -> dict:
     """``table.json`` (meta, aggregates, targets, details), ``table.csv`` (:data:`CSV_COLUMNS`), ``table.md`` and
     ``curvature_accuracy.png``; every file written through a temporary file."""
-    os.makedirs(out_dir, exist_ok=True)
     aggs = attach_ratios([r["aggregate"] for r in results], bench)
-    paths = {k: os.path.join(out_dir, f"table.{k}") for k in ("json", "csv", "md")}
-    training.write_json_atomic(paths["json"], {"meta": meta, "columns": list(CSV_COLUMNS), "rows": aggs,
-                                               "targets": {s: targets(aggs, s) for s in meta["splits"]},
-                                               "bench": bench, "details": results})
-    training.write_csv_atomic(paths["csv"], CSV_COLUMNS,
-                              ({k: ("" if a.get(k) is None else a[k]) for k in CSV_COLUMNS} for a in aggs))
-    training.write_text_atomic(paths["md"], markdown_table(aggs, meta))
+    paths = table_runner.write_table(
+        out_dir, "table", obj={"meta": meta, "columns": list(CSV_COLUMNS), "rows": aggs,
+                               "targets": {s: targets(aggs, s) for s in meta["splits"]}, "bench": bench,
+                               "details": results},
+        columns=CSV_COLUMNS, rows=aggs, markdown=markdown_table(aggs, meta))
     if meta.get("plot", True):
         paths["png"] = os.path.join(out_dir, "curvature_accuracy.png")
         plot(results, meta["splits"][-1], paths["png"])
@@ -506,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "pgd_limit": args.measure_limit if args.pgd_limit is None else args.pgd_limit,
             "measure_splits": measure_splits or list(splits),
             "splits": list(splits), "command": cmd.strip(),
-            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})",
+            "device": table_runner.device_description(),
             "wall_s": time.time() - t0,
             "rows_wall_s": {r["row"]: r["train_wall_s"] + r["eval_wall_s"] for r in results}}
     paths = write_outputs(results, meta, args.out, bench)

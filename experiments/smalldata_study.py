@@ -72,7 +72,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcnn_jax import attacks, data as data_lib, sweep, training
+from experiments import table_runner
+from lcnn_jax import attacks, data as data_lib, io, sweep
 from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config, load_config_module
 from lcnn_jax.measures.jacobian import jacobian_frobenius
@@ -130,12 +131,7 @@ def load_eval_data(mnist_test_dir: str | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ selection / stats
-def mean_std(values) -> tuple:
-    """Mean and sample std (ddof=1; 0 for one value) of the non-None values; ``(None, None)`` if there are none."""
-    vals = np.asarray([v for v in values if v is not None], np.float64)
-    if vals.size == 0:
-        return None, None
-    return float(vals.mean()), (float(vals.std(ddof=1)) if vals.size > 1 else 0.0)
+mean_std = io.mean_std
 
 
 def grid_stats(members: Sequence[dict]) -> list[dict]:
@@ -147,10 +143,8 @@ def grid_stats(members: Sequence[dict]) -> list[dict]:
     out = []
     for key, ms in groups.items():
         ok = [m for m in ms if not m.get("diverged")]
-        row = {"grid": json.loads(key), "seeds": [m["seed"] for m in ok], "num_diverged": len(ms) - len(ok)}
-        for metric in ("val_acc", "test_acc"):
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([m.get(metric) for m in ok])
-        out.append(row)
+        out.append({"grid": json.loads(key), "seeds": [m["seed"] for m in ok], "num_diverged": len(ms) - len(ok),
+                    **table_runner.aggregate(ok, ("val_acc", "test_acc"))})
     return out
 
 
@@ -164,10 +158,7 @@ def select_by_validation(stats: Sequence[dict]) -> dict:
 
 def aggregate(per_seed: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict:
     """``{<metric>_mean, <metric>_std}`` over seeds for every metric (None where no seed has it)."""
-    out = {}
-    for m in metrics:
-        out[f"{m}_mean"], out[f"{m}_std"] = mean_std([s.get(m) for s in per_seed])
-    return out
+    return table_runner.aggregate(per_seed, metrics)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -292,18 +283,7 @@ def unit_settings(unit: str, *, epochs: int, seeds: Sequence[int], data: Mapping
             "eval_version": EVAL_VERSION}
 
 
-def load_finished(path: str, settings: dict, ignore: Sequence[str] = ()) -> dict | None:
-    """The saved unit result at ``path`` if it exists and was produced with ``settings`` (keys in ``ignore`` not
-    compared); else None."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        saved = json.load(fh)
-    strip = lambda d: {k: v for k, v in json.loads(json.dumps(d)).items() if k not in ignore}  # noqa: E731
-    return saved if strip(saved.get("settings", {})) == strip(settings) else None
-
-
-def _add_columns(older: dict, model, trained, data: Mapping, settings: dict, path: str, *, jac_n: int) -> dict:
+def _add_columns(older: dict, model, trained, data: Mapping, *, jac_n: int) -> dict:
     """Eval-version 1 -> 2: the ``deriv_*`` columns for the already selected seeds; everything else is kept (the
     selection, made on validation accuracy, does not change)."""
     t0 = time.time()
@@ -317,9 +297,8 @@ def _add_columns(older: dict, model, trained, data: Mapping, settings: dict, pat
         extra = {f"deriv_{name}": float(fn(variables, jnp.asarray(data[split].images[:jac_n]), dkey))
                  for name, split in (("train", "train"), ("test", "test"), ("official", "official")) if split in data}
         per_seed.append({**rec, **extra})
-    result = {**older, "settings": settings, "per_seed": per_seed, "aggregate": aggregate(per_seed),
+    result = {**older, "per_seed": per_seed, "aggregate": aggregate(per_seed),
               "eval_wall_s": older["eval_wall_s"] + time.time() - t0}
-    training.write_json_atomic(path, result)
     print(f"[smalldata] {older['unit']}: columns added ({time.time() - t0:.0f} s)", flush=True)
     return result
 
@@ -330,52 +309,47 @@ def run_unit(unit: str, *, epochs: int, seeds: Sequence[int], out_dir: str, work
     ``train_fn`` (tests) replaces :func:`train_unit`."""
     path = unit_path(out_dir, unit)
     settings = unit_settings(unit, epochs=epochs, seeds=seeds, data=data, pgd_n=pgd_n, jac_n=jac_n)
-    saved = None if force else load_finished(path, settings)
-    if saved is not None:
-        print(f"[smalldata] {unit}: results exist ({path}), skipped", flush=True)
-        return saved
     model_name = unit.split("/")[0]
     vectorize = vectorize_all or model_name not in SEQUENTIAL_MODELS
     wd = os.path.join(workdir, f"e{epochs}", unit.replace("/", "__"))
-    older = None if force or train_fn else load_finished(path, {**settings, "eval_version": None}, ignore=("eval_version",))
-    t0 = time.time()
-    if older is not None and older.get("vectorized") == vectorize:  # trained already: only the evaluation changed
-        print(f"[smalldata] {unit}: trained already, adding the new columns (eval_version {EVAL_VERSION})",
-              flush=True)
-        model, trained = load_trained_unit(wd, seeds=seeds, vectorize=vectorize)
-        return _add_columns(older, model, trained, data, settings, path, jac_n=jac_n)
-    else:
+
+    def compute():
+        older = None if force or train_fn else io.load_if_matches(path, settings, ignore=("eval_version",))
+        if older is not None and older.get("vectorized") == vectorize:  # trained already: only the evaluation changed
+            print(f"[smalldata] {unit}: trained already, adding the new columns (eval_version {EVAL_VERSION})",
+                  flush=True)
+            model, trained = load_trained_unit(wd, seeds=seeds, vectorize=vectorize)
+            return _add_columns(older, model, trained, data, jac_n=jac_n)
+        t0 = time.time()
         model, trained, programs = (train_fn or train_unit)(unit, epochs=epochs, seeds=seeds, workdir=wd,
                                                             vectorize=vectorize)
         train_s = time.time() - t0
+        t0 = time.time()
+        members = []
+        for rec, st in trained:
+            variables = {"params": st.params, **st.model_state}
+            members.append({**rec, "val_acc": clean_accuracy(model, variables, data["val"]),
+                            "test_acc": clean_accuracy(model, variables, data["test"])})
+        stats = grid_stats(members)
+        chosen = select_by_validation(stats)
+        per_seed = []
+        for (rec, st), m in zip(trained, members):
+            if m["grid"] != chosen["grid"] or m.get("diverged"):
+                continue
+            variables = {"params": st.params, **st.model_state}
+            res = evaluate_member(model, variables, data, key=jax.random.PRNGKey(1000 + int(m["seed"])),
+                                  pgd_n=pgd_n, jac_n=jac_n)
+            per_seed.append({"seed": m["seed"], "grid": m["grid"], **res})
+        a = aggregate(per_seed)
+        eval_s = time.time() - t0
+        print(f"[smalldata] {unit}: selected {chosen['grid']} val {a['val_acc_mean']:.4f} test "
+              f"{a['test_acc_mean']:.4f} (train {train_s:.0f} s, eval {eval_s:.0f} s)", flush=True)
+        return {"unit": unit, "model": model_name, "regularizer": unit.split("/")[1], "members": members,
+                "grid_stats": stats, "selected": chosen["grid"], "per_seed": per_seed, "aggregate": a,
+                "trained_with": "fit_sweep", "programs": programs, "vectorized": vectorize, "train_wall_s": train_s,
+                "eval_wall_s": eval_s, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
 
-    t0 = time.time()
-    members = []
-    for rec, st in trained:
-        variables = {"params": st.params, **st.model_state}
-        members.append({**rec, "val_acc": clean_accuracy(model, variables, data["val"]),
-                        "test_acc": clean_accuracy(model, variables, data["test"])})
-    stats = grid_stats(members)
-    chosen = select_by_validation(stats)
-    per_seed = []
-    for (rec, st), m in zip(trained, members):
-        if m["grid"] != chosen["grid"] or m.get("diverged"):
-            continue
-        variables = {"params": st.params, **st.model_state}
-        res = evaluate_member(model, variables, data, key=jax.random.PRNGKey(1000 + int(m["seed"])),
-                              pgd_n=pgd_n, jac_n=jac_n)
-        per_seed.append({"seed": m["seed"], "grid": m["grid"], **res})
-    result = {"unit": unit, "model": model_name, "regularizer": unit.split("/")[1], "settings": settings,
-              "members": members, "grid_stats": stats, "selected": chosen["grid"], "per_seed": per_seed,
-              "aggregate": aggregate(per_seed), "trained_with": "fit_sweep", "programs": programs,
-              "vectorized": vectorize, "train_wall_s": train_s, "eval_wall_s": time.time() - t0,
-              "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    training.write_json_atomic(path, result)
-    a = result["aggregate"]
-    print(f"[smalldata] {unit}: selected {chosen['grid']} val {a['val_acc_mean']:.4f} test {a['test_acc_mean']:.4f} "
-          f"(train {train_s:.0f} s, eval {result['eval_wall_s']:.0f} s)", flush=True)
-    return result
+    return table_runner.cached_row(path, settings, compute, force=force, tag="smalldata", name=unit)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -402,11 +376,8 @@ def write_table(results: Sequence[dict], out_dir: str, name: str, title: str) ->
     if not results:
         return
     rows = table_rows(results)
-    training.write_json_atomic(os.path.join(out_dir, f"{name}.json"), {"rows": rows, "pgd_linf": PGD_LINF,
-                                                                        "pgd_l2": PGD_L2})
     fields = ["model", "regularizer", "selected", "num_seeds", "epochs"] + [
         f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")]
-    training.write_csv_atomic(os.path.join(out_dir, f"{name}.csv"), fields, rows, extrasaction="ignore")
     pct = {c: not c.startswith(("jac", "deriv")) for c in COLUMNS}
     head = ["model", "regularizer", "selected (on val)", "seeds", "epochs"] + list(COLUMNS)
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -427,7 +398,8 @@ def write_table(results: Sequence[dict], out_dir: str, name: str, title: str) ->
               f"{s0['train_size']} training images; coefficient chosen on "
               f"{s0['val_size']} held-out validation images; test_* = 1000 mnist5k test images, official_* = "
               f"official MNIST test set (10000). Hardware: {results[0]['devices']}."]
-    training.write_text_atomic(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
+    table_runner.write_table(out_dir, name, obj={"rows": rows, "pgd_linf": PGD_LINF, "pgd_l2": PGD_L2},
+                             columns=fields, rows=rows, markdown="\n".join(lines) + "\n")
 
 
 def write_grid(results: Sequence[dict], out_dir: str) -> None:
@@ -440,7 +412,7 @@ def write_grid(results: Sequence[dict], out_dir: str) -> None:
                          f"{_fmt(g['val_acc_mean'], g['val_acc_std'], True)} | "
                          f"{_fmt(g['test_acc_mean'], g['test_acc_std'], True)} | "
                          f"{'yes' if g['grid'] == r['selected'] else ''} |")
-    training.write_text_atomic(os.path.join(out_dir, "grid.md"), "\n".join(lines) + "\n")
+    io.write_text_atomic(os.path.join(out_dir, "grid.md"), "\n".join(lines) + "\n")
 
 
 def write_all(out_dir: str) -> None:
@@ -502,7 +474,7 @@ def write_claims(results: Mapping[str, dict], out_dir: str) -> None:
                 rows.append({"model": model, "regularizer": reg, "claim": name, "seeds": len(r["per_seed"]), **v})
     if not rows:
         return
-    training.write_json_atomic(os.path.join(out_dir, "claims.json"), {"rows": rows, "claims": CLAIMS})
+    io.write_json_atomic(os.path.join(out_dir, "claims.json"), {"rows": rows, "claims": CLAIMS})
     pct = lambda c: not c.startswith(("jac", "deriv"))  # noqa: E731
     lines = ["# SPEC 1.4: each claim of the abstract, per model and reading, against the unregularized baseline", "",
              "| model | reading | claim | baseline -> regularized (per column) | verdict |", "|---|---|---|---|---|"]
@@ -517,7 +489,7 @@ def write_claims(results: Mapping[str, dict], out_dir: str) -> None:
               "*contradicted* when one moves the other way by as much, *not supported* otherwise. Readings: "
               "derivative_a = secant vs tangent (SPEC 1.4 A), derivative_b = the logits' secant at 1/255 driven to 0 "
               "(B), derivative_b_softmax = B on the softmax outputs. Seeds and sizes as in table1.md / table2.md."]
-    training.write_text_atomic(os.path.join(out_dir, "claims.md"), "\n".join(lines) + "\n")
+    io.write_text_atomic(os.path.join(out_dir, "claims.md"), "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:
