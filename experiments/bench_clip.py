@@ -27,7 +27,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from lcnn_jax import training
+from lcnn_jax import train as training
 from lcnn_jax.configs import load_config
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "clip_mnist5k.py")

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lcnn_jax import training
+from lcnn_jax import train as training
+from lcnn_jax import io as lio
 from lcnn_jax.configs import default_config
 from lcnn_jax.measures.curvature import input_curvature
 from lcnn_jax.measures.sharpness import layer_hessian_traces
@@ -280,8 +281,8 @@ def main(argv=None) -> dict:
     res = run(args)
     os.makedirs(args.out, exist_ok=True)
     name = "bench_gpu_smoke" if args.smoke else "bench_gpu"
-    training.write_json_atomic(os.path.join(args.out, f"{name}.json"), res)
-    training.write_text_atomic(os.path.join(args.out, f"{name}.md"), to_markdown(res))
+    lio.write_json_atomic(os.path.join(args.out, f"{name}.json"), res)
+    lio.write_text_atomic(os.path.join(args.out, f"{name}.md"), to_markdown(res))
     print(to_markdown(res))
     return res
 

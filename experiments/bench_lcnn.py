@@ -27,7 +27,8 @@ import time
 import jax
 import numpy as np
 
-from lcnn_jax import training
+from lcnn_jax import train as training
+from lcnn_jax import io as lio
 from lcnn_jax.configs import load_config
 
 TARGETS = {"lcnn": 1.5}
@@ -127,11 +128,11 @@ def main() -> None:
         meta = {"config": args.config, "repeats": args.repeats, "device": device, "wall_s": wall, "load": load,
                 "reference": ref_name, "command": "python experiments/bench_lcnn.py " + " ".join(sys.argv[1:]),
                 "batch_size": info[ref_name][0]}
-        training.write_text_atomic(os.path.join(args.out, "bench.json"), json.dumps(
+        lio.write_text_atomic(os.path.join(args.out, "bench.json"), json.dumps(
             {"meta": meta, "ratios": {r["variant"]: r["ratio"] for r in rows},
              "rows": [{**r, "params": info[r["variant"]][1], "regularizers": info[r["variant"]][2]} for r in rows]},
             indent=2))
-        training.write_text_atomic(os.path.join(args.out, "bench.md"), "\n".join(md) + "\n")
+        lio.write_text_atomic(os.path.join(args.out, "bench.md"), "\n".join(md) + "\n")
         print(f"wrote {args.out}/bench.json and bench.md")
 
 

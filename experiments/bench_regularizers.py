@@ -39,7 +39,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lcnn_jax import training
+from lcnn_jax import train as training
+from lcnn_jax import io as lio
 from lcnn_jax.configs import default_config
 from lcnn_jax.data import dataset_info, load_split
 from lcnn_jax.nn import make_model
@@ -259,8 +260,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.derivative_accuracy:
         res = derivative_accuracy()
-        training.write_json_atomic(os.path.join(args.out, "derivative_accuracy.json"), res)
-        training.write_text_atomic(os.path.join(args.out, "derivative_accuracy.md"), derivative_md(res))
+        lio.write_json_atomic(os.path.join(args.out, "derivative_accuracy.json"), res)
+        lio.write_text_atomic(os.path.join(args.out, "derivative_accuracy.md"), derivative_md(res))
         print(derivative_md(res))
         return
     names = [n for n in args.only.split(",") if n] or list(DEFAULT)
@@ -269,13 +270,13 @@ def main() -> None:
         p.error(f"unknown regularizer(s) {unknown}; choose among {list(VARIANTS)}")
     if not args.skip_steps:
         res = step_cost(names, model_name=args.model, batch_size=args.batch_size, repeats=args.repeats)
-        training.write_json_atomic(os.path.join(args.out, "step_cost.json"), res)
-        training.write_text_atomic(os.path.join(args.out, "step_cost.md"), step_cost_md(res))
+        lio.write_json_atomic(os.path.join(args.out, "step_cost.json"), res)
+        lio.write_text_atomic(os.path.join(args.out, "step_cost.md"), step_cost_md(res))
         print(step_cost_md(res), flush=True)
     if args.sweep:
         res = sweep_throughput()
-        training.write_json_atomic(os.path.join(args.out, "sweep_throughput.json"), res)
-        training.write_text_atomic(os.path.join(args.out, "sweep_throughput.md"), sweep_md(res))
+        lio.write_json_atomic(os.path.join(args.out, "sweep_throughput.json"), res)
+        lio.write_text_atomic(os.path.join(args.out, "sweep_throughput.md"), sweep_md(res))
         print(sweep_md(res))
 
 

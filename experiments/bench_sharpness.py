@@ -45,7 +45,7 @@ from jax.flatten_util import ravel_pytree
 from lcnn_jax.data import batches, load_split
 from lcnn_jax.measures import hessian_trace, layer_hessian_traces, minimum_sharpness, normalized_sharpness
 from lcnn_jax.nn import make_model
-from lcnn_jax.training import write_text_atomic
+from lcnn_jax.io import write_text_atomic
 
 
 def probes_for_relative_error(probe_std: float, mean: float, rel_se: float) -> int:

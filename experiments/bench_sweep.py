@@ -1,4 +1,4 @@
-"""Throughput of a sweep (K members in one jitted step, vmapped and unrolled: ``sweep.MEMBER_LOOPS``) against the
+"""Throughput of a sweep (K members in one jitted step, vmapped and unrolled: ``loops.MEMBER_LOOPS``) against the
 same K runs one after another, measured in one process on the devices present.
 
     python experiments/bench_sweep.py [--seeds 3] [--coeffs 0,0.01] [--regularizer datagrad] [--steps 30]
@@ -21,7 +21,9 @@ import jax
 import numpy as np
 
 from lcnn_jax import data as data_lib
-from lcnn_jax import sweep, training
+from lcnn_jax import train as training
+from lcnn_jax.train import sweep
+from lcnn_jax import loops
 from lcnn_jax.configs import default_config
 
 
@@ -42,7 +44,7 @@ def main() -> None:
     config.train.num_steps = args.steps + args.warmup
     config.regularizers = {args.regularizer: {"coeff": 0.0}}
     coeffs = tuple(float(c) for c in args.coeffs.split(","))
-    members = sweep.sweep_members(range(args.seeds), {f"{args.regularizer}.coeff": coeffs})
+    members = training.sweep_members(range(args.seeds), {f"{args.regularizer}.coeff": coeffs})
     k = len(members)
     setup = training.prepare_run(config)
     mesh, n = setup.mesh, args.steps + args.warmup
@@ -56,13 +58,13 @@ def main() -> None:
 
     # ---- sequential: K runs one after another, one compiled single-run step reused
     single = training.jit_train_step(setup.step_fn, mesh)
-    st = training.replicate(sweep.init_member_state(setup, members[0]), mesh)
+    st = training.replicate(training.init_member_state(setup, members[0]), mesh)
     t0 = time.perf_counter()
     single = single.lower(st, training.shard_batch(batch(0, 0), mesh)).compile()
     compile_single = time.perf_counter() - t0
     seq_time = 0.0
     for m in members:
-        st = training.replicate(sweep.init_member_state(setup, m), mesh)
+        st = training.replicate(training.init_member_state(setup, m), mesh)
         for t in range(args.warmup):
             st, met = single(st, training.shard_batch(batch(m.seed, t), mesh))
         jax.block_until_ready(met)
@@ -72,17 +74,17 @@ def main() -> None:
         jax.block_until_ready(met)
         seq_time += time.perf_counter() - t0
 
-    # ---- one program: all K members in one jitted step, vmapped or unrolled (sweep.MEMBER_LOOPS)
-    layout = sweep.sweep_layout(mesh, k)
-    stacked = sweep.init_stacked_state(setup, members)
+    # ---- one program: all K members in one jitted step, vmapped or unrolled (loops.MEMBER_LOOPS)
+    layout = training.sweep_layout(mesh, k)
+    stacked = training.init_stacked_state(setup, members)
 
     def stacked_batch(t):
         rows = [batch(m.seed, t) for m in members]
-        return sweep.place_batch({key: np.stack([r[key] for r in rows]) for key in rows[0]}, layout)
+        return training.place_batch({key: np.stack([r[key] for r in rows]) for key in rows[0]}, layout)
 
     def time_loop(loop):
-        st = sweep.place_state(sweep.init_stacked_state(setup, members), layout)
-        step = sweep.jit_sweep_step(setup.step_fn, layout, loop=loop)
+        st = training.place_state(training.init_stacked_state(setup, members), layout)
+        step = training.jit_sweep_step(setup.step_fn, layout, loop=loop)
         t0 = time.perf_counter()
         step = step.lower(st, stacked_batch(0)).compile()
         compile_s = time.perf_counter() - t0
@@ -95,8 +97,8 @@ def main() -> None:
         jax.block_until_ready(met)
         return compile_s, time.perf_counter() - t0
 
-    auto = sweep.resolve_member_loop("auto", layout, lambda: sweep._step_convolves(setup, stacked))
-    loops = {loop: time_loop(loop) for loop in sweep.MEMBER_LOOPS[1:]}
+    auto = training.resolve_member_loop("auto", layout, lambda: sweep.step_convolves(setup, stacked))
+    timed = {loop: time_loop(loop) for loop in loops.MEMBER_LOOPS[1:]}
 
     member_steps = k * args.steps
     seq_rate = member_steps / seq_time
@@ -107,7 +109,7 @@ def main() -> None:
           f"members   batch {args.batch_size}   {args.steps} timed steps per member (+{args.warmup} warm-up)")
     print(f"sequential (K runs, one compiled single-run step): compile {compile_single:.2f} s, run {seq_time:.2f} s, "
           f"{seq_rate:,.1f} member-steps/s ({seq_rate * args.batch_size:,.0f} examples/s)")
-    for loop, (compile_s, run_s) in loops.items():
+    for loop, (compile_s, run_s) in timed.items():
         rate = member_steps / run_s
         print(f"one program, member_loop={loop!r}: compile {compile_s:.2f} s, run {run_s:.2f} s, "
               f"{rate:,.1f} member-steps/s ({rate * args.batch_size:,.0f} examples/s); throughput / sequential "

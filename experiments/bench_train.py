@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from lcnn_jax import training
+from lcnn_jax import train as training
 from lcnn_jax.configs import default_config
 from lcnn_jax.data import batches, dataset_info, load_split
 from lcnn_jax.nn import make_model

@@ -2,9 +2,10 @@
 
 ``import lcnn_jax as lj`` gives every public module as an attribute, imported on first use (so that
 ``import lcnn_jax`` stays cheap): ``lj.measures``, ``lj.regularizers``, ``lj.nn``, ``lj.attacks``,
-``lj.estimators``, ``lj.autodiff``, ``lj.data``, ``lj.training``, ``lj.sweep``, ``lj.runs``, ``lj.report``,
-``lj.compare``, ``lj.tables``, ``lj.batching``, ``lj.configs``, ``lj.types``. The README's API overview lists the
-public names of each.
+``lj.estimators``, ``lj.autodiff``, ``lj.loops``, ``lj.data``, ``lj.train``, ``lj.runs``, ``lj.report``,
+``lj.compare``, ``lj.tables``, ``lj.batching``, ``lj.configs``, ``lj.io``, ``lj.errors``, ``lj.types``
+(``lj.training`` and ``lj.sweep`` are deprecated aliases of ``lj.train``, kept for one release). The API
+reference in ``docs/`` lists the public names of each.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ("types", "autodiff", "estimators", "measures", "regularizers", "nn", "attacks", "data", "batching",
-            "training", "sweep", "runs", "report", "compare", "tables", "configs", "cli")
+_MODULES = ("types", "errors", "io", "loops", "autodiff", "estimators", "measures", "regularizers", "nn", "attacks",
+            "data", "batching", "train", "runs", "report", "compare", "tables", "configs", "cli",
+            "training", "sweep")  # the last two: deprecated aliases of lcnn_jax.train, kept for one release
 
 __all__ = ["__version__", *_MODULES]
 

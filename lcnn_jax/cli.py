@@ -6,6 +6,8 @@
     lcnn-jax measure --workdir runs/quickstart [--member ID|all] [--seed N] [--method NAME]
         [--config.measure.num_examples=512 ...]
     lcnn-jax compare --config experiments/configs/compare_mnist5k.py --workdir runs/compare [--config.a.b=value ...]
+    lcnn-jax certify --workdir runs/certified --radii 0.5,1.0,1.58 [--test_data mnist --test_data_dir DIR]
+        [--num_examples N] [--attack apgd] [--out FILE]
 
 Tables are printed at most 120 characters wide; every column is in the files written.
 
@@ -88,6 +90,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="a compare config file, e.g. experiments/configs/compare_mnist5k.py "
                                                     "(optionally path.py:full)")
     c.add_argument("--workdir", required=True, help="directory for the runs, cells, results and figures")
+    r = sub.add_parser("certify", help="certified L2 accuracy of a trained network at given radii (best of the "
+                                       "Lipschitz-margin and second-order certificates), optionally checked by APGD",
+                       epilog="e.g. lcnn-jax certify --workdir runs/certified/gloro_cnn --radii 0.5,1.0,1.58 "
+                              "--test_data mnist --test_data_dir ../shared/data/mnist --num_examples 1000 "
+                              "--attack apgd")
+    r.add_argument("--workdir", required=True, help="a training run, a sweep member or a compare run (as measure)")
+    r.add_argument("--radii", required=True, help="L2 radii > 0, comma-separated (pixel scale [0, 1])")
+    r.add_argument("--test_data", help="test dataset name (default: the run's own), e.g. mnist")
+    r.add_argument("--test_data_dir", help="its folder (IDX files for mnist)")
+    r.add_argument("--num_examples", type=int, help="the first N test examples (default: all)")
+    r.add_argument("--attack", help="also attack every example at every radius: apgd")
+    r.add_argument("--out", help="JSON file to write (default: <run dir>/certify.json)")
+    r.add_argument("--member", help="a sweep member's id or index")
+    r.add_argument("--seed", type=int, help="the member trained with this seed")
+    r.add_argument("--method", help="a compare run's method")
     return p
 
 
@@ -100,8 +117,8 @@ def _load(args, overrides):
 def _refuse_sweep_in_train(config, args) -> None:
     """``train`` trains one run; a config whose ``sweep`` section asks for more (or for another seed) is refused
     with the command that trains it, instead of silently training one run of it."""
-    from lcnn_jax.sweep import single_run_conflict
-    from lcnn_jax.training import ConfigError
+    from lcnn_jax.train import single_run_conflict
+    from lcnn_jax.errors import ConfigError
 
     asked = single_run_conflict(config)
     if asked:
@@ -153,6 +170,27 @@ def _measure(args, overrides) -> None:
           + (f" ... ({len(results)} files)" if len(results) > 3 else ""))
 
 
+def _certify(args) -> None:
+    """``lcnn-jax certify``: certify (and attack), print the table, write the JSON, shout about any certified example
+    the attack broke (see :mod:`lcnn_jax.certify`)."""
+    import json
+
+    from lcnn_jax.certify import broken_message, certify_workdir, check_certify_args, format_certify
+    from lcnn_jax.io import write_json_atomic
+
+    check_certify_args(args.radii, args.attack, args.num_examples)  # before the workdir is even read
+    rep = certify_workdir(args.workdir, args.radii, test_data=args.test_data, test_data_dir=args.test_data_dir,
+                          num_examples=args.num_examples, attack=args.attack, member=args.member, seed=args.seed,
+                          method=args.method)
+    print(format_certify(rep))
+    out = args.out or os.path.join(args.workdir, "certify.json")
+    write_json_atomic(out, json.loads(json.dumps(rep)))
+    print(f"  written: {out}")
+    msg = broken_message(rep)
+    if msg:
+        print(f"lcnn-jax: {msg}", file=sys.stderr)
+
+
 #: Values of LCNN_JAX_COMPILATION_CACHE that turn the CLI's persistent compilation cache off.
 CACHE_OFF = ("0", "off", "false", "no", "none")
 
@@ -201,14 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, overrides)
     except KeyboardInterrupt as e:  # Ctrl-C: no traceback, the step and how to resume
-        from lcnn_jax.training import TrainingInterrupted
+        from lcnn_jax.errors import TrainingInterrupted
 
         what = str(e) if isinstance(e, TrainingInterrupted) else {
             "train": "interrupted before training started; rerun the same command to start or resume.",
             "sweep": "interrupted before training started; rerun the same command to start or resume.",
             "measure": "interrupted; the networks not yet measured have no measures.json. Rerun the same command "
                        "to measure.",
-            "compare": "interrupted; rerun the same command to resume (finished cells are kept)."}[args.command]
+            "compare": "interrupted; rerun the same command to resume (finished cells are kept).",
+            "certify": "interrupted; nothing was written. Rerun the same command to certify."}[args.command]
         print(f"lcnn-jax: {what}", file=sys.stderr)
         return 130
 
@@ -217,7 +256,7 @@ def _distributed(command: str) -> bool:
     """For ``train`` and ``sweep``: join the multi-process job the environment describes (:mod:`lcnn_jax.launch`
     sets it), before anything touches a JAX device; False. For the other commands: True when started as one of
     several processes (they are single-process commands: each process would write the same files)."""
-    from lcnn_jax.training import maybe_initialize_distributed
+    from lcnn_jax.train import maybe_initialize_distributed
 
     if command in ("train", "sweep"):
         maybe_initialize_distributed()
@@ -229,7 +268,7 @@ def _run(args, overrides) -> int:
     import errno
 
     from lcnn_jax.data import DatasetError
-    from lcnn_jax.training import ConfigError, TrainingDiverged
+    from lcnn_jax.errors import ConfigError, TrainingDiverged
 
     try:
         if _distributed(args.command):
@@ -238,14 +277,14 @@ def _run(args, overrides) -> int:
                                 f"(JAX_COORDINATOR_ADDRESS is set). Launch only `train` and `sweep` with "
                                 f"python -m lcnn_jax.launch, then run `lcnn-jax {args.command}` on its own.")
         if args.command == "train":
-            from lcnn_jax.training import fit
+            from lcnn_jax.train import fit
 
             config = _load(args, overrides)
             _refuse_sweep_in_train(config, args)
             results = fit(config, args.workdir, extend=args.extend)
             print(_summary(results, args.workdir))
         elif args.command == "sweep":
-            from lcnn_jax.sweep import fit_sweep_from_config, format_summary
+            from lcnn_jax.train import fit_sweep_from_config, format_summary
 
             summary = fit_sweep_from_config(_load(args, overrides), args.workdir)
             mesh = summary.get("mesh") or {}
@@ -270,6 +309,10 @@ def _run(args, overrides) -> int:
                       f"results.csv and results.json")
             print(f"done in {res['wall_time_s']:.1f} s\n  results: {args.workdir}/results.md, results.csv, "
                   f"results.json\n  figures: " + ", ".join(res["figures"]))
+        elif args.command == "certify":
+            if overrides:
+                return _usage_error(f"certify takes no --config.* overrides, got {overrides}.")
+            _certify(args)
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         return _usage_error(str(e))
     except PermissionError as e:

@@ -131,7 +131,7 @@ def columns(mcfg) -> list[dict]:
 
 
 def _section(config):
-    from lcnn_jax.training import ConfigError
+    from lcnn_jax.errors import ConfigError
 
     if "compare" not in config:
         raise ConfigError("The config has no 'compare' section; use a compare config such as "
@@ -145,7 +145,7 @@ def check_methods(config) -> tuple[str, ...]:
     Raises:
       ConfigError (a ValueError): an unknown or repeated name; the message lists the valid choices.
     """
-    from lcnn_jax.training import ConfigError
+    from lcnn_jax.errors import ConfigError
 
     cmp = _section(config)
     valid = tuple(cmp.method_specs.keys())
@@ -175,7 +175,7 @@ def method_config(config, name: str):
     replaced, every other section merged key by key."""
     import ml_collections
 
-    from lcnn_jax.training import ConfigError
+    from lcnn_jax.errors import ConfigError
 
     specs = _section(config).method_specs
     if name not in specs:
@@ -238,7 +238,8 @@ def train_method(method_cfg, run_dir: str, seeds: Sequence[int], *, data_order: 
     """Train ``seeds`` of one method as one vmapped sweep in ``run_dir`` (resuming an interrupted one; a
     finished one, marked by its ``sweep_results.json``, is only loaded) and return ``(model, states,
     sweep_summary)``: one :class:`~lcnn_jax.training.TrainState` per seed, in ``seeds`` order."""
-    from lcnn_jax import sweep
+    from lcnn_jax.train import sweep
+    from lcnn_jax import train as training
 
     done = os.path.join(run_dir, "sweep_results.json")
     if os.path.exists(done):
@@ -248,7 +249,7 @@ def train_method(method_cfg, run_dir: str, seeds: Sequence[int], *, data_order: 
         summary = sweep.fit_sweep(method_cfg, run_dir, seeds=tuple(int(s) for s in seeds), data_order=data_order)
     _, model, stacked, members = sweep.load_sweep(run_dir)
     by_seed = {m.seed: m.index for m in members}
-    states = [sweep.member_state(stacked, by_seed[int(s)]) for s in seeds]
+    states = [training.member_state(stacked, by_seed[int(s)]) for s in seeds]
     return model, states, summary
 
 
@@ -495,7 +496,7 @@ def write_results(workdir: str, cells: Sequence[dict], cols: Sequence[dict], met
                   meta: dict) -> dict:
     """Write ``results.csv``, ``results_summary.csv``, ``results.json`` and ``results.md`` (atomically) and
     return the JSON object."""
-    from lcnn_jax.training import write_json_atomic, write_text_atomic
+    from lcnn_jax.io import write_json_atomic, write_text_atomic
 
     names = [c["name"] for c in cols]
     agg = aggregate(cells, names, methods)
@@ -726,7 +727,7 @@ def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column
 
 def _measure_config(cmp):
     from lcnn_jax import report
-    from lcnn_jax.training import ConfigError
+    from lcnn_jax.errors import ConfigError
 
     mcfg = report.measure_defaults()
     if cmp.get("measure"):
@@ -764,7 +765,9 @@ def run_compare(config, workdir: str) -> dict:
     from lcnn_jax import data as data_lib
     from lcnn_jax.configs import validate_config
     from lcnn_jax.report import check_finite_images
-    from lcnn_jax.training import ConfigError, check_workdir_path, write_json_atomic
+    from lcnn_jax.errors import ConfigError
+    from lcnn_jax.train import check_workdir_path
+    from lcnn_jax.io import write_json_atomic
 
     t0 = time.time()
     check_workdir_path(workdir)

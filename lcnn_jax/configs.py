@@ -24,7 +24,7 @@ import os
 
 import ml_collections
 
-from lcnn_jax.training import ConfigError
+from lcnn_jax.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:

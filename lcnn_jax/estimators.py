@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from lcnn_jax.loops import auto_unroll  # noqa: F401  (re-exported)
 from lcnn_jax.autodiff import check_positive_int as _check_positive_int
 from lcnn_jax.types import Array, PRNGKey, PyTree
 
@@ -188,15 +189,7 @@ def power_iteration(
     return PowerIterationResult(eigenvalue=lam, vector=u, num_iters_run=iters_in_loop + 1, residual=res)
 
 
-#: Loops of at most this many matvecs are unrolled by default by the measures (see ``auto_unroll``).
-MAX_AUTO_UNROLL = 20
-
-
-def auto_unroll(num_iters: int, unroll: int | bool | None = None) -> int | bool:
-    """The ``unroll`` the measures pass to ``power_iteration``: the user's choice if given, else a full
-    unroll for short loops (``num_iters <= 20``; XLA:CPU runs convolutions ~3x faster unrolled)
-    and a rolled loop beyond (bounded compilation time)."""
-    return (num_iters <= MAX_AUTO_UNROLL) if unroll is None else unroll
+# How long a loop runs rolled or unrolled is decided in lcnn_jax.loops (re-exported here for the measures).
 
 
 # ----------------------------------------------------------------------------------------------

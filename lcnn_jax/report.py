@@ -8,7 +8,8 @@ with ``std`` the estimator's standard error (trace) or 0 (eigenvalue) and ``n`` 
 Example::
 
     import jax
-    from lcnn_jax import data, report, training
+    from lcnn_jax import data, report
+    from lcnn_jax import train as training
     config, model, state, info = training.load_trained("runs/quickstart")  # a finished `lcnn-jax train` run
     variables = {"params": state.params, **state.model_state}             # what model.apply takes
     test = data.load_split("mnist5k", "test")
@@ -139,7 +140,7 @@ def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
 def validate_measure_config(cfg, prefix: str = "measure") -> None:
     """Raise :class:`~lcnn_jax.training.ConfigError` listing every problem :func:`measure_config_problems`
     finds (the CLI turns it into exit code 2 and one message)."""
-    from lcnn_jax.training import ConfigError
+    from lcnn_jax.errors import ConfigError
 
     problems = measure_config_problems(cfg, prefix)
     if problems:
@@ -567,7 +568,7 @@ def measure_members(workdir: str, overrides: list[str] | None = None, *, member=
       lcnn_jax.data.DatasetError: a dataset cannot be found, or holds NaN/inf pixels.
     """
     from lcnn_jax import runs
-    from lcnn_jax.training import write_json_atomic
+    from lcnn_jax.io import write_json_atomic
 
     wd = runs.inspect_workdir(workdir)
     chosen = runs.select_members(wd, member=member, seed=seed, method=method)

@@ -89,7 +89,7 @@ def _values_text(values: dict) -> str:
 
 def _sweep_members(sweep_dir: str, method: str | None = None) -> list[RunMember]:
     """The members listed in ``sweep_dir/sweep.json``."""
-    from lcnn_jax.training import RunDirError
+    from lcnn_jax.errors import RunDirError
 
     record = _read_json(os.path.join(sweep_dir, "sweep.json"))
     if not isinstance(record, dict) or not isinstance(record.get("members"), list):
@@ -180,7 +180,7 @@ def inspect_workdir(workdir: str) -> Workdir:
       FileNotFoundError: nothing trained there (no ``config.json``).
       lcnn_jax.training.RunDirError: ``workdir`` is a file, or its member list cannot be read.
     """
-    from lcnn_jax.training import check_workdir_path, read_config
+    from lcnn_jax.train import check_workdir_path, read_config
 
     check_workdir_path(workdir)
     if os.path.exists(os.path.join(workdir, "sweep.json")):
@@ -284,7 +284,7 @@ def select_members(wd: Workdir, *, member: str | int | None = None, seed: int | 
 def member_config(member: RunMember):
     """The training config of ``member``: the run's ``config.json``, or the sweep member's (written when the
     sweep finished; derived from the sweep's base config and ``sweep.json`` before that)."""
-    from lcnn_jax import sweep, training
+    from lcnn_jax import train as training
 
     if member.index is None:
         return training.read_config(member.run_dir)
@@ -292,12 +292,12 @@ def member_config(member: RunMember):
     if os.path.exists(path):
         return training.read_config(member.out_dir)
     base = training.read_config(member.run_dir)
-    return sweep.member_config(base, sweep.Member(member.index, member.id, member.seed, dict(member.values)))
+    return training.member_config(base, training.Member(member.index, member.id, member.seed, dict(member.values)))
 
 
 def member_results(member: RunMember) -> dict | None:
     """The training results of ``member`` (``results.json`` of the run or of the sweep member), or None."""
-    from lcnn_jax.training import read_results
+    from lcnn_jax.train import read_results
 
     return read_results(member.out_dir)
 
@@ -306,7 +306,8 @@ def load_members(members: Sequence[RunMember]) -> Iterator[tuple]:
     """``(member, config, model, state, dataset_info)`` for each of ``members``, in order, from the newest intact
     checkpoint; a sweep's stacked checkpoint is restored once for all of its members that follow one another."""
     from lcnn_jax import data as data_lib
-    from lcnn_jax import sweep, training
+    from lcnn_jax import train as training
+    from lcnn_jax.train import sweep
 
     loaded_dir, stacked, model = None, None, None
     for m in members:
@@ -318,4 +319,4 @@ def load_members(members: Sequence[RunMember]) -> Iterator[tuple]:
         if loaded_dir != m.run_dir:
             _, model, stacked, _ = sweep.load_sweep(m.run_dir)
             loaded_dir = m.run_dir
-        yield m, config, model, sweep.member_state(stacked, m.index), data_lib.dataset_info(config.data.name)
+        yield m, config, model, training.member_state(stacked, m.index), data_lib.dataset_info(config.data.name)

@@ -31,9 +31,9 @@ if os.environ.get("LCNN_TEST_OPTIMIZE") != "1":
     # multiplies the size of the compiled program) is off: the estimators' and the attacks' loops stay rolled.
     # Unrolling changes how a loop is compiled, not what it computes; tests about unrolling pass ``unroll=`` or
     # restore MAX_AUTO_UNROLL themselves.
-    from lcnn_jax import estimators as _estimators
+    from lcnn_jax import loops as _loops
 
-    _estimators.MAX_AUTO_UNROLL = 0
+    _loops.MAX_AUTO_UNROLL = 0
 
 # The longest tests start first, so that the two workers finish together instead of one idling at the end.
 _LONGEST_FIRST = ("test_sharpness.py::test_traces_match_dense_hessian", "test_certified.py::test_certificates",

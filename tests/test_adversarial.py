@@ -102,7 +102,7 @@ def _standard_against_adversarial():
 
     from lcnn_jax import data
     from lcnn_jax.configs import load_config
-    from lcnn_jax.training import fit, load_trained
+    from lcnn_jax.train import fit, load_trained
 
     test = data.load_split("mnist5k", "test")
     xs, ys = jnp.asarray(test.images), jnp.asarray(test.labels)

@@ -14,7 +14,10 @@ import pytest
 from _own_models import (MODELS_FILE, BNDropNet, accuracy, one_paragraph_error, registry,  # noqa: F401 (fixture)
                          tiny_config, tiny_config_file)
 
-from lcnn_jax import cli, compare, report, runs, sweep, training
+from lcnn_jax import cli, compare, report, runs
+from lcnn_jax import train as training
+from lcnn_jax import io as lio
+from lcnn_jax.train import single as train_single, sweep
 from lcnn_jax.configs import default_config
 from lcnn_jax.nn import register_model
 from lcnn_jax.tables import fit_columns, format_table
@@ -28,7 +31,7 @@ QUICKSTART = os.path.join(REPO, "experiments", "configs", "quickstart.py")
 
 
 def test_train_refuses_a_sweep_section_before_loading_data(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(training, "prepare_run", lambda *a, **k: pytest.fail("train must stop before loading"))
+    monkeypatch.setattr(train_single, "prepare_run", lambda *a, **k: pytest.fail("train must stop before loading"))
     rc = cli.main(["train", "--config", QUICKSTART, "--workdir", str(tmp_path / "w"), "--config.sweep.seeds=(0,1)",
                    "--config.regularizers.datagrad.coeff=0.0", "--config.sweep.grid.datagrad.coeff=(0.0,0.01)"])
     msg = one_paragraph_error(capsys.readouterr().err)
@@ -44,10 +47,10 @@ def test_train_refuses_a_sweep_section_before_loading_data(tmp_path, monkeypatch
 
 def _fake_sweep(path, seeds=(0, 1), coeffs=(0.0, 0.01)):
     """The files of a finished sweep, without checkpoints: enough to list and choose members."""
-    members = sweep.sweep_members(seeds, {"spectreg.coeff": coeffs})
+    members = training.sweep_members(seeds, {"spectreg.coeff": coeffs})
     os.makedirs(path, exist_ok=True)
-    training.write_json_atomic(os.path.join(path, "config.json"), default_config().to_dict())
-    training.write_json_atomic(os.path.join(path, "sweep.json"), {
+    lio.write_json_atomic(os.path.join(path, "config.json"), default_config().to_dict())
+    lio.write_json_atomic(os.path.join(path, "sweep.json"), {
         "seeds": list(seeds), "grid": {"spectreg.coeff": list(coeffs)}, "data_order": "per_seed",
         "members": [{"index": m.index, "id": m.id, "seed": m.seed, "grid": m.values} for m in members]})
     for m in members:
@@ -84,7 +87,7 @@ def test_member_selection_on_sweeps_member_folders_and_runs(tmp_path):
         runs.select_members(one, member="000")
     single = tmp_path / "run"
     single.mkdir()
-    training.write_json_atomic(str(single / "config.json"), default_config().to_dict())
+    lio.write_json_atomic(str(single / "config.json"), default_config().to_dict())
     wd = runs.inspect_workdir(str(single))
     assert wd.kind == "run" and runs.select_members(wd) == wd.members == runs.select_members(wd, member="all")
     with pytest.raises(runs.MemberChoiceError, match="holds a single training run; --member / --seed / --method"):
@@ -96,12 +99,12 @@ def test_compare_members_come_from_the_method_sweeps_the_cells_name(tmp_path):
     config = default_config()
     config.compare = {"methods": ("standard", "lcnn"), "seeds": (0, 1)}
     os.makedirs(root)
-    training.write_json_atomic(str(root / "config.json"), config.to_dict())
+    lio.write_json_atomic(str(root / "config.json"), config.to_dict())
     old, new = "standard-0123456789-s0_1", "standard-abcdefabcd-s0_1"
     for name in (new, old, "lcnn-aaaaaaaaaa-s0_1"):
         _fake_sweep(str(root / "runs" / name), seeds=(0, 1), coeffs=(0.0,))
     os.makedirs(root / "cells" / "standard")
-    training.write_json_atomic(str(root / "cells" / "standard" / "seed1.json"),
+    lio.write_json_atomic(str(root / "cells" / "standard" / "seed1.json"),
                                {"method": "standard", "seed": 1, "run_dir": os.path.join("runs", old)})
     wd = runs.inspect_workdir(str(root))
     assert wd.kind == "compare" and "2 methods: standard, lcnn" in wd.description
@@ -164,12 +167,12 @@ def test_compare_prints_at_most_120_characters_and_names_the_rest():
 
 
 def test_sweep_summary_and_member_table_fit_120_characters():
-    members = sweep.sweep_members((0, 1), {"datagrad.coeff": (0.0, 0.001), "clip.coeff": (0.1, 0.2)})
+    members = training.sweep_members((0, 1), {"datagrad.coeff": (0.0, 0.001), "clip.coeff": (0.1, 0.2)})
     results = [{"index": m.index, "id": m.id, "seed": m.seed, "grid": m.values, "diverged": m.index == 3,
                 "diverged_at": 7 if m.index == 3 else None, "dead": False, "test_accuracy": 0.5 + 0.01 * m.index,
                 "train_accuracy": 0.6, "test_loss": 1.25, "train_loss": 1.0} for m in members]
     summary = {"members": results, "seeds": [0, 1], "grid": {"datagrad.coeff": [0.0, 0.001], "clip.coeff": [0.1, 0.2]},
-               "aggregate": sweep._aggregate(results), "diverged": ["003"]}
+               "aggregate": sweep.aggregate_members(results), "diverged": ["003"]}
     text = sweep.format_summary(summary, "runs/sw")
     assert max(len(line) for line in text.splitlines()) <= 120
     assert re.search(r"^003\s+0\s+0\.001\s+0\.2\s+53\.00\s+60\.00\s+1\.2500\s+diverged at step 7$", text, re.M)
@@ -210,8 +213,8 @@ def test_sweep_command_then_measure_every_member_of_a_batch_norm_dropout_model(r
     out = capsys.readouterr().out
     assert re.search(r"^001\s+0\s+0\.01\s+\d+\.\d\d\s+\d+\.\d\d", out, re.M) and "mean ± std over seeds" in out
     summary = json.load(open(os.path.join(workdir, "sweep_results.json")))
-    single = training.fit(sweep.member_config(
-        tiny_config(tmp_path, f"{here}:BNDropNet"), sweep.sweep_members((0, 1), {"spectreg.coeff": (0.0, 0.01)})[1]),
+    single = training.fit(training.member_config(
+        tiny_config(tmp_path, f"{here}:BNDropNet"), training.sweep_members((0, 1), {"spectreg.coeff": (0.0, 0.01)})[1]),
         str(tmp_path / "single"))
     for key in ("test_accuracy", "train_loss"):
         assert summary["members"][1][key] == pytest.approx(single[key], rel=1e-4, abs=1e-5)
@@ -226,7 +229,7 @@ def test_sweep_command_then_measure_every_member_of_a_batch_norm_dropout_model(r
     for m in members[2:]:
         rep = json.load(open(os.path.join(workdir, "members", m.id, "measures.json")))
         assert rep["member"]["id"] == m.id and rep["checkpoint_step"] == 6
-        want = accuracy(model, sweep.member_state(stacked, m.index), test.images[:8], test.labels[:8])
+        want = accuracy(model, training.member_state(stacked, m.index), test.images[:8], test.labels[:8])
         assert rep["test"]["accuracy"]["mean"] == pytest.approx(want, abs=1e-6)
 
 

@@ -14,7 +14,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lcnn_jax import compare, sweep  # noqa: E402
+from lcnn_jax import compare  # noqa: E402
+from lcnn_jax.train import sweep  # noqa: E402
 from lcnn_jax.configs import apply_overrides, load_config  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs",

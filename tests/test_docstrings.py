@@ -178,7 +178,7 @@ def test_example_runs(example_id, module_name, code, monkeypatch):
 @pytest.mark.parametrize("example_id,module_name,code", _params(SLOW))
 def test_slow_example_runs(example_id, module_name, code, monkeypatch, tmp_path):
     if module_name == "lcnn_jax.report":  # the example measures a finished run at runs/quickstart: train a tiny one
-        from lcnn_jax import training
+        from lcnn_jax import train as training
         from lcnn_jax.configs import default_config
 
         c = default_config()

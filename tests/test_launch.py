@@ -178,7 +178,7 @@ def _assert_same_log(a, b, tol=1e-5):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume_after_killing_one(tmp_path):
-    from lcnn_jax import training
+    from lcnn_jax import train as training
 
     args = TINY + ["--config.train.num_steps=100", "--config.train.checkpoint_every=10"]
     one, two, killed = (str(tmp_path / n) for n in ("one", "two", "killed"))
@@ -222,7 +222,7 @@ def test_two_processes_equal_one_process_and_resume_after_killing_one(tmp_path):
 def test_four_process_sweep_on_a_members_x_data_mesh_equals_one_process(tmp_path):
     """2 seeds on 4 processes of one device each: mesh members x data = 2 x 2, each member's batch split over two
     processes and the two members on different process pairs."""
-    from lcnn_jax import sweep
+    from lcnn_jax.train import sweep
 
     args = TINY + ["--config.train.num_steps=30", "--config.train.checkpoint_every=10",
                    "--config.sweep.seeds=(0,1)"]

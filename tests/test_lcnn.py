@@ -357,7 +357,7 @@ def test_cure_matches_reference_formula(x64, mlp_problem):
 @pytest.mark.slow  # long for the default run; CI runs it
 def test_training_with_lcnn_penalty_lowers_beta():
     from lcnn_jax.data import load_split
-    from lcnn_jax.training import create_train_state, make_train_step
+    from lcnn_jax.train import create_train_state, make_train_step
 
     split = load_split("mnist5k", "train")
     batch = {"image": jnp.asarray(split.images[:16]), "label": jnp.asarray(split.labels[:16])}

@@ -18,7 +18,9 @@ import pytest
 from _own_models import (MODELS_FILE, BNDropNet, DeterministicNet, NoEvalModeNet, PlainNet, WrongWidthNet, accuracy,
                          one_paragraph_error, registry, tiny_config, tiny_config_file)  # noqa: F401 (fixture)
 
-from lcnn_jax import cli, training
+from lcnn_jax import cli
+from lcnn_jax import train as training
+from lcnn_jax import errors
 from lcnn_jax.configs import default_config, validate_config
 from lcnn_jax.nn import models as nn_models
 from lcnn_jax.nn import make_model, mode_kwargs, model_keywords, register_model, registered_models, resolve_model
@@ -126,11 +128,11 @@ def test_config_problems_name_the_model_and_the_fix(registry):
     register_model("plain", PlainNet)
     config = default_config()
     config.model.name, config.model.kwargs = "plain", {"widht": 4}
-    with pytest.raises(training.ConfigError, match=r"model.kwargs.widht is not a setting of 'plain' \(did you mean "
+    with pytest.raises(errors.ConfigError, match=r"model.kwargs.widht is not a setting of 'plain' \(did you mean "
                                                    r"model.kwargs.width\?\)"):
         validate_config(config)
     config.model.name, config.model.kwargs = "tiny_cnn", {}
-    with pytest.raises(training.ConfigError) as e:
+    with pytest.raises(errors.ConfigError) as e:
         validate_config(config)
     assert "unknown model 'tiny_cnn'" in str(e.value) and "import path" in str(e.value)
 
@@ -142,10 +144,10 @@ def test_model_output_and_eval_mode_are_checked_by_tracing(registry):
     images = np.zeros((4, 28, 28, 1), np.float32)
     cfg = default_config().model
     cfg.name = "wrong"
-    with pytest.raises(training.ConfigError, match=r"returns shape \(4, 7\) float32 for a batch of 4 mnist5k images; "
+    with pytest.raises(errors.ConfigError, match=r"returns shape \(4, 7\) float32 for a batch of 4 mnist5k images; "
                                                    r"the library needs logits of shape \(4, 10\)"):
         training.check_model_fits_data(WrongWidthNet(), cfg, images, info, "mnist5k")
-    with pytest.raises(training.ConfigError, match="needs a `train` argument"):
+    with pytest.raises(errors.ConfigError, match="needs a `train` argument"):
         training.check_model_fits_data(NoEvalModeNet(), cfg, images, info, "mnist5k")
     params = training.check_model_fits_data(BNDropNet(10), cfg, images, info, "mnist5k")
     assert params["Dense_0"]["kernel"].shape == (14 * 14 * 4, 10)

@@ -499,7 +499,7 @@ def test_target_reading_lowers_the_jacobian_norm_of_a_trained_mlp():
     import optax
 
     from lcnn_jax.data import load_split
-    from lcnn_jax.training import cross_entropy
+    from lcnn_jax.train import cross_entropy
 
     n = 128
     split = load_split("mnist5k", "train")

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from lcnn_jax import training
+from lcnn_jax import train as training
 from lcnn_jax.cli import main
 from lcnn_jax.configs import default_config
 from lcnn_jax.data import load_split

@@ -23,7 +23,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from lcnn_jax import cli, compare, report, training
+from lcnn_jax import cli, compare, report
+from lcnn_jax import train as training
+from lcnn_jax import errors
+from lcnn_jax import io as lio
 from lcnn_jax.configs import apply_overrides, default_config, load_config, validate_config
 from lcnn_jax.data import DatasetError
 
@@ -74,7 +77,7 @@ def copy_run(reference, tmp_path) -> str:
 
 
 def train_log(workdir):
-    return [r for r in training.read_metrics_log(workdir) if r.get("kind") != "eval"]
+    return [r for r in lio.read_metrics_log(workdir) if r.get("kind") != "eval"]
 
 
 def assert_same_results(workdir, reference):
@@ -225,14 +228,14 @@ def test_disk_full_exits_with_one_line_keeps_the_last_checkpoint_and_resumes(ref
     args = ["train", "--config", tiny_file, "--workdir", workdir]
 
     # 1. The metrics log hits the full disk at step 12 (checkpoint 8 is on disk).
-    real_write = training.MetricsLog.write
+    real_write = lio.MetricsLog.write
 
     def log_write(self, rec):
         if rec["step"] == 12:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(self, rec)
 
-    monkeypatch.setattr(training.MetricsLog, "write", log_write)
+    monkeypatch.setattr(lio.MetricsLog, "write", log_write)
     assert cli.main(args) == 4
     msg = one_paragraph_error(capsys.readouterr().err)
     assert f"no space left on {os.path.abspath(workdir)} at step 12" in msg and "(step 8) is kept" in msg
@@ -253,15 +256,15 @@ def test_disk_full_exits_with_one_line_keeps_the_last_checkpoint_and_resumes(ref
     ckpt = training.Checkpointer(workdir)
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save",
                         writer_fails(OSError(errno.ENOSPC, "No space left on device")))
-    with pytest.raises(training.NoSpaceLeft, match=r"while saving the checkpoint of step 16\. The last complete "
+    with pytest.raises(errors.NoSpaceLeft, match=r"while saving the checkpoint of step 16\. The last complete "
                                                    r"checkpoint \(step 8\) is kept"):
         ckpt.save(16, state)
     monkeypatch.undo()
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]  # no half-written folder left
 
     # 3. The free-space check refuses a save the disk cannot hold before orbax writes anything.
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
-    with pytest.raises(training.NoSpaceLeft, match=r"checkpoint of step 16 needs about 1\.2 MiB, 0\.0 MiB are free"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(errors.NoSpaceLeft, match=r"checkpoint of step 16 needs about 1\.2 MiB, 0\.0 MiB are free"):
         ckpt.save(16, state)
     monkeypatch.undo()
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]
@@ -285,7 +288,7 @@ def test_ctrl_c_prints_the_step_and_exits_130(tiny_file, tmp_path, monkeypatch, 
     """A real SIGINT to this process during training, as Ctrl-C in a terminal sends it."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach only the main thread")
-    real_write = training.MetricsLog.write
+    real_write = lio.MetricsLog.write
 
     def write(self, rec):  # Ctrl-C arrives right after the step-12 record (checkpoint 8 is on disk)
         real_write(self, rec)
@@ -296,7 +299,7 @@ def test_ctrl_c_prints_the_step_and_exits_130(tiny_file, tmp_path, monkeypatch, 
     args = ["train", "--config", tiny_file, "--workdir", workdir]
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     try:
-        monkeypatch.setattr(training.MetricsLog, "write", write)
+        monkeypatch.setattr(lio.MetricsLog, "write", write)
         assert cli.main(args) == 130
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -311,16 +314,19 @@ def test_ctrl_c_prints_the_step_and_exits_130(tiny_file, tmp_path, monkeypatch, 
 SIGINT_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a parent may ignore SIGINT)
-    from lcnn_jax import cli, training
+    from lcnn_jax import cli
+    from lcnn_jax import train as training
+    from lcnn_jax import errors
+    from lcnn_jax import io as lio
 
-    real_write = training.MetricsLog.write
+    real_write = lio.MetricsLog.write
 
     def write(self, rec):  # Ctrl-C arrives right after the step-12 record (checkpoint 8 is on disk)
         real_write(self, rec)
         if rec.get("step") == 12 and rec.get("kind") != "eval":
             os.kill(os.getpid(), signal.SIGINT)
 
-    training.MetricsLog.write = write
+    lio.MetricsLog.write = write
     sys.exit(cli.main(["train", "--config", sys.argv[1], "--workdir", sys.argv[2]]))
 """)
 
@@ -355,7 +361,7 @@ def test_dead_network_is_flagged_in_the_log_results_and_measure_table(tmp_path, 
     assert res["dead"] is True and res["logit_spread"] == 0.0 and np.isfinite(res["train_loss"])
     assert res["train_accuracy"] <= 0.11 and "optim.learning_rate (it was 50)" in res["warning"]
     assert any(r.getMessage().startswith("dead network") for r in caplog.records)
-    assert training.read_metrics_log(workdir)[-1] == {**training.read_metrics_log(workdir)[-1], "dead": True}
+    assert lio.read_metrics_log(workdir)[-1] == {**lio.read_metrics_log(workdir)[-1], "dead": True}
 
     def zeros(model, variables, splits, cfg, *, key, train_for_hessian=None):
         z = {"mean": 0.0, "std": 0.0, "n": 8}
@@ -440,7 +446,7 @@ def test_measure_misuse_exits_2_before_loading_the_checkpoint(reference, monkeyp
 def test_compare_measure_settings_are_validated_the_same_way():
     config = load_config(os.path.join(REPO, "experiments", "configs", "compare_mnist5k.py"))
     apply_overrides(config, ["compare.measure.pgd_l2_eps=(0.0,)", "compare.measure.lipschitz_iters=0"])
-    with pytest.raises(training.ConfigError) as e:
+    with pytest.raises(errors.ConfigError) as e:
         compare.run_compare(config, "unused")
     assert "compare.measure.pgd_l2_eps" in str(e.value) and "compare.measure.lipschitz_iters" in str(e.value)
 

@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcnn_jax import sweep, training
+from lcnn_jax import train as training
+from lcnn_jax import io as lio
+from lcnn_jax.train import setup as train_setup, sweep
+from lcnn_jax import loops
 from lcnn_jax.configs import ConfigError, apply_overrides, default_config
 from lcnn_jax.regularizers.base import Regularizer
 
@@ -63,7 +66,7 @@ def epoch_acc_recorder():
 @pytest.fixture
 def with_recorder(monkeypatch):
     real = training.build_regularizers
-    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info, **kw: real(cfg, info, **kw) + [epoch_acc_recorder()])
+    monkeypatch.setattr(train_setup, "build_regularizers", lambda cfg, info, **kw: real(cfg, info, **kw) + [epoch_acc_recorder()])
 
 
 def _leaves_maxdiff(a, b):
@@ -76,7 +79,7 @@ def full_sweep(tmp_path_factory):
     """The reference sweep (2 seeds x 2 spectreg coefficients), launched through the config convention."""
     mp = pytest.MonkeyPatch()
     real = training.build_regularizers
-    mp.setattr(training, "build_regularizers", lambda cfg, info, **kw: real(cfg, info, **kw) + [epoch_acc_recorder()])
+    mp.setattr(train_setup, "build_regularizers", lambda cfg, info, **kw: real(cfg, info, **kw) + [epoch_acc_recorder()])
     try:
         cfg = tiny_config()
         apply_overrides(cfg, [f"sweep.seeds={SEEDS!r}", f"sweep.grid.spectreg.coeff={COEFFS!r}"])
@@ -115,20 +118,20 @@ def test_regularized_member_equals_single_fit(full_sweep, tmp_path, with_recorde
 
     _, _, ref_state, _ = training.load_trained(str(tmp_path))
     config, model, stacked, members = sweep.load_sweep(workdir)
-    got = sweep.member_state(stacked, member["index"])
+    got = training.member_state(stacked, member["index"])
     assert _leaves_maxdiff(got.params, ref_state.params) < 1e-5
     # The epoch_end hook ran once (epoch 0, at step 10) on this member with this member's own accuracy.
     rec = got.reg_state[1]
     assert int(rec["epoch"]) == 0
     assert float(rec["acc"]) == pytest.approx(float(ref_state.reg_state[1]["acc"]), abs=1e-6)
-    accs = {float(sweep.member_state(stacked, m.index).reg_state[1]["acc"]) for m in members}
+    accs = {float(training.member_state(stacked, m.index).reg_state[1]["acc"]) for m in members}
     assert len(accs) > 1, "every member got the same epoch accuracy: hooks did not see per-member values"
 
 
 def test_coefficients_matter_and_zero_equals_unregularized(full_sweep, tmp_path, with_recorder):
     workdir, results = full_sweep
     _, _, stacked, _ = sweep.load_sweep(workdir)
-    params = {c: sweep.member_state(stacked, _member(results, 0, c)["index"]).params for c in COEFFS}
+    params = {c: training.member_state(stacked, _member(results, 0, c)["index"]).params for c in COEFFS}
     assert _leaves_maxdiff(params[0.0], params[0.05]) > 1e-3
     assert _member(results, 0, 0.0)["test_loss"] != _member(results, 0, 0.05)["test_loss"]
 
@@ -146,26 +149,26 @@ def test_interrupted_then_resumed_sweep_equals_uninterrupted(tmp_path, monkeypat
     grid = {"weight_l2.coeff": (0.0, 1e-3)}
     full = sweep.fit_sweep(cfg, str(tmp_path / "full"), seeds=SEEDS, grid=grid)
 
-    real_write = training.MetricsLog.write
+    real_write = lio.MetricsLog.write
 
     def write_then_die(self, rec):
         real_write(self, rec)
         if rec.get("step") == 6:  # after the checkpoint at step 4, before the epoch boundary at step 10
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.MetricsLog, "write", write_then_die)
+    monkeypatch.setattr(lio.MetricsLog, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         sweep.fit_sweep(cfg, str(tmp_path / "resumed"), seeds=SEEDS, grid=grid)
     assert not os.path.exists(tmp_path / "resumed" / "sweep_results.json")
-    monkeypatch.setattr(training.MetricsLog, "write", real_write)
+    monkeypatch.setattr(lio.MetricsLog, "write", real_write)
     resumed = sweep.fit_sweep(cfg, str(tmp_path / "resumed"), seeds=SEEDS, grid={"weight_l2": {"coeff": (0.0, 1e-3)}})
 
     for a, b in zip(resumed["members"], full["members"]):
         assert (a["seed"], a["grid"]) == (b["seed"], b["grid"])
         for k in ("test_loss", "train_loss", "test_accuracy", "steps"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
-    log = [r for r in training.read_metrics_log(str(tmp_path / "resumed")) if r.get("kind") != "eval"]
-    ref = [r for r in training.read_metrics_log(str(tmp_path / "full")) if r.get("kind") != "eval"]
+    log = [r for r in lio.read_metrics_log(str(tmp_path / "resumed")) if r.get("kind") != "eval"]
+    ref = [r for r in lio.read_metrics_log(str(tmp_path / "full")) if r.get("kind") != "eval"]
     assert [r["step"] for r in log] == [r["step"] for r in ref] == [3, 6, 9, 12]
     np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in ref], rtol=1e-6)
     _, _, s_full, _ = sweep.load_sweep(str(tmp_path / "full"))
@@ -190,7 +193,7 @@ def _nan_when_coeff_above_one(after):
 
 
 def test_diverging_member_is_frozen_and_reported_others_finish(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info, **kw: [_nan_when_coeff_above_one(4)])
+    monkeypatch.setattr(train_setup, "build_regularizers", lambda cfg, info, **kw: [_nan_when_coeff_above_one(4)])
     cfg = tiny_config(**{"train.keep_checkpoints": 5})
     res = sweep.fit_sweep(cfg, str(tmp_path), seeds=(0,), grid={"nan_if.coeff": (0.0, 2.0)})
     bad = [m for m in res["members"] if m["grid"]["nan_if.coeff"] == 2.0][0]
@@ -207,13 +210,13 @@ def test_diverging_member_is_frozen_and_reported_others_finish(tmp_path, monkeyp
     # Until step 4 both members trained identically (the penalty is 0 for both); the diverged one must have kept
     # exactly those parameters, while the healthy one moved on.
     _, _, stacked, _ = sweep.load_sweep(str(tmp_path))
-    frozen = sweep.member_state(stacked, bad["index"])
+    frozen = training.member_state(stacked, bad["index"])
     assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(frozen.params))
     ckpt = training.Checkpointer(str(tmp_path))
     at4 = ckpt.restore(stacked, 4)
     ckpt.close()
-    assert _leaves_maxdiff(frozen.params, sweep.member_state(at4, ok["index"]).params) == 0.0
-    assert _leaves_maxdiff(sweep.member_state(stacked, ok["index"]).params, frozen.params) > 1e-4
+    assert _leaves_maxdiff(frozen.params, training.member_state(at4, ok["index"]).params) == 0.0
+    assert _leaves_maxdiff(training.member_state(stacked, ok["index"]).params, frozen.params) > 1e-4
 
 
 def test_shared_data_order_reproduces_the_base_seed_only(tmp_path):
@@ -223,7 +226,7 @@ def test_shared_data_order_reproduces_the_base_seed_only(tmp_path):
     _, _, stacked, members = sweep.load_sweep(str(tmp_path / "shared"))
     _, _, ref, _ = training.load_trained(str(tmp_path / "single"))
     by_seed = {m.seed: m.index for m in members}
-    assert _leaves_maxdiff(sweep.member_state(stacked, by_seed[1]).params, ref.params) < 1e-5
+    assert _leaves_maxdiff(training.member_state(stacked, by_seed[1]).params, ref.params) < 1e-5
     assert res["members"][by_seed[1]]["test_loss"] == pytest.approx(single["test_loss"], abs=1e-5)
     assert res["data_order"] == "shared"
 
@@ -243,12 +246,12 @@ def test_bad_grid_and_seeds_raise_config_error(tmp_path):
 
 
 def test_member_list_order_and_member_config():
-    members = sweep.sweep_members((3, 4), {"a.coeff": (0.1, 0.2), "b": {"coeff": (1.0,)}})
+    members = training.sweep_members((3, 4), {"a.coeff": (0.1, 0.2), "b": {"coeff": (1.0,)}})
     assert [(m.seed, m.values) for m in members] == [
         (3, {"a.coeff": 0.1, "b.coeff": 1.0}), (3, {"a.coeff": 0.2, "b.coeff": 1.0}),
         (4, {"a.coeff": 0.1, "b.coeff": 1.0}), (4, {"a.coeff": 0.2, "b.coeff": 1.0})]
     assert len({m.id for m in members}) == 4
-    cfg = sweep.member_config(tiny_config(), members[1])
+    cfg = training.member_config(tiny_config(), members[1])
     assert cfg.seed == 3 and cfg.regularizers.spectreg.coeff == 0.0 and cfg.regularizers.a.coeff == 0.2
 
 
@@ -256,7 +259,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
-    from lcnn_jax import sweep, training
+    from lcnn_jax import train as training
+    from lcnn_jax import io as lio
+    from lcnn_jax.train import setup as train_setup, sweep
+    from lcnn_jax import loops
     from lcnn_jax.configs import default_config
     from lcnn_jax.nn import make_model
     from lcnn_jax.regularizers import make_regularizer
@@ -276,11 +282,11 @@ SHARDED_SCRIPT = textwrap.dedent("""
         out = []
         for devices in (jax.devices()[:1], jax.devices()):
             mesh = training.data_mesh(devices)
-            layout = sweep.sweep_layout(mesh, k)
-            state = sweep.place_state(sweep.stack_states(states), layout)
-            step = sweep.jit_sweep_step(step_fn, layout)
+            layout = training.sweep_layout(mesh, k)
+            state = training.place_state(training.stack_states(states), layout)
+            step = training.jit_sweep_step(step_fn, layout)
             for _ in range(2):
-                state, metrics = step(state, sweep.place_batch(batch, layout))
+                state, metrics = step(state, training.place_batch(batch, layout))
             shards = {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(state.params)}
             out.append((jax.device_get(state.params), np.asarray(metrics["loss"]),
                         (layout.axis, layout.member_shards, layout.data_shards), shards))
@@ -309,7 +315,7 @@ def test_train_seeds_returns_states_in_asked_order_and_fallback_matches(tmp_path
     run = sweep.train_seeds(cfg, str(tmp_path / "vmapped"), (1, 0))
     assert run.trained_with == "fit_sweep" and run.note == "" and len(run.states) == 2
     _, _, stacked, members = sweep.load_sweep(str(tmp_path / "vmapped"))
-    by_seed = {m.seed: sweep.member_state(stacked, m.index) for m in members}
+    by_seed = {m.seed: training.member_state(stacked, m.index) for m in members}
     assert _leaves_maxdiff(run.states[0].params, by_seed[1].params) == 0.0
     assert _leaves_maxdiff(run.states[0].params, run.states[1].params) > 1e-3  # different seeds differ
 
@@ -345,17 +351,17 @@ def test_uses_convolution_sees_nested_bodies_and_auto_rule():
     x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
     k = jnp.ones((3, 3, 1, 2))
     conv = lambda x: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
-    assert sweep.uses_convolution(conv, x)
-    assert sweep.uses_convolution(lambda x: jax.lax.scan(lambda c, _: (conv(c).sum(-1, keepdims=True), None), x,
+    assert loops.uses_convolution(conv, x)
+    assert loops.uses_convolution(lambda x: jax.lax.scan(lambda c, _: (conv(c).sum(-1, keepdims=True), None), x,
                                                          None, length=2)[0], x)
-    assert sweep.uses_convolution(jax.grad(lambda x: jax.jit(conv)(x).sum()), x)
-    assert not sweep.uses_convolution(lambda x: jnp.tanh(x.reshape(2, -1) @ jnp.ones((64, 3))), x)
+    assert loops.uses_convolution(jax.grad(lambda x: jax.jit(conv)(x).sum()), x)
+    assert not loops.uses_convolution(lambda x: jnp.tanh(x.reshape(2, -1) @ jnp.ones((64, 3))), x)
     mesh = training.data_mesh(jax.devices()[:1])
-    assert sweep.resolve_member_loop("auto", sweep.sweep_layout(mesh, 3), True) == "unroll"
-    assert sweep.resolve_member_loop("auto", sweep.sweep_layout(mesh, 3), False) == "vmap"
-    assert sweep.resolve_member_loop("auto", sweep.sweep_layout(mesh, sweep.MAX_UNROLLED_MEMBERS + 1), True) == "vmap"
-    assert sweep.resolve_member_loop("vmap", sweep.sweep_layout(mesh, 3), True) == "vmap"
+    assert training.resolve_member_loop("auto", training.sweep_layout(mesh, 3), True) == "unroll"
+    assert training.resolve_member_loop("auto", training.sweep_layout(mesh, 3), False) == "vmap"
+    assert training.resolve_member_loop("auto", training.sweep_layout(mesh, loops.MAX_UNROLLED_MEMBERS + 1), True) == "vmap"
+    assert training.resolve_member_loop("vmap", training.sweep_layout(mesh, 3), True) == "vmap"
     f = lambda a, b: {"s": a * 2 + b, "t": a.sum()}  # noqa: E731
     a, b = jnp.arange(6.0).reshape(3, 2), jnp.ones(2)
-    v, u = sweep.map_members(f, (0, None), "vmap")(a, b), sweep.map_members(f, (0, None), "unroll")(a, b)
+    v, u = training.map_members(f, (0, None), "vmap")(a, b), training.map_members(f, (0, None), "unroll")(a, b)
     assert all(np.array_equal(v[key], u[key]) and v[key].shape[0] == 3 for key in v)

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcnn_jax import training
+from lcnn_jax import train as training
+from lcnn_jax.train import setup as train_setup
+from lcnn_jax import errors
+from lcnn_jax import io as lio
 from lcnn_jax.configs import apply_overrides, default_config
 from lcnn_jax.regularizers.base import Regularizer
 
@@ -40,7 +43,7 @@ def tiny_config(**overrides):
 
 def test_loss_falls_on_mnist5k_subset(tmp_path):
     res = training.fit(tiny_config(), str(tmp_path))
-    log = [r for r in training.read_metrics_log(str(tmp_path)) if r.get("kind") != "eval"]
+    log = [r for r in lio.read_metrics_log(str(tmp_path)) if r.get("kind") != "eval"]
     first, last = np.mean([r["ce"] for r in log[:2]]), np.mean([r["ce"] for r in log[-2:]])
     assert last < 0.6 * first, (first, last)
     assert res["train_accuracy"] > 0.6 and res["steps"] == 24
@@ -55,25 +58,25 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     full = training.fit(cfg, str(tmp_path / "full"))
 
     # Interrupt after step 12 (checkpoint at step 8), as a Ctrl-C would.
-    real_write = training.MetricsLog.write
+    real_write = lio.MetricsLog.write
 
     def write_then_die(self, rec):
         real_write(self, rec)
         if rec.get("step") == 12:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.MetricsLog, "write", write_then_die)
+    monkeypatch.setattr(lio.MetricsLog, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         training.fit(cfg, str(tmp_path / "resumed"))
-    monkeypatch.setattr(training.MetricsLog, "write", real_write)
+    monkeypatch.setattr(lio.MetricsLog, "write", real_write)
     resumed = training.fit(cfg, str(tmp_path / "resumed"))
 
     for k in ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "steps"):
         assert resumed[k] == pytest.approx(full[k], rel=1e-6, abs=1e-7), k
-    steps = [r["step"] for r in training.read_metrics_log(str(tmp_path / "resumed")) if r.get("kind") != "eval"]
+    steps = [r["step"] for r in lio.read_metrics_log(str(tmp_path / "resumed")) if r.get("kind") != "eval"]
     assert steps == sorted(set(steps)), "a resumed log must not repeat steps"
-    full_log = [r for r in training.read_metrics_log(str(tmp_path / "full")) if r.get("kind") != "eval"]
-    res_log = [r for r in training.read_metrics_log(str(tmp_path / "resumed")) if r.get("kind") != "eval"]
+    full_log = [r for r in lio.read_metrics_log(str(tmp_path / "full")) if r.get("kind") != "eval"]
+    res_log = [r for r in lio.read_metrics_log(str(tmp_path / "resumed")) if r.get("kind") != "eval"]
     np.testing.assert_allclose([r["loss"] for r in res_log], [r["loss"] for r in full_log], rtol=1e-6)
 
 
@@ -98,9 +101,9 @@ def _nan_after(n):
 
 
 def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "build_regularizers", lambda cfg, info, **kw: [_nan_after(13)])
+    monkeypatch.setattr(train_setup, "build_regularizers", lambda cfg, info, **kw: [_nan_after(13)])
     cfg = tiny_config()
-    with pytest.raises(training.TrainingDiverged, match="step 13") as err:
+    with pytest.raises(errors.TrainingDiverged, match="step 13") as err:
         training.fit(cfg, str(tmp_path))
     assert "optim.clip_grad_norm" in str(err.value)  # the advice names an option that exists
     config, model, state, info = training.load_trained(str(tmp_path))
@@ -132,7 +135,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
-    from lcnn_jax import training
+    from lcnn_jax import train as training
+from lcnn_jax.train import setup as train_setup
+    from lcnn_jax import errors
+    from lcnn_jax import io as lio
     from lcnn_jax.configs import default_config
     from lcnn_jax.nn import make_model
     from lcnn_jax.regularizers import make_regularizer

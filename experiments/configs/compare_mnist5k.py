@@ -75,7 +75,7 @@ import ml_collections
 
 from lcnn_jax.configs import default_config
 from lcnn_jax.report import measure_defaults
-from lcnn_jax.training import ConfigError
+from lcnn_jax.errors import ConfigError
 
 SIZES = ("quick", "full")
 METHODS = ("standard", "weight_decay", "lcnn", "datagrad", "spectreg", "jacreg", "derivative", "derivative_secant",

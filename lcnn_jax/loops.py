@@ -1,0 +1,107 @@
+"""How loops run on each backend: the ONE place that decides between a rolled loop, an unrolled one and a loop
+driven from the host, and how a sweep's K members share one compiled step.
+
+Why this module exists: the fastest way to run the same loop differs by backend, and the difference is large.
+
+* **Short loops are unrolled** (:func:`auto_unroll`). XLA:CPU leaves a convolution's backward pass inside a
+  ``while`` loop on a slow path (about 3x slower per step: ``experiments/bench_attack_unroll.py``), and an
+  unrolled loop of a few steps compiles quickly; beyond :data:`MAX_AUTO_UNROLL` iterations a rolled loop keeps
+  the compile time bounded. Power iterations, Lanczos, Hutchinson and the attacks all ask here.
+* **Long attack loops on convolutional nets run from the host** in compiled segments
+  (:func:`lcnn_jax.attacks.apgd_stepwise`, :data:`HOST_SEGMENT` steps per compiled call), for the same reason.
+* **A sweep's members** (:func:`member_loop`) are ``jax.vmap``-ped on accelerators and for dense nets; on the
+  CPU a member-batched convolution becomes one grouped convolution, which XLA:CPU runs 3-4x slower per member
+  than K plain ones, so there the members of a convolutional net are unrolled inside the one compiled step
+  (``experiments/bench_sweep.py`` prints the ratios; ``experiments/results/loops.md`` keeps the figures).
+
+Every public function that runs such a loop keeps an explicit override (``unroll=``, ``host_loop=``,
+``member_loop=``); left at its default, the choice made here applies. Measured figures live in
+``experiments/results/``, not in docstrings, so they cannot go stale silently.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+
+from lcnn_jax.errors import ConfigError
+
+__all__ = ["MAX_AUTO_UNROLL", "HOST_SEGMENT", "MEMBER_LOOPS", "MAX_UNROLLED_MEMBERS", "auto_unroll",
+           "default_platform", "uses_convolution", "check_member_loop", "member_loop"]
+
+#: Loops of at most this many iterations are unrolled by default (see :func:`auto_unroll`). Tests set it to 0,
+#: since they compile unoptimised and unrolling only multiplies their compile time.
+MAX_AUTO_UNROLL = 20
+
+#: Steps per compiled call of a host-driven attack loop (APGD on the host, ``attacks.apgd_stepwise``).
+HOST_SEGMENT = 5
+
+#: How the K members of one compiled sweep step are computed: ``"vmap"`` (``jax.vmap`` over the member axis),
+#: ``"unroll"`` (K copies of the single-model step inside the one program: K x the compile time; ``lax.map``
+#: would compile once but puts the backward convolutions inside a loop, on XLA:CPU's slow path) or ``"auto"``
+#: (:func:`member_loop`).
+MEMBER_LOOPS = ("auto", "vmap", "unroll")
+
+#: ``"auto"`` unrolls at most this many members (the compile time grows with K).
+MAX_UNROLLED_MEMBERS = 16
+
+
+def auto_unroll(num_iters: int, unroll: int | bool | None = None) -> int | bool:
+    """The ``unroll`` a loop of ``num_iters`` iterations gets: the caller's choice if given, else a full unroll
+    for short loops (``num_iters <= MAX_AUTO_UNROLL``) and a rolled loop beyond (bounded compilation time)."""
+    return (num_iters <= MAX_AUTO_UNROLL) if unroll is None else unroll
+
+
+def default_platform(devices=None) -> str:
+    """The platform (``"cpu"``, ``"gpu"``, ``"tpu"``) of the first of ``devices`` (default: JAX's default
+    devices)."""
+    devices = jax.devices() if devices is None else devices
+    return np.asarray(devices).reshape(-1)[0].platform
+
+
+def _jaxprs_in(value):
+    """The jaxprs held by one equation parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _jaxprs_in(v)
+
+
+def uses_convolution(fn: Callable, *args) -> bool:
+    """Whether ``fn(*args)`` (arrays or ``jax.ShapeDtypeStruct``; traced, not run) performs a convolution
+    anywhere, inside ``jit``/``scan``/``cond``/custom-derivative bodies included. Cost: one trace of ``fn``."""
+    todo = [jax.make_jaxpr(fn)(*args).jaxpr]
+    while todo:
+        jaxpr = todo.pop()
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for v in eqn.params.values():
+                todo.extend(_jaxprs_in(v))
+    return False
+
+
+def check_member_loop(member_loop) -> None:
+    """Raise :class:`~lcnn_jax.errors.ConfigError` for a ``member_loop`` outside :data:`MEMBER_LOOPS`."""
+    if member_loop not in MEMBER_LOOPS:
+        raise ConfigError(f"member_loop={member_loop!r} is unknown; use one of {MEMBER_LOOPS}.")
+
+
+def member_loop(requested: str, *, platform: str, member_shards: int, num_members: int, convolves) -> str:
+    """``"vmap"`` or ``"unroll"`` for a sweep step. ``requested`` other than ``"auto"`` is returned as is;
+    ``"auto"`` unrolls on the CPU when the members are not split over devices, ``num_members <=
+    MAX_UNROLLED_MEMBERS`` and the step convolves (``convolves``: a bool, or a zero-argument callable called only
+    when needed, since tracing costs a little); every other case is vmapped.
+
+    Raises:
+      ConfigError: an unknown ``requested``."""
+    check_member_loop(requested)
+    if requested != "auto":
+        return requested
+    if platform != "cpu" or member_shards != 1 or num_members > MAX_UNROLLED_MEMBERS:
+        return "vmap"
+    return "unroll" if (convolves() if callable(convolves) else convolves) else "vmap"
