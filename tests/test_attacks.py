@@ -140,9 +140,9 @@ def test_params_argument_gives_the_closure_results_and_one_compilation():
 
 
 def test_attack_unroll_rule_and_unrolled_steps_compute_the_same_iterates(monkeypatch):
-    from lcnn_jax import estimators
+    from lcnn_jax import loops
 
-    monkeypatch.setattr(estimators, "MAX_AUTO_UNROLL", 20)  # the library's value (conftest sets 0 for the suite)
+    monkeypatch.setattr(loops, "MAX_AUTO_UNROLL", 20)  # the library's value (conftest sets 0 for the suite)
     assert attacks.attack_unroll(20) is True and attacks.attack_unroll(3) is True
     assert attacks.attack_unroll(21) == 1 and attacks.attack_unroll(100, unroll=True) is True
     assert attacks.attack_unroll(20, unroll=1) == 1 and attacks.attack_unroll(20, unroll=False) == 1
@@ -248,10 +248,10 @@ def _checkpoint_oracle(n):
 
 
 def test_apgd_checkpoints_follow_the_papers_schedule():
-    assert attacks.apgd_checkpoints(100) == (22, 41, 57, 70, 80, 87, 93, 99)
+    assert attacks.apgd_checkpoints(100, "paper") == (22, 41, 57, 70, 80, 87, 93, 99)
     for n in (1, 3, 10, 37, 100, 250, 1000):
-        assert attacks.apgd_checkpoints(n) == _checkpoint_oracle(n), n
-    assert attacks.apgd_checkpoints(0) == ()
+        assert attacks.apgd_checkpoints(n, "paper") == _checkpoint_oracle(n), n
+    assert attacks.apgd_checkpoints(0, "paper") == () and attacks.apgd_checkpoints(0) == ()
 
 
 def test_dlr_losses_match_their_definitions():
@@ -337,7 +337,12 @@ def test_apgd_finds_the_closed_form_worst_case_of_a_linear_model(norm, clip):
     ys = jnp.asarray(ys_np)
     eps = 0.15 if norm == "linf" else 0.6
     m_opt = _binary_linear_box_optimum(w, b, xs, ys_np, norm, eps, clip)
-    x_adv = attacks.apgd(logits_fn, xs, ys, norm=norm, eps=eps, num_steps=60, key=jax.random.key(3), clip=clip)
+    # schedule="paper" returns the point of highest loss where the attack fails, "reference" the clean input
+    x_adv = attacks.apgd(logits_fn, xs, ys, norm=norm, eps=eps, num_steps=60, key=jax.random.key(3), clip=clip,
+                         schedule="paper")
+    x_ref = attacks.apgd(logits_fn, xs, ys, norm=norm, eps=eps, num_steps=60, key=jax.random.key(3), clip=clip)
+    z_ref = np.asarray(x_ref, np.float64) @ w + b
+    m_ref = z_ref[np.arange(40), ys_np] - z_ref[np.arange(40), 1 - ys_np]
     z = np.asarray(x_adv, np.float64) @ w + b
     m = z[np.arange(40), ys_np] - z[np.arange(40), 1 - ys_np]
     clean = np.asarray(xs, np.float64) @ w + b
@@ -353,6 +358,8 @@ def test_apgd_finds_the_closed_form_worst_case_of_a_linear_model(norm, clip):
     else:
         np.testing.assert_allclose(m[survive], m_opt[survive], rtol=0, atol=tol)
     assert np.all(m[~survive] < 0)  # every flippable example is flipped
+    assert np.all(m_ref[~survive] < 0)
+    np.testing.assert_array_equal(np.asarray(x_ref)[survive], np.asarray(xs)[survive])
 
 
 def test_worst_case_counts_an_example_only_if_every_attack_fails():
@@ -418,7 +425,7 @@ def _apgd_against_pgd():
 
     from lcnn_jax import data
     from lcnn_jax.configs import load_config
-    from lcnn_jax.training import fit, load_trained
+    from lcnn_jax.train import fit, load_trained
 
     config = load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "quickstart.py"))
     config.model.kwargs = {"width_mult": 0.25}

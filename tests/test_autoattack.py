@@ -1,0 +1,149 @@
+"""AutoAttack and its members: APGD's reference schedule, FAB, Square and the cascade.
+
+Oracles, all independent of the code under test: a NumPy re-statement of fra31/auto-attack's APGD loop (float64,
+same start), the reference's checkpoint rule written out, closed-form boundary distances of linear classifiers
+(dual norms), the exact minimum-norm adversarial point of a binary linear classifier, and a gradient-masked copy of
+a linear classifier that only a gradient-free attack can break.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcnn_jax import attacks
+
+
+# ------------------------------------------------------------------------------------------------
+# APGD, schedule="reference"
+# ------------------------------------------------------------------------------------------------
+
+def _reference_checkpoints(n):
+    """fra31's rule as its loop applies it: a counter of iterations since the last check is compared with the
+    period k, which starts at max(int(0.22 n), 1) and shrinks by max(int(0.03 n), 1) down to max(int(0.06 n), 1)."""
+    k, size_decr, n_min = max(int(0.22 * n), 1), max(int(0.03 * n), 1), max(int(0.06 * n), 1)
+    out, counter = [], 0
+    for i in range(n):
+        counter += 1
+        if counter == k:
+            out.append(i + 1)
+            counter = 0
+            k = max(k - size_decr, n_min)
+    return tuple(out)
+
+
+def test_apgd_reference_checkpoints_follow_the_reference_rule():
+    for n in (10, 20, 25, 50, 100):
+        assert attacks.apgd_checkpoints(n, "reference") == _reference_checkpoints(n), n
+    assert attacks.apgd_checkpoints(100, "reference") == attacks.apgd_checkpoints(100, "paper")
+    assert attacks.apgd_checkpoints(25, "reference") != attacks.apgd_checkpoints(25, "paper")
+    with pytest.raises(ValueError, match="schedule"):
+        attacks.apgd_checkpoints(10, "text")
+
+
+def _numpy_reference_apgd(loss_grad, predict, x, y, x_start, *, eps, norm, n_iter, rho=0.75):
+    """fra31/auto-attack ``APGDAttack.attack_single_run`` (L-inf, L2) restated in NumPy; returns the iterate after
+    each iteration (after any restart from the best point) and the attack's output (last misclassified iterate, or
+    the clean input). ``loss_grad(x) -> (loss per example, gradient)``."""
+    n = x.shape[0]
+    flat = lambda a: a.reshape(n, -1)
+    col = lambda v: v.reshape((n,) + (1,) * (x.ndim - 1))
+
+    def normalize(a):
+        t = np.abs(flat(a)).max(1) if norm == "linf" else np.sqrt((flat(a) ** 2).sum(1))
+        return a / col(t + 1e-12)
+
+    def l2_proj(a):
+        d = a - x
+        nd = np.sqrt((flat(d) ** 2).sum(1))
+        return np.clip(x + normalize(d) * col(np.minimum(eps, nd)), 0.0, 1.0)
+
+    k, size_decr, n_min = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    x_adv = np.clip(x_start, 0.0, 1.0)
+    x_best, x_best_adv = x_adv.copy(), x_adv.copy()
+    loss_steps = np.zeros((n_iter, n))
+    loss, grad = loss_grad(x_adv)
+    grad_best = grad.copy()
+    acc = predict(x_adv) == y
+    loss_best = loss.copy()
+    step = 2.0 * eps * np.ones(n)
+    x_old = x_adv.copy()
+    counter3 = 0
+    loss_best_last, reduced_last = loss_best.copy(), np.ones(n, bool)
+    iterates = []
+    for i in range(n_iter):
+        grad2 = x_adv - x_old
+        x_old = x_adv.copy()
+        a = 0.75 if i > 0 else 1.0
+        if norm == "linf":
+            x1 = x_adv + col(step) * np.sign(grad)
+            x1 = np.clip(np.minimum(np.maximum(x1, x - eps), x + eps), 0.0, 1.0)
+            x1 = np.clip(np.minimum(np.maximum(x_adv + (x1 - x_adv) * a + grad2 * (1 - a), x - eps), x + eps), 0, 1)
+        else:
+            x1 = l2_proj(x_adv + col(step) * normalize(grad))
+            x1 = l2_proj(x_adv + (x1 - x_adv) * a + grad2 * (1 - a))
+        x_adv = x1
+        loss, grad = loss_grad(x_adv)
+        pred = predict(x_adv) == y
+        acc = acc & pred
+        x_best_adv[~pred] = x_adv[~pred]
+        loss_steps[i] = loss
+        better = loss > loss_best
+        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+        counter3 += 1
+        if counter3 == k:
+            t = np.zeros(n)
+            for c in range(k):
+                t += loss_steps[i - c] > loss_steps[i - c - 1]  # index -1: the last, unfilled row
+            osc = t <= k * rho
+            no_impr = ~reduced_last & (loss_best_last >= loss_best)
+            osc = osc | no_impr
+            reduced_last, loss_best_last = osc.copy(), loss_best.copy()
+            step[osc] /= 2.0
+            x_adv[osc], grad[osc] = x_best[osc], grad_best[osc]
+            k = max(k - size_decr, n_min)
+            counter3 = 0
+        iterates.append(x_adv.copy())
+    out = np.where(col(~acc), x_best_adv, x)
+    return iterates, out
+
+
+def _tanh_net(seed, d, h, k):
+    rng = np.random.default_rng(seed)
+    w1, w2 = rng.standard_normal((d, h)) / np.sqrt(d) * 3, rng.standard_normal((h, k))
+    return lambda xs: jnp.tanh(xs.reshape(xs.shape[0], -1) @ jnp.asarray(w1, xs.dtype)) @ jnp.asarray(w2, xs.dtype)
+
+
+@pytest.mark.parametrize("norm,eps,loss,n_iter", [("linf", 0.08, "ce", 50), ("linf", 0.08, "dlr", 50), ("l2", 0.6, "ce", 40)])
+def test_apgd_reference_schedule_equals_a_numpy_restatement_of_the_reference_loop(norm, eps, loss, n_iter, x64):
+    f = _tanh_net(3, 16, 12, 5)
+    rng = np.random.default_rng(4)
+    xs = jnp.asarray(rng.uniform(0.2, 0.8, (8, 4, 4, 1)), jnp.float64)
+    ys = jnp.argmax(f(xs), -1).astype(jnp.int32)
+    per_ex = (lambda z, y: attacks.cross_entropy(z, y)) if loss == "ce" else (lambda z, y: attacks.dlr_loss(z, y))
+
+    def loss_grad(x):
+        xj = jnp.asarray(x)
+        grad = jax.grad(lambda v: jnp.sum(per_ex(f(v), ys)))(xj)
+        return np.array(per_ex(f(xj), ys)), np.array(grad)
+
+    predict = lambda x: np.asarray(jnp.argmax(f(jnp.asarray(x)), -1))
+    start, body, _ = attacks.apgd_machine(f, xs, ys, None, jnp.asarray(eps, jnp.float64), norm=norm, loss=loss,
+                                          num_steps=n_iter, schedule="reference")
+    key = jax.random.key(11)
+    run_key = jax.random.fold_in(key, 0)  # apgd's first (only) run
+    s = jax.jit(start)(run_key)
+    body = jax.jit(body)
+    ours = []
+    for i in range(30):
+        s = body(jnp.asarray(i, jnp.int32), s)
+        ours.append(np.asarray(s["x"]))
+    theirs, out = _numpy_reference_apgd(loss_grad, predict, np.asarray(xs), np.asarray(ys), np.asarray(jax.jit(start)(run_key)["x"]),
+                                        eps=eps, norm=norm, n_iter=n_iter)
+    for i in range(30):
+        np.testing.assert_allclose(ours[i], theirs[i], rtol=0, atol=1e-9, err_msg=f"iterate {i}")
+    # the whole attack: the same key gives the same start, so the same output (last misclassified iterate or clean)
+    x_adv = attacks.apgd(f, xs, ys, norm=norm, eps=eps, num_steps=n_iter, loss=loss, key=key, schedule="reference")
+    np.testing.assert_allclose(np.asarray(x_adv), out, rtol=0, atol=1e-9)
+    assert (np.asarray(jnp.argmax(f(x_adv), -1)) != np.asarray(ys)).any()  # the radius makes the test non-trivial
