@@ -82,12 +82,81 @@ def test_failing_process_stops_the_others_with_one_message(tmp_path):
     took = time.monotonic() - t0
     assert p.returncode == 3, p.stderr
     assert took < 20  # not the 60 s the healthy processes would sleep
-    lines = [l for l in p.stderr.splitlines() if l.startswith("launch: process")]
+    lines = [l for l in p.stderr.splitlines() if l.startswith("launch: process") and " of 3 " in l]
     assert len(lines) == 1 and "process 1 of 3 exited with code 3" in lines[0]
     assert "stopped the other 2 process(es)" in lines[0]
     assert "MARKER-42" in p.stderr  # the end of the failing process's log
     assert "resume" in p.stderr  # exit 3 (diverged) is resumable
     assert not any(_alive(pid) for pid in _pids(p.stderr))
+
+
+# Process 1 holds a lock as gloo holds its sockets: the kernel releases it when process 1 dies, and process 0,
+# blocked on it as on a collective, fails at once with a long traceback (exit 1), often before the launcher saw
+# process 1 end. Process 1 exits with code 3 or is killed by SIGKILL.
+PEER_DIES = textwrap.dedent("""
+    import fcntl, os, signal, sys, time
+    d, how = sys.argv[1], sys.argv[2]
+    lock = os.path.join(d, "lock")
+    if os.environ["JAX_PROCESS_ID"] == "1":
+        fh = open(lock, "w")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        open(os.path.join(d, "locked"), "w").close()
+        print("process one fails here: MARKER-17", flush=True)
+        time.sleep(0.5)
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(3)
+    print("process zero is training", flush=True)
+    while not os.path.exists(os.path.join(d, "locked")):
+        time.sleep(0.01)
+    fcntl.flock(open(lock, "a"), fcntl.LOCK_EX)  # returns when process 1 is dead
+    def collective(depth):
+        if depth == 0:
+            raise ValueError("UNKNOWN: Gloo all-reduce failed: Connection closed by peer")
+        return collective(depth - 1)
+    collective(20)
+""")
+
+
+@pytest.mark.parametrize("how, code, says", [("exit", 3, "exited with code 3"),
+                                             ("kill", 128 + signal.SIGKILL, "was killed by SIGKILL")])
+def test_survivor_traceback_is_one_line_and_the_failing_process_is_named(tmp_path, how, code, says):
+    logs = tmp_path / "logs"
+    p = subprocess.run(LAUNCH + ["--num_processes", "2", "--log_dir", str(logs), "--", sys.executable, "-c",
+                                 PEER_DIES, str(tmp_path), how], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == code, p.stderr
+    assert "process zero is training" in p.stdout  # process 0's output before the failure is shown as it comes
+    out = p.stdout + p.stderr
+    assert "Traceback" not in out and "Gloo" not in out and "collective(depth" not in out, out
+    named = [l for l in p.stderr.splitlines() if "of 2" in l]
+    assert len(named) == 1 and f"launch: process 1 of 2 {says}; stopped the other 1 process(es)." in named[0], out
+    assert "MARKER-17" in p.stderr  # the failing process's own last lines
+    stopped = [l for l in p.stderr.splitlines() if "process 0 stopped" in l]
+    assert len(stopped) == 1 and stopped[0].startswith("launch: process 0 stopped after process 1 failed"), out
+    assert str(logs / "process_0.log") in stopped[0]
+    kept = (logs / "process_0.log").read_text()  # nothing is lost: process 0's whole output is in its log
+    assert "process zero is training" in kept and "Traceback" in kept and "Gloo all-reduce failed" in kept
+    assert len(p.stderr.splitlines()) <= 2 + launch.TAIL_LINES + 2
+
+
+OWN_ERROR = textwrap.dedent("""
+    import os, sys, time
+    if os.environ["JAX_PROCESS_ID"] == "0":
+        print("about to fail", flush=True)
+        time.sleep(0.3)
+        raise RuntimeError("process zero's own mistake: MARKER-99")
+    time.sleep(60)
+""")
+
+
+def test_process_0_own_traceback_is_shown_in_full(tmp_path):
+    p = subprocess.run(LAUNCH + ["--num_processes", "2", "--log_dir", str(tmp_path), "--", sys.executable, "-c",
+                                 OWN_ERROR], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback (most recent call last)" in p.stderr and "RuntimeError: process zero's own mistake: MARKER-99" \
+        in p.stderr
+    assert p.stderr.index("MARKER-99") < p.stderr.index("launch: process 0 of 2 exited with code 1")
+    assert "stopped after" not in p.stderr and "about to fail" in p.stdout
 
 
 TRAP = textwrap.dedent("""
@@ -208,6 +277,7 @@ def test_two_processes_equal_one_process_and_resume_after_killing_one(tmp_path):
     proc.stderr.close()
     assert rc == 128 + signal.SIGKILL, err
     assert "process 1 of 2 was killed by SIGKILL" in err and "resume" in err
+    assert "Traceback" not in err and "gloo" not in err.lower()  # process 0's collective error: one line at most
     assert not any(_alive(pid) for pid in pids)
     stopped_at = training.checkpoint_steps(killed)[-1]
     assert stopped_at < 100
