@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a rerun in a workdir that holds a run change train.num_epochs / train.num_steps and "
                         "train on from its last checkpoint (the learning-rate schedule follows the new length); "
                         "without it a rerun with any other config is refused")
+    t.add_argument("--allow_nonempty", action="store_true",
+                   help="train into an existing non-empty directory that is not a run directory (refused without "
+                        "it, so that a run's files never land among foreign ones)")
     w = sub.add_parser("sweep", help="train the seeds x coefficient grid of the config's sweep section as one "
                                      "vmapped program",
                        epilog="Members: --config.sweep.seeds=\"(0,1,2)\" (default: config.seed) times every "
@@ -72,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                               "resumes. Measure a member with lcnn-jax measure --workdir DIR --member ID (or all).")
     w.add_argument("--config", required=True, help="Python file with get_config() (optionally path.py:arg)")
     w.add_argument("--workdir", required=True, help="directory for the stacked checkpoints, members/ and results")
+    w.add_argument("--allow_nonempty", action="store_true",
+                   help="train into an existing non-empty directory that is not a run directory")
     m = sub.add_parser("measure", help="measure a trained run, or members of a sweep or compare run (smoothness, "
                                        "curvature, Lipschitz, robustness)",
                        epilog="Override measurement settings with --config.measure.KEY=VALUE, e.g. "
@@ -281,12 +286,18 @@ def _run(args, overrides) -> int:
 
             config = _load(args, overrides)
             _refuse_sweep_in_train(config, args)
-            results = fit(config, args.workdir, extend=args.extend)
+            results = fit(config, args.workdir, extend=args.extend, allow_nonempty=args.allow_nonempty)
+            if results.get("already_finished"):
+                print(f"already finished: {args.workdir} holds this run (step {results.get('steps')}); nothing was "
+                      f"trained or written.")
             print(_summary(results, args.workdir))
         elif args.command == "sweep":
             from lcnn_jax.train import fit_sweep_from_config, format_summary
 
-            summary = fit_sweep_from_config(_load(args, overrides), args.workdir)
+            summary = fit_sweep_from_config(_load(args, overrides), args.workdir, allow_nonempty=args.allow_nonempty)
+            if summary.get("already_finished"):
+                print(f"already finished: {args.workdir} holds this sweep (step {summary.get('steps')}); nothing "
+                      f"was trained or written.")
             mesh = summary.get("mesh") or {}
             print(f"done: {summary['num_members']} members, {summary['steps']} steps each, in "
                   f"{summary['wall_time_s']:.1f} s on {summary['num_devices']} {summary['devices']} device(s) "

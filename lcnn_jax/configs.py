@@ -17,6 +17,7 @@ A file can take an argument after a colon: ``--config experiments/configs/ablate
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import importlib.util
 import math
@@ -112,30 +113,78 @@ def _is_open(path: str) -> bool:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
     """Apply ``["a.b=value", ...]`` in place. Values are Python literals (``0.1``, ``(64, 64)``, ``None``,
-    ``{'coeff': 0.01}``) or bare strings. An unknown key or a value of the wrong type raises ConfigError,
-    except inside ``regularizers``, ``model.kwargs`` and ``sweep.grid``, which are open dictionaries."""
+    ``{'coeff': 0.01}``) or bare strings. An unknown key or a value of the wrong type is an error, except inside
+    ``regularizers``, ``model.kwargs`` and ``sweep.grid``, which are open dictionaries.
+
+    Every override is tried before anything is raised, so one :class:`ConfigError` lists every bad override
+    (five typos cost one rerun, not five); the good ones are applied.
+    """
+    problems = []
     for item in overrides:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"Override {item!r} is not of the form key=value "
-                              f"(e.g. --config.optim.learning_rate=0.1).")
-        value = _parse_value(text)
-        parts = key.split(".")
-        node = config
-        for i, name in enumerate(parts):
-            here = ".".join(parts[:i + 1])
-            if name not in node and not _is_open(here):
-                raise ConfigError(f"Unknown config key {key!r}: {here!r} does not exist. "
-                                  f"Known keys there: {sorted(node.keys())}.")
-            if i == len(parts) - 1:
-                break
-            if name not in node:
-                node[name] = ml_collections.ConfigDict()
-            node = node[name]
-        try:
-            node[parts[-1]] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"Bad value for {key!r}: {text!r} ({e}).") from e
+        problem = _apply_one(config, item)
+        if problem:
+            problems.append(problem)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} overrides are invalid:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _apply_one(config: ml_collections.ConfigDict, item: str) -> str | None:
+    """Apply one ``key=value`` override; return what is wrong with it (None: applied)."""
+    key, eq, text = item.partition("=")
+    if not eq or not key:
+        return f"Override {item!r} is not of the form key=value (e.g. --config.optim.learning_rate=0.1)."
+    value = _parse_value(text)
+    parts = key.split(".")
+    node = config
+    for i, name in enumerate(parts):
+        here = ".".join(parts[:i + 1])
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"Unknown config key {key!r}: {'.'.join(parts[:i])!r} is a value, not a section."
+        if name not in node and not _is_open(here):
+            return f"Unknown config key {key!r}: {here!r} does not exist. Known keys there: {sorted(node.keys())}."
+        if i == len(parts) - 1:
+            break
+        if name not in node:
+            node[name] = ml_collections.ConfigDict()
+        node = node[name]
+    try:
+        node[parts[-1]] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    except (TypeError, ValueError) as e:
+        return f"Bad value for {key!r}: {text!r} ({e})."
+    return None
+
+
+def absolute_model_path(name):
+    """``"dir/models.py:Net"`` with the file's absolute path when it is relative and exists from the current
+    directory; any other name unchanged."""
+    if not isinstance(name, str) or ":" not in name:
+        return name
+    where, _, attr = name.rpartition(":")
+    if not where.endswith(".py") or os.path.isabs(os.path.expanduser(where)):
+        return name
+    path = os.path.abspath(os.path.expanduser(where))
+    return f"{path}:{attr}" if os.path.isfile(path) else name
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` in which every model named by a relative file path (``model.name="models.py:Net"``,
+    also a compare method's ``model.name``) names the file by its absolute path, so that the ``config.json`` a run
+    stores works from any directory (``lcnn-jax measure`` run elsewhere, a notebook). Training calls this before
+    it compares or writes a config."""
+    config = copy.deepcopy(config)
+
+    def walk(node):
+        for key in list(node.keys()):
+            child = node[key]
+            if isinstance(child, ml_collections.ConfigDict):
+                if key == "model" and "name" in child:
+                    child.name = absolute_model_path(child.name)
+                walk(child)
+
+    walk(config)
     return config
 
 

@@ -1,10 +1,21 @@
-"""Run directories: may this config train in this workdir, and loading what a finished run left there.
+"""Run directories: may this config train in this workdir (and is anyone else training in it), is the run already
+finished, and loading what a finished run left there.
+
+A *run directory* is one the library wrote: it holds ``config.json``, ``checkpoints/`` or the lock file
+(:data:`LOCK_FILE`). Training refuses an existing non-empty directory that is none (``allow_nonempty=True``,
+``--allow_nonempty`` on the command line, says the user means it), holds an exclusive lock on the workdir for
+the life of the training process (:func:`workdir_lock`: a second process is refused with its holder's pid and
+host; the kernel releases the lock when the holder dies, so ``kill -9`` leaves nothing stuck), and returns the
+stored results of a finished run without writing anything (:func:`finished_results`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Sequence
+import socket
+import time
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +28,10 @@ from lcnn_jax.train.setup import build_regularizers
 from lcnn_jax.train.state import create_train_state, make_optimizer
 from lcnn_jax.types import PRNGKey, PyTree
 
-__all__ = ["RERUN_NEUTRAL_KEYS", "EXTEND_KEYS", "check_workdir_path", "config_differences", "checkpoint_steps",
-           "check_run_dir", "show_value", "previous_wall_time", "read_config", "template_state", "restore_latest",
-           "load_trained", "read_results"]
+__all__ = ["RERUN_NEUTRAL_KEYS", "EXTEND_KEYS", "LOCK_FILE", "check_workdir_path", "config_differences",
+           "checkpoint_steps", "check_run_dir", "show_value", "previous_wall_time", "read_config", "template_state",
+           "restore_latest", "load_trained", "read_results", "is_run_dir", "check_workdir_is_ours", "workdir_lock",
+           "finished_results"]
 
 
 # Keys a rerun may change without changing what is trained: logging, evaluation and checkpoint cadence, the
@@ -31,6 +43,9 @@ RERUN_NEUTRAL_KEYS = ("train.progress", "train.log_every", "train.eval_every", "
 # Keys ``extend=True`` (``lcnn-jax train --extend``) lets a rerun change: the run's length.
 EXTEND_KEYS = ("train.num_epochs", "train.num_steps")
 _UNSET = "(unset)"
+#: The lock file of a run directory; it records the holder's pid, host and start time (for the message).
+LOCK_FILE = ".lcnn_jax.lock"
+_RUN_MARKS = ("config.json", "checkpoints", LOCK_FILE)
 
 
 def check_workdir_path(workdir: str) -> None:
@@ -66,6 +81,11 @@ def config_differences(old: dict, new: dict, defaults: dict | None = None) -> di
         return _flatten_config(json.loads(json.dumps(d, default=json_default)))
 
     a, b, dflt = norm(old), norm(new), norm(defaults or {})
+    # A model file stored by its relative path (runs trained before paths were resolved) is the same model as
+    # the absolute path it resolves to from here.
+    from lcnn_jax.configs import absolute_model_path
+
+    a = {k: (absolute_model_path(v) if k.endswith("model.name") else v) for k, v in a.items()}
     out = {}
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, _UNSET), b.get(key, _UNSET)
@@ -232,3 +252,90 @@ def read_results(workdir: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return out if isinstance(out, dict) else None
+
+
+def is_run_dir(workdir: str) -> bool:
+    """Whether ``workdir`` is a directory the library wrote (it holds ``config.json``, ``checkpoints/`` or the lock
+    file): a training run, a sweep or a compare run, finished or not."""
+    return any(os.path.exists(os.path.join(workdir, m)) for m in _RUN_MARKS)
+
+
+def check_workdir_is_ours(workdir: str, *, allow_nonempty: bool = False) -> None:
+    """Refuse to train into an existing, non-empty directory that is not a run directory (e.g. a project folder or
+    a system folder given by mistake): the run's files would be scattered among foreign ones.
+
+    Raises:
+      RunDirError: naming a few of the foreign entries and the two ways out (a new path, or
+        ``allow_nonempty=True`` / ``--allow_nonempty``).
+    """
+    check_workdir_path(workdir)
+    if allow_nonempty or not os.path.isdir(workdir) or is_run_dir(workdir):
+        return
+    entries = sorted(os.listdir(workdir))
+    if not entries:
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise RunDirError(f"--workdir {workdir!r} already exists and holds other files ({shown}), not a run of this "
+                      f"library; nothing was written. Give a new or empty directory (e.g. --workdir runs/my_run), "
+                      f"or pass --allow_nonempty (allow_nonempty=True) to train into it anyway.")
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as fh:
+            info = json.load(fh)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
+        return f"process {info['pid']} on host {info['host']} (since {started})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, *, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``workdir`` (created if missing) while the block runs, so that two trainings of
+    one workdir never run at once. The lock is an ``flock`` on :data:`LOCK_FILE`, which the kernel releases when
+    the holding process ends in any way (``kill -9`` included): a stale file never blocks a rerun. The file
+    records the holder's pid, host and start time for the message of the refused process. ``enabled=False``
+    (the processes other than 0 of a multi-process run, which share process 0's run) does nothing. On systems
+    without ``fcntl`` the block runs unlocked.
+
+    Raises:
+      RunDirError: the workdir is locked by another process (named by pid and host); nothing was written.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunDirError(f"--workdir {workdir!r} is in use by {_holder(path)}, which is training in it; "
+                              f"nothing was written. Wait for it to finish (or stop it), or use another "
+                              f"--workdir.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def finished_results(workdir: str, results_file: str = "results.json") -> dict | None:
+    """The stored results of a finished run (or sweep, ``results_file="sweep_results.json"``) in ``workdir``:
+    its results file exists, reads, and was written at the step of the newest checkpoint. None otherwise (never
+    trained, interrupted, or extended since)."""
+    steps = checkpoint_steps(workdir)
+    try:
+        with open(os.path.join(workdir, results_file)) as fh:
+            res = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or not steps or res.get("steps") != steps[-1]:
+        return None
+    return res

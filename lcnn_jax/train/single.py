@@ -25,11 +25,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lcnn_jax.errors import NoSpaceLeft, RunDirError, TrainingDiverged, TrainingInterrupted
 from lcnn_jax.io import is_no_space, write_json_atomic
 from lcnn_jax.regularizers.base import Regularizer
-from lcnn_jax.train.distributed import (is_primary, jit_eval_step, jit_train_step, place_global, replicate,
-                                        to_host)
+from lcnn_jax.train.distributed import (is_primary, jit_eval_step, jit_train_step, maybe_initialize_distributed,
+                                        place_global, replicate, to_host)
 from lcnn_jax.train.evaluation import dead_network_report, evaluate
 from lcnn_jax.train.loop import LoopHooks, apply_epoch_end_hooks, open_run, train_loop
-from lcnn_jax.train.rundir import check_run_dir, checkpoint_steps, show_value
+from lcnn_jax.train.rundir import (check_run_dir, check_workdir_is_ours, checkpoint_steps, finished_results,
+                                   show_value, workdir_lock)
 from lcnn_jax.train.setup import prepare_run
 from lcnn_jax.train.state import TrainState, create_train_state
 
@@ -38,7 +39,7 @@ __all__ = ["fit", "epoch_end_hooks"]
 _log = logging.getLogger(__name__)
 
 
-def fit(config, workdir: str, *, extend: bool = False) -> dict:
+def fit(config, workdir: str, *, extend: bool = False, allow_nonempty: bool = False) -> dict:
     """Train the model described by ``config`` and write everything to ``workdir``.
 
     Files: ``config.json`` (resolved config), ``metrics.jsonl`` (every ``train.log_every`` steps: step, loss,
@@ -48,28 +49,52 @@ def fit(config, workdir: str, *, extend: bool = False) -> dict:
     Rerunning with the same ``workdir`` resumes from the newest intact checkpoint (a damaged one is moved to
     ``damaged_checkpoints/`` with a warning; half a line at the end of ``metrics.jsonl`` is dropped) and ends with
     the same metrics as an uninterrupted run. A rerun with a different config is refused before anything is
-    written (:func:`~lcnn_jax.train.rundir.check_run_dir`); ``extend=True`` accepts a longer ``train.num_epochs`` / ``train.num_steps``
-    and trains on from the last checkpoint, under the learning-rate schedule of the new length (so a cosine
-    schedule jumps back up: the result is not that of a run trained for the new length from the start).
+    written (:func:`~lcnn_jax.train.rundir.check_run_dir`); ``extend=True`` accepts a longer
+    ``train.num_epochs`` / ``train.num_steps`` and trains on from the last checkpoint, under the learning-rate
+    schedule of the new length (so a cosine schedule jumps back up: the result is not that of a run trained for
+    the new length from the start). Rerunning a *finished* run changes nothing on disk: it returns the stored
+    results with ``already_finished: True`` added (:func:`~lcnn_jax.train.rundir.finished_results`).
+
+    The workdir is locked while training (:func:`~lcnn_jax.train.rundir.workdir_lock`): a second ``fit`` of the
+    same workdir is refused, naming the process that trains there. An existing non-empty directory that the
+    library did not write is refused unless ``allow_nonempty=True``. A model named by a relative file path
+    (``model.name="models.py:Net"``) is stored with its absolute path, so the run can be measured from anywhere.
 
     ``results.json`` has ``dead: true`` with a ``warning`` (also logged, and in the last eval record of the log)
     when the trained network gives one output for every input or one class for 99 % of the training images
-    (:func:`~lcnn_jax.train.evaluation.dead_network`): a failure that does not show up as a NaN. Returns the results.
+    (:func:`~lcnn_jax.train.evaluation.dead_network`): a failure that does not show up as a NaN. Returns the
+    results.
 
     Raises:
       ConfigError: a bad configuration value (message names the key).
-      RunDirError: ``workdir`` is a file, or holds a run of another config, or no readable checkpoint.
+      RunDirError: ``workdir`` is a file, holds a run of another config or foreign files, is being trained by
+        another process, or has no readable checkpoint.
       lcnn_jax.data.DatasetError: the dataset cannot be found.
       TrainingDiverged: the loss became non-finite (the last good checkpoint stays in ``workdir``).
       TrainingInterrupted: Ctrl-C (a ``KeyboardInterrupt``); rerunning resumes.
       NoSpaceLeft: the disk is full (an ``OSError``); the last complete checkpoint is kept, rerunning resumes.
     """
-    from lcnn_jax import data as data_lib
-    from lcnn_jax.configs import validate_config
+    from lcnn_jax.configs import resolve_paths, validate_config
 
     t_start = time.time()
+    config = resolve_paths(config)
     validate_config(config)
     changes = check_run_dir(config, workdir, extend=extend)
+    check_workdir_is_ours(workdir, allow_nonempty=allow_nonempty)
+    maybe_initialize_distributed()  # before is_primary() touches a device
+    with workdir_lock(workdir, enabled=is_primary()):
+        done = None if changes else finished_results(workdir)
+        if done is not None:
+            _log.warning("%s holds this run, finished at step %s; nothing was trained or written.", workdir,
+                         done.get("steps"))
+            return {**done, "already_finished": True}
+        return _train(config, workdir, changes, t_start)
+
+
+def _train(config, workdir: str, changes: dict, t_start: float) -> dict:
+    """:func:`fit` after its checks, with the workdir locked."""
+    from lcnn_jax import data as data_lib
+
     setup = prepare_run(config)
     done = checkpoint_steps(workdir)
     if done and done[-1] > setup.total_steps:

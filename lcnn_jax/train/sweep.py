@@ -67,7 +67,7 @@ import numpy as np
 from lcnn_jax.errors import ConfigError
 from lcnn_jax.io import write_json_atomic
 from lcnn_jax.loops import check_member_loop
-from lcnn_jax.train.distributed import is_primary, put_global, to_host
+from lcnn_jax.train.distributed import is_primary, maybe_initialize_distributed, put_global, to_host
 from lcnn_jax.train.evaluation import dead_network, evaluation_totals
 from lcnn_jax.train.single import fit
 from lcnn_jax.train.loop import LoopHooks, apply_epoch_end_hooks, open_run, train_loop
@@ -75,7 +75,8 @@ from lcnn_jax.train.members import (DATA_ORDERS, Member, flatten_grid, init_stac
                                     jit_sweep_step, member_config, member_state, place_batch, place_state,
                                     resolve_member_loop, stack_states, sweep_layout, sweep_members,
                                     uses_convolution)
-from lcnn_jax.train.rundir import check_run_dir, load_trained, read_config, restore_latest, template_state
+from lcnn_jax.train.rundir import (check_run_dir, check_workdir_is_ours, finished_results, load_trained, read_config,
+                                   restore_latest, template_state, workdir_lock)
 from lcnn_jax.train.setup import RunSetup, prepare_run
 from lcnn_jax.train.state import TrainState
 
@@ -140,22 +141,26 @@ def step_convolves(setup: RunSetup, stacked: TrainState) -> bool:
 
 
 def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, Sequence[float]] | None = None,
-              data_order: str = "per_seed", member_loop: str = "auto") -> dict:
+              data_order: str = "per_seed", member_loop: str = "auto", allow_nonempty: bool = False) -> dict:
     """Train every member of ``seeds x grid`` as one jitted program and write the results to ``workdir``.
 
     Args:
       config: the base config (as for :func:`lcnn_jax.train.fit`); it must already use every regularizer the
         grid names (any coefficient; the grid overrides it per member).
       workdir: output directory; rerunning with the same ``workdir`` and the same sweep resumes from the last
-        checkpoint of the stacked state and ends as an uninterrupted sweep would.
+        checkpoint of the stacked state and ends as an uninterrupted sweep would; rerunning a finished sweep
+        writes nothing and returns its stored summary with ``already_finished: True``. The workdir is locked
+        while training (a second process is refused), as for :func:`lcnn_jax.train.fit`.
       seeds: distinct non-negative integers; each is a member's ``config.seed`` (init key, step keys, data order).
       grid: ``{"<regularizer>.<state key>": values}`` (or the nested form ``{"datagrad": {"coeff": values}}``);
         None or empty: the seeds alone.
       data_order: ``"per_seed"`` (each member sees its own seed's batch order, reproducing its single run) or
         ``"shared"`` (all see ``config.seed``'s order; one batch broadcast to all members, cheaper).
-      member_loop: how one compiled step computes the K members, ``"vmap"``, ``"unroll"`` or ``"auto"`` (the choice of
-        :func:`lcnn_jax.loops.member_loop`: unroll for convolutional nets on CPU). The same values up to float error; not part of the run's identity (a sweep may resume
-        with another loop). The choice is in the summary's ``member_loop``.
+      member_loop: how one compiled step computes the K members, ``"vmap"``, ``"unroll"`` or ``"auto"`` (the
+        choice of :func:`lcnn_jax.loops.member_loop`: unroll for convolutional nets on CPU). The same values up
+        to float error; not part of the run's identity (a sweep may resume with another loop). The choice is in
+        the summary's ``member_loop``.
+      allow_nonempty: train into an existing non-empty directory that the library did not write.
 
     Cost: one step costs about K times the single run's step in one compiled launch; host work per step is
     one batch per distinct seed (``per_seed``) or one batch (``shared``).
@@ -175,27 +180,41 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     A member whose network ends dead (one output for every input, or one class for 99 % of the training images)
     has ``dead: true`` in its results and a warning is logged: see :func:`lcnn_jax.train.evaluation.dead_network`.
     """
-    from lcnn_jax import data as data_lib
-    from lcnn_jax.configs import validate_config
+    from lcnn_jax.configs import resolve_paths, validate_config
 
     t_start = time.time()
     if data_order not in DATA_ORDERS:
         raise ConfigError(f"data_order={data_order!r} is unknown; use one of {DATA_ORDERS}.")
     check_member_loop(member_loop)  # before any work; resolved once the devices are known
+    config = resolve_paths(config)
     validate_config(config)
     check_run_dir(config, workdir, kind="sweep")
+    check_workdir_is_ours(workdir, allow_nonempty=allow_nonempty)
     members = sweep_members(seeds, grid)
     flat = flatten_grid(grid)
+    record = {"seeds": [int(s) for s in seeds], "grid": {p: list(v) for p, v in flat.items()},
+              "data_order": data_order,
+              "members": [{"index": m.index, "id": m.id, "seed": m.seed, "grid": m.values} for m in members]}
+    maybe_initialize_distributed()  # before is_primary() touches a device
+    with workdir_lock(workdir, enabled=is_primary()):
+        _check_sweep_file(workdir, record)
+        done = finished_results(workdir, "sweep_results.json")
+        if done is not None:
+            _log.warning("%s holds this sweep, finished at step %s; nothing was trained or written.", workdir,
+                         done.get("steps"))
+            return {**done, "already_finished": True}
+        return _train_sweep(config, workdir, seeds, members, flat, data_order, member_loop, t_start)
+
+
+def _train_sweep(config, workdir: str, seeds, members, flat, data_order: str, member_loop: str,
+                 t_start: float) -> dict:
+    """:func:`fit_sweep` after its checks, with the workdir locked."""
+    from lcnn_jax import data as data_lib
+
     setup = prepare_run(config)
     tcfg, train, test, mesh = config.train, setup.train, setup.test, setup.mesh
     k = len(members)
-
     stacked = init_stacked_state(setup, members)
-    os.makedirs(workdir, exist_ok=True)
-    _check_sweep_file(workdir, {"seeds": [int(s) for s in seeds], "grid": {p: list(v) for p, v in flat.items()},
-                                "data_order": data_order,
-                                "members": [{"index": m.index, "id": m.id, "seed": m.seed, "grid": m.values}
-                                            for m in members]})
     layout = sweep_layout(mesh, k)
     # orbax restores into the placed state's sharding, each process its own members
     stacked, run = open_run(workdir, config, place_state(stacked, layout),
@@ -345,13 +364,13 @@ def single_run_conflict(config) -> str | None:
     return f"{' x '.join(parts)}: {len(members)} member{'s' * (len(members) != 1)}"
 
 
-def fit_sweep_from_config(config, workdir: str) -> dict:
+def fit_sweep_from_config(config, workdir: str, *, allow_nonempty: bool = False) -> dict:
     """:func:`fit_sweep` driven by the config's ``sweep`` section: ``config.sweep.seeds`` (``()`` means
     ``(config.seed,)``), ``config.sweep.grid`` (nested ``{name: {state_key: values}}``) and
     ``config.sweep.data_order``. E.g. ``--config.sweep.seeds="(0,1,2,3,4)"
     --config.sweep.grid.datagrad.coeff="(0.0,1e-3,1e-2)"``; this is ``lcnn-jax sweep``."""
     seeds, grid, data_order = _section_axes(config)
-    return fit_sweep(config, workdir, seeds=seeds, grid=grid, data_order=data_order)
+    return fit_sweep(config, workdir, seeds=seeds, grid=grid, data_order=data_order, allow_nonempty=allow_nonempty)
 
 
 def format_summary(summary: dict, workdir: str, *, width: int = 120) -> str:
