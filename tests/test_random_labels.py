@@ -15,6 +15,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import random_labels as rl  # noqa: E402
+from experiments import random_labels_report as rlr  # noqa: E402
+from experiments import random_labels_train as rlt  # noqa: E402
 
 # Out of the default run (it must stay under 3 minutes on 2 cores): the study script end to end.
 # CI runs it with -m slow.
@@ -34,7 +36,7 @@ def test_kendall_tau_matches_pair_counting_on_random_data():
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal(17), rng.standard_normal(17)
     y = y + 0.8 * x  # some correlation, no ties
-    got = rl.kendall_tau(x, y)
+    got = rlr.kendall_tau(x, y)
     assert got["n"] == 17
     assert got["tau"] == pytest.approx(pair_count_tau(x, y), abs=1e-12)
     assert 0 < got["pvalue"] < 1
@@ -42,16 +44,16 @@ def test_kendall_tau_matches_pair_counting_on_random_data():
 
 def test_kendall_tau_closed_forms_for_monotone_maps_and_nan_dropping():
     x = np.linspace(0.1, 3.0, 9)
-    assert rl.kendall_tau(x, np.exp(3 * x))["tau"] == pytest.approx(1.0)  # any increasing map: tau = 1
-    assert rl.kendall_tau(x, -x ** 3)["tau"] == pytest.approx(-1.0)  # decreasing: -1
+    assert rlr.kendall_tau(x, np.exp(3 * x))["tau"] == pytest.approx(1.0)  # any increasing map: tau = 1
+    assert rlr.kendall_tau(x, -x ** 3)["tau"] == pytest.approx(-1.0)  # decreasing: -1
     # one swapped adjacent pair out of C(9, 2) = 36 pairs: tau = (35 - 1) / 36
     y = x.copy()
     y[[3, 4]] = y[[4, 3]]
-    assert rl.kendall_tau(x, y)["tau"] == pytest.approx(34 / 36)
+    assert rlr.kendall_tau(x, y)["tau"] == pytest.approx(34 / 36)
     # a non-finite measure is left out with its pair partner, not propagated
     y_nan = np.exp(x)
     y_nan[2] = np.nan
-    res = rl.kendall_tau(x, y_nan)
+    res = rlr.kendall_tau(x, y_nan)
     assert res["n"] == 8 and res["tau"] == pytest.approx(1.0)
 
 
@@ -104,7 +106,7 @@ def test_trial_labels_shuffle_exactly_round_r_n_positions(ratio):
 
 
 def test_batch_indices_visit_every_example_once_per_epoch_per_member():
-    idx = rl.batch_indices(n=50, batch_size=10, seeds=[3, 4], start=0, steps=10)  # two epochs of 5 batches
+    idx = rlt.batch_indices(n=50, batch_size=10, seeds=[3, 4], start=0, steps=10)  # two epochs of 5 batches
     assert idx.shape == (10, 2, 10)
     for member in range(2):
         for epoch in range(2):
@@ -112,7 +114,7 @@ def test_batch_indices_visit_every_example_once_per_epoch_per_member():
             np.testing.assert_array_equal(np.sort(seen), np.arange(50))
     assert not np.array_equal(idx[:, 0], idx[:, 1])
     # resuming at a later step reproduces the same batches
-    np.testing.assert_array_equal(rl.batch_indices(50, 10, [3, 4], start=7, steps=3), idx[7:10])
+    np.testing.assert_array_equal(rlt.batch_indices(50, 10, [3, 4], start=7, steps=3), idx[7:10])
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -172,42 +174,64 @@ def test_a_truncated_run_file_counts_as_unfinished(tmp_path):
     assert not rl.run_is_done(path, rl.protocol_of(cfg))
 
 
+def test_a_reference_run_with_another_budget_is_not_finished(tmp_path):
+    """Every field of the reference protocol counts (steps, weight decay, lr decay), not only our protocol's."""
+    cfg = rl.model_cfg(rl.parse_args(["--protocol", "reference", "--models", "ms_mlp", "--out", str(tmp_path)]),
+                       "ms_mlp")
+    _fake_run(cfg, "ms_mlp", 0.5, 0, gap=0.1, ms=1.0)
+    assert rl.pending_trials(cfg.out, "ms_mlp", 0.5, [0, 1], rl.protocol_of(cfg)) == [1]
+    for k, v in (("steps", cfg.steps + 1), ("weight_decay", 0.0), ("lr_decay", 2 * cfg.lr_decay)):
+        other = rl.argparse.Namespace(**{**vars(cfg), k: v})
+        assert rl.pending_trials(cfg.out, "ms_mlp", 0.5, [0], rl.protocol_of(other)) == [0], k
+
+
 # ------------------------------------------------------------------------------------------------ training program
 def test_chunk_trainer_freezes_finished_members_and_unroll_matches_vmap():
     import jax
     import jax.numpy as jnp
     import optax
 
+    from lcnn_jax import sweep
     from lcnn_jax.nn import make_model
 
     model = make_model("mlp", 10, widths=(16,))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(size=(24, 28, 28, 1)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, (2, 24)), jnp.int32)
-    inits = [model.init(jax.random.PRNGKey(s), images[:1])["params"] for s in (0, 1)]
-    params = jax.tree.map(lambda *a: jnp.stack(a), *inits)
-    tx = optax.sgd(0.1, momentum=0.9)
-    opt = jax.vmap(tx.init)(params)
-    idx = jnp.asarray(rl.batch_indices(24, 8, [0, 1], start=0, steps=4))
+    state = rlt.init_members(model, optax.sgd(0.1, momentum=0.9), [0, 1], images[:1])
+    for i, s in enumerate((0, 1)):  # member i is the network initialised from its own seed
+        want = model.init(jax.random.PRNGKey(s), images[:1])["params"]
+        for a, b in zip(jax.tree.leaves(sweep.member_state(state, i).params), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    idx = jnp.asarray(rlt.batch_indices(24, 8, [0, 1], start=0, steps=4))
     done = jnp.asarray([True, False])
-    out = {}
-    for unroll in (False, True):
-        out[unroll] = rl.make_chunk_trainer(model, tx, unroll)(params, opt, done, images, labels, idx)[0]
-    for a, b, p0 in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True]), jax.tree.leaves(params)):
+    out = {loop: rl.make_chunk_trainer(model, loop)(state, done, images, labels, idx) for loop in ("vmap", "unroll")}
+    np.testing.assert_array_equal(np.asarray(out["vmap"].step), [0, 4])  # the finished member took no step
+    for a, b, p0 in zip(jax.tree.leaves(out["vmap"].params), jax.tree.leaves(out["unroll"].params),
+                        jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(p0[0]))  # finished member untouched
         assert not np.array_equal(np.asarray(a[1]), np.asarray(p0[1]))  # the other one trained
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # the per-member loss went down on its own labels (4 SGD steps on 24 examples)
     ce = lambda p, y: float(optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
         model.apply({"params": p}, images), y).mean())
-    member = lambda tree: jax.tree.map(lambda a: a[1], tree)  # noqa: E731
-    assert ce(member(out[False]), labels[1]) < ce(member(params), labels[1])
+    member = lambda st: sweep.member_state(st, 1).params  # noqa: E731
+    assert ce(member(out["vmap"]), labels[1]) < ce(member(state), labels[1])
+    # the logits of every member, in chunks with padding, equal one apply per member
+    logits = np.asarray(rlt.make_member_logits(model, chunk=10)(out["vmap"], images))
+    assert logits.shape == (2, 24, 10)
+    np.testing.assert_allclose(logits[1], np.asarray(model.apply({"params": member(out["vmap"])}, images)),
+                               rtol=1e-5, atol=1e-5)
+    # the member loop is the library's rule: convolutional members unrolled on CPU, dense ones vmapped
+    assert rlt.member_loop(model, "auto", 2) == "vmap" and rlt.member_loop(model, "unroll", 2) == "unroll"
+    if jax.default_backend() == "cpu":
+        assert rlt.member_loop(make_model("lenet", 10), "auto", 3) == "unroll"
 
 
 # ------------------------------------------------------------------------------------------------ reference protocol
 def test_epoch_batches_cut_each_permutation_like_torch_split():
     # n = 25, B = 10: three batches per epoch of 10, 10 and 5 real examples (the last padded to 10 at weight 0)
-    idx, w = rl.epoch_batches(n=25, batch_size=10, seeds=[3, 4], start=0, steps=6)
+    idx, w = rlt.epoch_batches(n=25, batch_size=10, seeds=[3, 4], start=0, steps=6)
     assert idx.shape == w.shape == (6, 2, 10)
     np.testing.assert_array_equal(w.sum(axis=2), np.tile([10, 10, 5], 2)[:, None].repeat(2, axis=1))
     for member in range(2):
@@ -216,11 +240,11 @@ def test_epoch_batches_cut_each_permutation_like_torch_split():
             seen = idx[rows, member][w[rows, member] > 0]
             np.testing.assert_array_equal(np.sort(seen), np.arange(25))  # every example exactly once per epoch
     assert not np.array_equal(idx[:, 0], idx[:, 1])
-    idx2, w2 = rl.epoch_batches(25, 10, [3, 4], start=4, steps=2)  # resuming mid-epoch gives the same batches
+    idx2, w2 = rlt.epoch_batches(25, 10, [3, 4], start=4, steps=2)  # resuming mid-epoch gives the same batches
     np.testing.assert_array_equal(idx2, idx[4:6])
     np.testing.assert_array_equal(w2, w[4:6])
     # a batch larger than the data set is the whole data set
-    idx, w = rl.epoch_batches(n=7, batch_size=1024, seeds=[0], start=0, steps=2)
+    idx, w = rlt.epoch_batches(n=7, batch_size=1024, seeds=[0], start=0, steps=2)
     assert idx.shape == (2, 1, 7) and w.min() == 1.0
 
 
@@ -310,6 +334,7 @@ def _tiny_reference_study(tmp_path, monkeypatch, name, cheap=True):
 
 
 def _check_reference_study(tmp_path, monkeypatch, cheap):
+    monkeypatch.setattr(rl, "_PROGRAMS", {})  # programs compiled for this test only (not another test's measurer)
     a = _tiny_reference_study(tmp_path, monkeypatch, "a", cheap)
     for f in ("kendall_tau.md", "kendall_tau.json", "scatter.png", "loss_curves.png"):
         assert os.path.getsize(a / f) > 0, f
@@ -359,7 +384,7 @@ def test_pickled_floats_reads_a_flat_dict_without_unpickling():
     import pickle
 
     blob = pickle.dumps({"0.0": 2.5, "0.1": 43.25, "1.0": 1e-3}, protocol=4)
-    assert rl._pickled_floats(blob) == {"0.0": 2.5, "0.1": 43.25, "1.0": 1e-3}
+    assert rlr._pickled_floats(blob) == {"0.0": 2.5, "0.1": 43.25, "1.0": 1e-3}
 
 
 def test_reference_archive_table_on_a_synthetic_archive(tmp_path):
@@ -392,7 +417,7 @@ def test_reference_archive_table_on_a_synthetic_archive(tmp_path):
     rows = [(10.0 * g + t, 1e-3 * (1 + float(r)) * (1 + 0.1 * t), g + 0.01 * t) for t in (0, 1) for r, g in gaps.items()]
     ms_, loss_, gap_ = (np.array(c) for c in zip(*rows))
     assert res["lenet"]["tau_ms_gap"] == pytest.approx(pair_count_tau(ms_, gap_))
-    assert res["lenet"]["tau_loss_gap"] == pytest.approx(rl.kendall_tau(loss_, gap_)["tau"])
+    assert res["lenet"]["tau_loss_gap"] == pytest.approx(rlr.kendall_tau(loss_, gap_)["tau"])
     assert os.path.isfile(tmp_path / "out" / "reference_archive.md")
 
 
@@ -408,17 +433,15 @@ def test_weighted_trainer_padding_has_no_effect():
     rng = np.random.default_rng(3)
     images = jnp.asarray(rng.uniform(size=(12, 28, 28, 1)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, (1, 12)), jnp.int32)
-    params = jax.tree.map(lambda a: a[None], model.init(jax.random.PRNGKey(0), images[:1])["params"])
-    tx = optax.sgd(0.5, momentum=0.9)
-    opt = jax.vmap(tx.init)(params)
+    state = rlt.init_members(model, optax.sgd(0.5, momentum=0.9), [0], images[:1])
     real = np.array([3, 7, 1, 10, 4])
     idx_pad = np.concatenate([real, [0, 0, 0]])[None, None]  # (S=1, T=1, B=8)
     w_pad = np.concatenate([np.ones(5), np.zeros(3)])[None, None].astype(np.float32)
-    got = rl.make_weighted_chunk_trainer(model, tx)(params, opt, images, labels, jnp.asarray(idx_pad),
-                                                     jnp.asarray(w_pad))[0]
-    want = rl.make_chunk_trainer(model, tx)(params, opt, jnp.asarray([False]), images, labels,
-                                            jnp.asarray(real[None, None]))[0]
-    for a, b, p0 in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(params)):
+    got = rl.make_weighted_chunk_trainer(model)(state, images, labels, jnp.asarray(idx_pad),
+                                                 jnp.asarray(w_pad)).params
+    want = rl.make_chunk_trainer(model)(state, jnp.asarray([False]), images, labels,
+                                        jnp.asarray(real[None, None])).params
+    for a, b, p0 in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         assert not np.allclose(np.asarray(a), np.asarray(p0))
 
@@ -440,15 +463,15 @@ def test_reference_sgd_ms_first_steps_by_hand_and_its_limit_is_the_newton_minimu
         return val + w[2] * prod ** 2 + b[2]
 
     # one call evaluates before stepping: steps=1 is the objective at scales 1, i.e. the plain sum of the traces
-    assert rl.reference_sgd_ms(tw, tb, steps=1) == pytest.approx(total, rel=1e-14)
+    assert rlr.reference_sgd_ms(tw, tb, steps=1) == pytest.approx(total, rel=1e-14)
     # steps=2: the objective after one gradient step, gradient by central differences
     h = 1e-6
     grad = np.array([(objective(np.eye(2)[j] * h) - objective(-np.eye(2)[j] * h)) / (2 * h) for j in range(2)])
-    assert rl.reference_sgd_ms(tw, tb, lr=0.3, steps=2) == pytest.approx(total * objective(-0.3 * grad), rel=1e-8)
+    assert rlr.reference_sgd_ms(tw, tb, lr=0.3, steps=2) == pytest.approx(total * objective(-0.3 * grad), rel=1e-8)
     # above the minimum after the reference's 10,000 small steps, at it when the steps are large enough
     layers = ("a", "b", "c")
     tr = {l: {"kernel": tw[i], "bias": tb[i]} for i, l in enumerate(layers)}
     newton = minimum_sharpness_from_traces(tr, layers=layers, include_bias=True).value
-    truncated = rl.reference_sgd_ms(tw, tb)
+    truncated = rlr.reference_sgd_ms(tw, tb)
     assert truncated > newton * (1 + 1e-3)
-    assert rl.reference_sgd_ms(tw, tb, lr=0.2, steps=20_000, decay=0.0) == pytest.approx(newton, rel=1e-6)
+    assert rlr.reference_sgd_ms(tw, tb, lr=0.2, steps=20_000, decay=0.0) == pytest.approx(newton, rel=1e-6)
