@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcnn_jax import data as data_lib
+from lcnn_jax.io import write_json_atomic, write_text_atomic
 from lcnn_jax.measures import curvature_bound, input_curvature
-from lcnn_jax.training import load_trained, write_json_atomic, write_text_atomic
+from lcnn_jax.training import load_trained
 
 
 def _factor_rows(res) -> list[dict]:
