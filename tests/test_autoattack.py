@@ -147,3 +147,101 @@ def test_apgd_reference_schedule_equals_a_numpy_restatement_of_the_reference_loo
     x_adv = attacks.apgd(f, xs, ys, norm=norm, eps=eps, num_steps=n_iter, loss=loss, key=key, schedule="reference")
     np.testing.assert_allclose(np.asarray(x_adv), out, rtol=0, atol=1e-9)
     assert (np.asarray(jnp.argmax(f(x_adv), -1)) != np.asarray(ys)).any()  # the radius makes the test non-trivial
+
+
+# ------------------------------------------------------------------------------------------------
+# The cascade on linear classifiers: closed-form distances to the boundary (dual norms)
+# ------------------------------------------------------------------------------------------------
+
+def _linear10(seed=0, n=40, d=64, k=10):
+    """``logits = (x - 0.5) W``, inputs in [0.3, 0.7] shaped (n, 8, 8, 1); the exact distance of x to the decision
+    boundary (ignoring the box, which the attacks never reach here) is ``min_{j != y} m_j / ||w_y - w_j||_*``."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((d, k))
+    xs = rng.uniform(0.3, 0.7, (n, 8, 8, 1))
+
+    def logits_fn(p, x):
+        return (x.reshape(x.shape[0], -1) - 0.5) @ p
+
+    z = (xs.reshape(n, -1) - 0.5) @ w
+    ys = np.argmax(z, -1)
+    dw = w[:, ys].T[:, None, :] - w.T[None, :, :]  # (n, k, d): w_y - w_j
+    margin = z[np.arange(n), ys][:, None] - z
+    dist = {}
+    for norm, dual in (("linf", 1), ("l2", 2)):
+        q = margin / np.maximum(np.linalg.norm(dw, ord=dual, axis=-1), 1e-300)
+        q[np.arange(n), ys] = np.inf
+        dist[norm] = q.min(1)
+    return logits_fn, jnp.asarray(w, jnp.float32), jnp.asarray(xs, jnp.float32), jnp.asarray(ys), dist
+
+
+def _check_claims(logits_fn, p, xs, ys, res, norm, eps):
+    """Every claimed break is a misclassified point of the ball and the box; robust points are correct."""
+    broken = ~res.robust
+    xa = np.asarray(res.x_adv, np.float64)
+    x0 = np.asarray(xs, np.float64)
+    pred = np.asarray(jnp.argmax(logits_fn(p, jnp.asarray(res.x_adv)), -1))
+    assert np.all(pred[broken] != np.asarray(ys)[broken])
+    d = (xa - x0).reshape(len(x0), -1)
+    size = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
+    assert np.all(size <= eps * (1 + 1e-5) + 1e-7)
+    assert xa.min() >= 0.0 and xa.max() <= 1.0
+    np.testing.assert_array_equal(xa[res.robust], x0[res.robust])
+    assert set(res.broken_by[broken]) <= set(attacks.AUTOATTACK_STAGES) and set(res.broken_by[res.robust]) == {""}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_autoattack_breaks_every_point_closer_than_0_9_eps_of_a_linear_classifier(norm):
+    logits_fn, w, xs, ys, dist = _linear10()
+    eps = float(np.quantile(dist[norm], 0.5))
+    res = attacks.autoattack(logits_fn, xs, ys, norm=norm, eps=eps, key=jax.random.key(0), params=w,
+                             num_steps=20, num_queries=100, n_target_classes=3, progress=False, batch_size=16)
+    _check_claims(logits_fn, w, xs, ys, res, norm, eps)
+    close = dist[norm] < 0.9 * eps
+    assert close.sum() >= 10 and not res.robust[close].any()
+    assert not (~res.robust & (dist[norm] > eps * (1 + 1e-4))).any()  # nothing beyond the boundary distance
+    stages = list(res.per_stage)
+    assert stages == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert res.per_stage["clean"] == 1.0 and np.isclose(res.per_stage["square"], res.robust.mean())
+    assert all(a >= b for a, b in zip(res.per_stage.values(), list(res.per_stage.values())[1:]))
+
+
+def test_only_square_breaks_a_gradient_masked_classifier():
+    """The same classifier behind stop_gradient: APGD and FAB see a zero gradient and find nothing on points at
+    0.35-0.7 eps (APGD's random start cannot reach them), Square breaks >= 80 % of them."""
+    logits_fn, w, xs, ys, dist = _linear10(seed=1, n=60)
+    masked = lambda p, x: logits_fn(p, jax.lax.stop_gradient(x))  # noqa: E731
+    eps = float(np.quantile(dist["linf"], 0.7))
+    sel = (dist["linf"] > 0.35 * eps) & (dist["linf"] < 0.7 * eps)
+    assert sel.sum() >= 10
+    xs, ys = xs[sel], ys[sel]
+    kw = dict(norm="linf", eps=eps, params=w, num_steps=10, n_target_classes=3, progress=False)
+    grad_only = attacks.autoattack(masked, xs, ys, key=jax.random.key(1), version=("apgd-ce", "apgd-t", "fab-t"), **kw)
+    assert grad_only.robust.all()
+    res = attacks.autoattack(masked, xs, ys, key=jax.random.key(2), num_queries=2000, **kw)
+    _check_claims(masked, w, xs, ys, res, "linf", eps)
+    assert set(res.broken_by[~res.robust]) == {"square"}
+    assert (~res.robust).mean() >= 0.8
+
+
+def test_autoattack_rejects_bad_input_before_compiling(caplog):
+    logits_fn, w, xs, ys, _ = _linear10(n=6)
+    kw = dict(norm="linf", eps=0.1, key=jax.random.key(0), params=w, progress=False)
+    bad = [(dict(version="fast"), "version"), (dict(version=("apgd-ce", "pgd")), "version"),
+           (dict(version=()), "version"), (dict(norm="l1"), "norm"), (dict(eps=0.0), "eps"),
+           (dict(eps=float("nan")), "eps"), (dict(eps=-1.0), "eps"), (dict(key=None), "key"),
+           (dict(batch_size=0), "batch_size"), (dict(schedule="text"), "schedule")]
+    with jax.log_compiles(True), caplog.at_level("DEBUG"):
+        caplog.clear()
+        for change, match in bad:
+            with pytest.raises(ValueError, match=match):
+                attacks.autoattack(logits_fn, xs, ys, **{**kw, **change})
+        with pytest.raises(ValueError, match="labels"):
+            attacks.autoattack(logits_fn, xs, ys.at[0].set(10), **kw)
+        with pytest.raises(ValueError, match="same leading"):
+            attacks.autoattack(logits_fn, xs, ys[:5], **kw)
+        with pytest.raises(ValueError, match="images"):
+            attacks.autoattack(lambda p, x: logits_fn(p, x), xs.reshape(6, -1), ys, **kw)
+        with pytest.raises(ValueError, match="classes"):
+            attacks.autoattack(lambda p, x: logits_fn(p, x)[:, :3], xs, ys % 3, **kw)
+        assert not [r for r in caplog.records if "Compiling" in r.getMessage()]

@@ -33,10 +33,16 @@ from lcnn_jax.attacks.apgd import (APGD_LOSSES, APGD_MOMENTUM, APGD_RHO, APGD_SC
                                    WorstCase, apgd, apgd_attacks, apgd_checkpoints, apgd_machine, apgd_stepwise,
                                    dlr_loss, robust_accuracy_worst_case, target_classes)
 from lcnn_jax.attacks.fab import FAB_ALPHA_MAX, FAB_BETA, FAB_ETA, fab, fab_stepwise, project_hyperplane
+from lcnn_jax.attacks.square import (SQUARE_CHUNK, SQUARE_P_INIT, SQUARE_QUERIES, square, square_p, square_sizes,
+                                     square_stepwise)
+from lcnn_jax.attacks.autoattack import (AUTOATTACK_STAGES, AUTOATTACK_VERSIONS, AutoAttackResult, autoattack,
+                                         autoattack_settings)
 
 __all__ = ["attack_unroll", "cross_entropy", "MNIST_MEAN", "MNIST_STD", "accuracy", "fgsm", "gaussian_noise",
            "gaussian_noise_normalized", "pgd", "pgd_l2_clip_reference", "robust_accuracy", "APGD_LOSSES",
            "APGD_MOMENTUM", "APGD_RHO", "APGD_SEGMENT", "WorstCase", "apgd", "apgd_attacks", "apgd_checkpoints",
            "apgd_stepwise", "dlr_loss", "robust_accuracy_worst_case", "APGD_SCHEDULE", "APGD_SCHEDULES",
            "apgd_machine", "target_classes", "Clip", "LogitsFn",
-           "FAB_ALPHA_MAX", "FAB_BETA", "FAB_ETA", "fab", "fab_stepwise", "project_hyperplane"]
+           "FAB_ALPHA_MAX", "FAB_BETA", "FAB_ETA", "fab", "fab_stepwise", "project_hyperplane",
+           "SQUARE_CHUNK", "SQUARE_P_INIT", "SQUARE_QUERIES", "square", "square_p", "square_sizes", "square_stepwise",
+           "AUTOATTACK_STAGES", "AUTOATTACK_VERSIONS", "AutoAttackResult", "autoattack", "autoattack_settings"]

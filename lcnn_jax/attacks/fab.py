@@ -188,7 +188,7 @@ def _check_fab(logits_fn, xs, ys, *, norm, eps, num_steps, key, restarts, target
 
 
 def _fab_run(runner, logits_fn, xs, ys, *, norm, eps, key, num_steps, restarts, targeted, target_rank, alpha_max,
-             eta, beta, clip):
+             eta, beta, clip, random_start=None):
     """Shared by :func:`fab` and :func:`fab_stepwise`: ``runner(aux, key) -> (adv, res)`` runs one restart."""
     ys = ys.astype(jnp.int32)
     eps = jnp.asarray(eps, xs.dtype)
@@ -196,7 +196,8 @@ def _fab_run(runner, logits_fn, xs, ys, *, norm, eps, key, num_steps, restarts, 
     targets = target_classes(clean, ys, target_rank) if targeted else ys
     x_adv, fooled = xs, jnp.argmax(clean, axis=-1) != ys
     for r in range(restarts):
-        adv, res = runner((eps, targets, jnp.asarray(r > 0)), jax.random.fold_in(key, r))
+        rand = r > 0 if random_start is None else bool(random_start)
+        adv, res = runner((eps, targets, jnp.asarray(rand)), jax.random.fold_in(key, r))
         success = (jnp.argmax(logits_fn(adv), axis=-1) != ys) & (res <= eps) & ~fooled
         x_adv = jnp.where(per_example(success, xs), adv, x_adv)
         fooled = fooled | success
@@ -263,10 +264,13 @@ def fab_stepwise(
     beta: float = FAB_BETA,
     clip: Clip = (0.0, 1.0),
     segment: int = SEGMENT,
+    random_start: bool | None = None,
 ) -> Array:
     """:func:`fab` driven from the host in compiled segments of ``segment`` unrolled iterations (the same values;
     not traceable), for ``logits_fn(params, xs)`` with ``params`` an argument of the compiled programs (or
-    ``logits_fn(xs)`` with ``params=None``). Compiled pieces are cached per function and setting."""
+    ``logits_fn(xs)`` with ``params=None``). Compiled pieces are cached per function and setting.
+    ``random_start``: None (default) starts the first restart at ``xs`` and later ones at random points; True or
+    False forces it for every restart (the AutoAttack cascade runs restart ``r`` as its own call)."""
     fn, p = as_two_arg(logits_fn, params)
     bound = lambda x: fn(p, x)  # noqa: E731
     restarts, target_rank = _check_fab(bound, xs, ys, norm=norm, eps=eps, num_steps=num_steps, key=key,
@@ -283,7 +287,7 @@ def fab_stepwise(
     predict = _predict_program(fn)
     return _fab_run(runner, lambda x: predict(p, x), xs, ys, norm=norm, eps=eps, key=key, num_steps=num_steps,
                     restarts=restarts, targeted=targeted, target_rank=target_rank, alpha_max=alpha_max, eta=eta,
-                    beta=beta, clip=clip)
+                    beta=beta, clip=clip, random_start=random_start)
 
 
 @functools.lru_cache(maxsize=64)
