@@ -1,9 +1,12 @@
 """The measurement report of a trained network: every smoothness measure and attack on train and test examples.
 
 This composes :mod:`lcnn_jax.measures` and :mod:`lcnn_jax.attacks` around a Flax model in eval mode; it is what
-``lcnn-jax measure --workdir DIR`` runs. Per-example items are reported as ``{"mean", "std", "n"}``; the
-parameter-space items (Hessian trace by Hutchinson, top Hessian eigenvalue by Lanczos) as ``{"mean", "std", "n"}``
-with ``std`` the estimator's standard error (trace) or 0 (eigenvalue) and ``n`` its probe / iteration count.
+``lcnn-jax measure --workdir DIR`` runs. Per-example items are reported as ``{"mean", "std", "n"}`` (``std``: the
+spread over the ``n`` examples); the parameter-space items as ``{"mean", "se", "n", "converged"}`` for the Hessian
+trace by Hutchinson (``se``: the standard error of the mean of the ``n`` probes, ``std(ddof=1) / sqrt(n)``, printed
+as ``s.e.``; files written before it was renamed say ``std`` for the same number) and
+``{"mean", "n", "converged", "relative_residual"}`` for the top Hessian eigenvalue by Lanczos (``n`` its steps).
+:func:`trace_warning` says when a trace estimate is too noisy to read (the report prints it).
 
 Example::
 
@@ -31,6 +34,7 @@ import optax
 
 from lcnn_jax import attacks
 from lcnn_jax.batching import map_chunks
+from lcnn_jax.estimators import MIN_TOL_PROBES
 from lcnn_jax.measures import (gradient_stability, hessian_top_eigenvalues, hessian_trace, input_curvature,
                                jacobian_frobenius, local_lipschitz)
 
@@ -424,7 +428,9 @@ def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
     settings). With ``measure.hessian_tol`` both stop on that relative tolerance (trace: its standard error; top
     eigenvalue: its Lanczos residual), ``hessian_probes`` / ``hessian_lanczos_iters`` being the caps. Each item says
     how converged it is: ``n`` (probes or steps run), ``converged`` (None without a tolerance) and, for the
-    eigenvalue, ``relative_residual`` (``||H y - lam y|| / |lam|``)."""
+    eigenvalue, ``relative_residual`` (``||H y - lam y|| / |lam|``). The trace's ``se`` is the standard error of the
+    mean of its probes, ``std(ddof=1) / sqrt(n)``; a negative trace also gets ``nonnegative`` (whether the exact
+    trace is >= 0 for this network, :func:`linear_in_each_parameter`), read by :func:`trace_warning`."""
     tol = cfg.get("hessian_tol")
     program = _parameter_hessian_program(model, int(cfg.hessian_probes), int(cfg.hessian_lanczos_iters),
                                          None if tol is None else float(tol))
@@ -433,10 +439,86 @@ def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
     trace, top = jax.device_get(program(params, rest, xs, ys, key))
     lam, res = float(top.eigenvalues[0]), float(top.residuals[0])
     conv = lambda c: None if c is None else bool(c)  # noqa: E731
-    return {"hessian_trace": {"mean": float(trace.estimate), "std": float(trace.standard_error),
-                              "n": int(trace.num_probes), "converged": conv(trace.converged)},
-            "hessian_top_eigenvalue": {"mean": lam, "std": 0.0, "n": int(top.num_iters), "converged": conv(top.converged),
+    tr = {"mean": float(trace.estimate), "se": float(trace.standard_error), "n": int(trace.num_probes),
+          "converged": conv(trace.converged)}
+    if tr["mean"] < 0:  # can the exact trace be negative? (checked only here: one more compiled program)
+        tr["nonnegative"] = linear_in_each_parameter(model, variables, xs, jax.random.fold_in(key, 7))
+    return {"hessian_trace": tr,
+            "hessian_top_eigenvalue": {"mean": lam, "n": int(top.num_iters), "converged": conv(top.converged),
                                        "relative_residual": res / abs(lam) if lam else float("inf")}}
+
+
+def trace_se(st: Mapping) -> float | None:
+    """The standard error of a parameter-space item (``"se"``; ``"std"`` in files written before the rename,
+    the same number), None where it has none."""
+    v = st.get("se", st.get("std"))
+    return None if v is None else float(v)
+
+
+def trace_warning(st: Mapping, item: str = "hessian_trace") -> str | None:
+    """One warning line for a Hutchinson trace estimate ``{"mean", "se", "n"}`` that should not be read as it
+    stands, else None: one probe (no s.e.), an s.e. above ``|mean| / 2``, or a negative mean where ``st`` says
+    ``"nonnegative": true`` (set by :func:`parameter_hessian` after :func:`linear_in_each_parameter`: the CE
+    parameter Hessian of a network piecewise linear in each parameter, such as ReLU layers with max-pool and
+    eval-mode batch norm, has the trace of its Gauss-Newton part, >= 0, so a negative estimate of it is noise).
+    It names a probe count that brings the s.e. to about ``|mean| / 10`` (at least 10, the floor below which an
+    s.e. is itself too noisy; s.e. falls as ``1 / sqrt(probes)``)."""
+    mean, n, se = float(st["mean"]), int(st.get("n") or 0), trace_se(st) or 0.0
+    reasons = []
+    if n < 2:
+        reasons.append("one probe gives no s.e.")
+    elif se > abs(mean) / 2:
+        reasons.append("its s.e. is more than half of |mean|")
+    if mean < 0 and st.get("nonnegative"):
+        reasons.append("it is negative, while this network is piecewise linear in each parameter (ReLU), so its "
+                       "trace equals the Gauss-Newton trace, >= 0")
+    if not reasons:
+        return None
+    if 1 < n < MIN_TOL_PROBES:
+        reasons.append(f"an s.e. from {n} probes is itself unreliable")
+    want = n * (se / (0.1 * abs(mean))) ** 2 if n > 1 and se > 0 and mean != 0 else 100.0
+    probes = int(min(10_000, 10 * math.ceil(max(want, MIN_TOL_PROBES, 2 * n) / 10)))
+    return (f"warning: {item} = {_fmt(mean)} +- {_fmt(se)} (s.e., {n} probe{'s' if n != 1 else ''}) is not "
+            f"reliable: {'; '.join(reasons)}. Use about {probes} probes: --config.measure.hessian_probes={probes} "
+            f"(or --config.measure.hessian_tol=0.1 with that many as the cap).")
+
+
+def linear_in_each_parameter(model, variables, xs, key) -> bool:
+    """Whether the logits on ``xs`` are linear in each parameter array with the others fixed (ReLU layers, max-pool,
+    eval-mode batch norm: piecewise linear, so almost everywhere): the second derivative along a random direction
+    inside each array is 0. Then the diagonal blocks of every logit's parameter Hessian vanish, and the trace of
+    the CE parameter Hessian equals the trace of its Gauss-Newton part, which is >= 0. Cost: one forward pass with
+    two tangents per parameter array."""
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    second = np.asarray(_second_derivatives_program(model)(params, rest, xs, key))
+    return bool(np.all(second[:, 0] <= 1e-6 * np.maximum(second[:, 1], 1e-30)))
+
+
+@functools.lru_cache(maxsize=None)
+def _second_derivatives_program(model) -> Callable:
+    from lcnn_jax.nn import mode_kwargs
+
+    eval_kw = mode_kwargs(model, train=False)
+
+    @jax.jit
+    def run(params, rest, xs, key):
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        out = []
+        for i, leaf in enumerate(leaves):  # (max |d^2 logits / dt^2|, max |d logits / dt|) along leaf + t v
+            v = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype)
+
+            def logits(t, i=i, leaf=leaf, v=v):
+                moved = leaves[:i] + [leaf + t * v] + leaves[i + 1:]
+                return model.apply({"params": treedef.unflatten(moved), **rest}, xs, **eval_kw)
+
+            zero = jax.numpy.zeros((), leaf.dtype)
+            first, second = jax.jvp(lambda t: jax.jvp(logits, (t,), (jax.numpy.ones_like(t),))[1], (zero,),
+                                    (jax.numpy.ones_like(zero),))
+            out.append(jax.numpy.stack([jax.numpy.abs(second).max(), jax.numpy.abs(first).max()]))
+        return jax.numpy.stack(out)
+
+    return run
 
 
 @functools.lru_cache(maxsize=None)
@@ -635,9 +717,10 @@ def dead_network_mark(rep: dict, results: dict | None = None) -> dict | None:
 
 
 def format_report(rep: dict) -> str:
-    """A plain-text table: one row per item, one column per split (mean +- std). A dead network
-    (``rep["dead"]``) is marked above the header and in every smoothness row, so its zeros are not read as
-    smoothness."""
+    """A plain-text table: one row per item, one column per split (mean +- std over the examples), then the
+    parameter-space items (mean +- s.e. of the estimator where it has one) and a :func:`trace_warning` line
+    where the trace estimate is too noisy to read. A dead network (``rep["dead"]``) is marked above the header and
+    in every smoothness row, so its zeros are not read as smoothness."""
     splits = [s for s in ("train", "test") if s in rep]
     items = list(dict.fromkeys(k for s in splits for k in rep[s]))
     w = max([len(i) for i in items] + [22])
@@ -653,9 +736,14 @@ def format_report(rep: dict) -> str:
             st = rep[s].get(item)
             row += f"{'-':>28}" if st is None else f"{_fmt(st['mean']):>14} +- {_fmt(st['std']):<10}"
         lines.append(row + ("  (dead network)" if dead and item in PER_EXAMPLE_ITEMS else ""))
+    warnings = []
     for item, st in rep.get("parameter_space", {}).items():
-        lines.append(f"{item:<{w}}{_fmt(st['mean']):>14} +- {_fmt(st['std']):<10}  (parameter space)")
-    return "\n".join(lines)
+        se = trace_se(st) if item == "hessian_trace" else None
+        spread = f"{'':14}" if se is None else f" +- {_fmt(se):<10}"
+        what = f"s.e. of {st.get('n', '?')} probes" if se is not None else f"{st.get('n', '?')} Lanczos steps"
+        lines.append(f"{item:<{w}}{_fmt(st['mean']):>14}{spread}  (parameter space; {what})")
+        warnings += [trace_warning(st, item)] if item == "hessian_trace" else []
+    return "\n".join(lines + [x for x in warnings if x])
 
 
 # Which items a terminal shows first when a table of several networks does not fit (see
@@ -668,8 +756,9 @@ MEMBERS_PRIORITY = ("accuracy", ("apgd_l2_*", "pgd_l2_*", "apgd_linf_*", "pgd_li
 def format_members(results, *, width: int = 120) -> tuple[str, list[str]]:
     """One row per measured network (``[(RunMember, report)]`` from :func:`measure_members`), one column per
     item: the mean on the test split (else the first split measured), then the parameter-space items; limited to
-    the columns that fit ``width`` characters. Returns the text and the items left out (each network's
-    ``measures.json`` has them all)."""
+    the columns that fit ``width`` characters; below it, a :func:`trace_warning` line per network whose Hessian
+    trace is too noisy to read. Returns the text and the items left out (each network's ``measures.json`` has
+    them all)."""
     from lcnn_jax.tables import format_table, priority_order
 
     def split_of(rep):
@@ -695,7 +784,10 @@ def format_members(results, *, width: int = 120) -> tuple[str, list[str]]:
     text, hidden = format_table(header, rows, fixed=1, width=width)
     note = (f"means over the measured {'/'.join(split_names)} examples; hessian_trace and hessian_top_eigenvalue: "
             f"parameter Hessian of the training loss")
-    return note + "\n" + text, [header[i] for i in hidden]
+    warnings = [f"{m.label.removeprefix('member ')}: {w}" for m, rep in results
+                if "hessian_trace" in rep.get("parameter_space", {})
+                and (w := trace_warning(rep["parameter_space"]["hessian_trace"]))]
+    return "\n".join([note, text] + warnings), [header[i] for i in hidden]
 
 
 def _fmt(v: float) -> str:

@@ -73,6 +73,8 @@ def test_measure_report_matches_direct_computation(trained, capsys):
     assert -1.0 <= t["gradient_stability"]["mean"] <= 1.0
     ps = rep["parameter_space"]
     assert ps["hessian_trace"]["n"] == 4 and np.isfinite(ps["hessian_trace"]["mean"])
+    assert ps["hessian_trace"]["se"] >= 0 and "std" not in ps["hessian_trace"]  # the standard error, named so
+    assert "(parameter space; s.e. of 4 probes)" in out
     assert ps["hessian_top_eigenvalue"]["mean"] > 0  # CE Hessian near a trained point: positive top eigenvalue
     # how converged: no tolerance was asked for the parameter-space items; the Lipschitz item reports its residuals
     assert ps["hessian_trace"]["converged"] is None and ps["hessian_top_eigenvalue"]["n"] == 8

@@ -206,9 +206,9 @@ def hessian_trace(
     """Hutchinson estimate of ``tr(d^2 loss / d params^2)``: a :class:`~lcnn_jax.estimators.TraceEstimate`, which
     unpacks as ``(estimate, standard_error)`` and has ``num_probes`` and ``converged``.
 
-    Mean of ``z^T H z`` over ``num_probes`` Rademacher probes ``z`` shaped like ``params``; the
-    standard error is ``std / sqrt(num_probes)``. Probes run sequentially (``batch_size`` at a time),
-    so memory is one linearisation plus ``batch_size`` HVPs. Cost: ``num_probes`` HVPs.
+    Mean of ``z^T H z`` over ``num_probes`` Rademacher probes ``z`` shaped like ``params``; the standard error
+    is that of the mean, ``std(samples, ddof=1) / sqrt(num_probes)`` (0 for one probe). Probes run sequentially
+    (``batch_size`` at a time), so memory is one linearisation plus ``batch_size`` HVPs. Cost: ``num_probes`` HVPs.
 
     ``tol`` (relative): stop at the first ``P >= min_probes`` (default 10) probes whose running standard error is
     ``<= tol * |estimate|`` (PyHessian stops on the relative change of the mean instead), ``num_probes`` being
