@@ -142,8 +142,9 @@ def power_iteration(
     with the eigenvector treated as a constant (correct by the Hellmann-Feynman theorem).
 
     ``unroll`` is passed to ``lax.fori_loop`` (ignored with ``tol``): on XLA:CPU, convolutions inside
-    a rolled loop ran ~3x slower per matvec than unrolled in our benchmarks, so callers with few
-    iterations may unroll fully (``unroll=True``) at the price of a longer compilation.
+    a rolled loop run several times slower per matvec than unrolled (:mod:`lcnn_jax.loops`; figures in
+    ``experiments/results/loops.md``), so callers with few iterations may unroll fully (``unroll=True``) at the
+    price of a longer compilation.
 
     A zero start vector, or ``A u = 0``, gives eigenvalue 0 instead of NaN. Converges to the
     eigenvector of the largest ``|lambda|`` at rate ``|lambda_2 / lambda_1|`` per matvec.
@@ -301,7 +302,8 @@ def hutchinson_trace(
     slightly optimistic (a run stops more easily where its samples happen to agree); the cap bounds the cost.
 
     Without ``tol`` the probe loop is a ``lax.scan`` unrolled by ``auto_unroll(num_probes, unroll)``: on XLA:CPU a
-    convolutional network's HVP ran ~25x slower inside a rolled loop than unrolled.
+    convolutional network's HVP runs many times slower inside a rolled loop than unrolled
+    (``experiments/results/loops.md``).
     ``host_loop=True`` runs the probes in a Python loop instead, for a ``matvec`` that cannot be traced (one
     that loops over a data set on the host); the probes and the result are the same (``tol`` then stops the
     Python loop).

@@ -66,7 +66,8 @@ def measure_defaults() -> ml_collections.ConfigDict:
         pgd_l2_eps=(1.0, 2.0),
         # "apgd": per-example worst case of APGD with each loss of apgd_losses (Croce & Hein 2020, the core of
         # AutoAttack), column apgd_<norm>_<eps>; "pgd": fixed-step PGD, column pgd_<norm>_<eps> (cheaper, and known
-        # to overstate the robustness of smooth networks). Either or both.
+        # to overstate the robustness of smooth networks); "autoattack": AutoAttack's standard suite (APGD-CE,
+        # APGD-T, FAB-T, Square as a cascade, the reference's settings), column aa_<norm>_<eps>. Any of them.
         robust_attacks=("apgd",),
         apgd_steps=100,
         apgd_losses=("ce", "dlr"),
@@ -98,7 +99,7 @@ _POSITIVE_NUMBERS = {"stability_noise": 0.01, "pgd_step_factor": 2.5}
 _TOLERANCES = {"lipschitz_tol": 1e-3, "hessian_tol": 0.01}  # positive numbers or None
 _RADII = {"pgd_linf_eps": "(0.03, 0.1)", "pgd_l2_eps": "(1.0, 2.0)", "noise_std": "(0.5, 1.0)",
           "certified_l2_eps": "(0.01, 0.1)"}
-ROBUST_ATTACKS = ("apgd", "pgd")
+ROBUST_ATTACKS = ("apgd", "pgd", "autoattack")
 
 
 def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
@@ -247,7 +248,8 @@ def _attack_specs(cfg) -> list:
     """``[(column, kind, norm, eps, steps, options)]`` of the measure section's robust columns, in report order: for
     each radius of ``pgd_linf_eps`` then ``pgd_l2_eps``, ``apgd_<norm>_<eps>`` (when ``"apgd"`` is in
     ``robust_attacks``; options: losses, restarts) then ``pgd_<norm>_<eps>`` (when ``"pgd"`` is; option: the step
-    factor, step = factor eps / steps)."""
+    factor, step = factor eps / steps), after both ``aa_<norm>_<eps>`` (when ``"autoattack"`` is: the standard
+    version, 100 steps, 5000 queries)."""
     chosen = tuple(cfg.get("robust_attacks", ("pgd",)))
     apgd = (int(cfg.get("apgd_steps", 100)), {"losses": tuple(cfg.get("apgd_losses", ("ce", "dlr"))),
                                               "restarts": int(cfg.get("apgd_restarts", 1))})
@@ -260,6 +262,8 @@ def _attack_specs(cfg) -> list:
                 out.append((f"apgd_{norm}_{eps:g}", "apgd", norm, eps, *apgd))
             if "pgd" in chosen:
                 out.append((f"pgd_{norm}_{eps:g}", "pgd", norm, eps, *pgd))
+            if "autoattack" in chosen:
+                out.append((f"aa_{norm}_{eps:g}", "autoattack", norm, eps, 100, {"version": "standard"}))
     return out
 
 
@@ -267,9 +271,12 @@ def attack_suite(cfg) -> dict:
     """``{column: {attack_name: attack}}`` of the measure section's attacks: ``pgd_<norm>_<eps>`` (one PGD, when
     ``"pgd"`` is in ``robust_attacks``) and ``apgd_<norm>_<eps>`` (APGD with every loss of ``apgd_losses``, when
     ``"apgd"`` is; the column is their per-example worst case), for each radius of ``pgd_linf_eps`` and
-    ``pgd_l2_eps``. Every attack takes ``(logits_fn, xs, ys, key=)``."""
+    ``pgd_l2_eps``. Every attack takes ``(logits_fn, xs, ys, key=)``. The ``aa_<norm>_<eps>`` columns are a
+    cascade, not one attack: :func:`robustness` runs :func:`lcnn_jax.attacks.autoattack` for them."""
     out = {}
     for column, kind, norm, eps, steps, opts in _attack_specs(cfg):
+        if kind == "autoattack":
+            continue
         if kind == "apgd":
             out[column] = attacks.apgd_attacks(norm, eps, num_steps=steps, **opts)
         else:
@@ -293,17 +300,29 @@ def robustness(model, variables, xs, ys, cfg, key, batch_size) -> dict:
         return float(np.mean(hits))
 
     out = {"accuracy": mean_hits(_clean_program(model), key)}
-    for i, (column, program, eps) in enumerate(_attack_columns(model, cfg)):
-        out[column] = mean_hits(program, jax.random.fold_in(key, i), np.float32(eps))
+    stages = {}
+    for i, (column, kind, norm, eps, steps, opts) in enumerate(_attack_specs(cfg)):
+        if kind == "autoattack":  # the cascade chunks the points still robust itself
+            res = attacks.autoattack(_batch_logits(model), xs, ys, params=variables, norm=norm, eps=eps,
+                                     key=jax.random.fold_in(key, i), version=opts["version"], num_steps=steps,
+                                     batch_size=batch_size, progress=False)
+            out[column] = float(np.mean(res.robust))
+            stages[column] = {s: int(np.sum(res.broken_by == s)) for s in res.per_stage if s != "clean"}
+            continue
+        out[column] = mean_hits(_robust_program(model, norm, kind, steps, **opts), jax.random.fold_in(key, i),
+                                np.float32(eps))
     for i, std in enumerate(cfg.noise_std):
         out[f"noise_{std:g}"] = mean_hits(_noise_program(model), jax.random.fold_in(key, 1000 + i), np.float32(std))
-    return {k: {"mean": float(v), "std": 0.0, "n": int(xs.shape[0])} for k, v in out.items()}
+    result = {k: {"mean": float(v), "std": 0.0, "n": int(xs.shape[0])} for k, v in out.items()}
+    for column, counts in stages.items():  # how many points each stage broke (those it ran on were still robust)
+        result[column]["broken_by"] = counts
+    return result
 
 
 def _attack_columns(model, cfg) -> list:
     """``[(column, program, eps)]`` in the order of :func:`attack_suite`: the radius is an argument of the program."""
     return [(column, _robust_program(model, norm, kind, steps, **opts), eps)
-            for column, kind, norm, eps, steps, opts in _attack_specs(cfg)]
+            for column, kind, norm, eps, steps, opts in _attack_specs(cfg) if kind != "autoattack"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,7 +365,7 @@ def _robust_program(model, norm: str, kind: str, steps: int, *, losses: tuple = 
     PGD (at most a few dozen steps, unrolled) is one jitted program. APGD runs through
     :func:`lcnn_jax.attacks.apgd_stepwise`, host-driven segments of 5 compiled steps: the same iterates as
     :func:`lcnn_jax.attacks.apgd`, without the rolled loop in which XLA:CPU runs a convolution's backward pass
-    several times slower (``experiments/bench_attack_unroll.py --apgd``: 3.3x for the whole attack)."""
+    several times slower (:mod:`lcnn_jax.loops`; figures in ``experiments/results/loops.md``)."""
     apply = _batch_logits(model)
 
     @jax.jit
@@ -743,13 +762,19 @@ def format_report(rep: dict) -> str:
         what = f"s.e. of {st.get('n', '?')} probes" if se is not None else f"{st.get('n', '?')} Lanczos steps"
         lines.append(f"{item:<{w}}{_fmt(st['mean']):>14}{spread}  (parameter space; {what})")
         warnings += [trace_warning(st, item)] if item == "hessian_trace" else []
+    for s in splits:  # AutoAttack: which stage broke how many points
+        for item, st in rep[s].items():
+            if isinstance(st, Mapping) and st.get("broken_by"):
+                broke = ", ".join(f"{stage} {count}" for stage, count in st["broken_by"].items())
+                lines.append(f"{item} ({s}): broken by {broke}")
     return "\n".join(lines + [x for x in warnings if x])
 
 
 # Which items a terminal shows first when a table of several networks does not fit (see
 # lcnn_jax.tables.priority_order): accuracy, one robust accuracy, input smoothness, then the rest.
-MEMBERS_PRIORITY = ("accuracy", ("apgd_l2_*", "pgd_l2_*", "apgd_linf_*", "pgd_linf_*"), "curvature",
-                    "jacobian_frobenius", "apgd_*", "pgd_*", "certified_l2_*", "noise_*", "local_lipschitz",
+MEMBERS_PRIORITY = ("accuracy", ("aa_l2_*", "apgd_l2_*", "pgd_l2_*", "aa_linf_*", "apgd_linf_*", "pgd_linf_*"),
+                    "curvature", "jacobian_frobenius", "aa_*", "apgd_*", "pgd_*", "certified_l2_*", "noise_*",
+                    "local_lipschitz",
                     "hessian_trace", "gradient_stability", "hessian_norm", "grad_norm", "hessian_top_eigenvalue")
 
 

@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcnn_jax.regularizers.base import Regularizer, empty_state
+from lcnn_jax.regularizers.base import (Regularizer, batch_images, batch_labels, check_coeff,  # noqa: F401
+                                        check_logits, empty_state, per_example_sq_norm)
 from lcnn_jax.types import Array, ApplyFn, Batch, Params, PRNGKey
 
 # (key, logits (B, K), labels (B,) or None) -> cotangents (M, B, K)
@@ -74,20 +75,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
-def check_coeff(coeff: Any) -> None:
-    """Raise ``ValueError`` unless ``coeff`` is a finite, non-negative scalar."""
-    if np.ndim(coeff) != 0:
-        raise ValueError(
-            f"coeff must be a scalar, got shape {np.shape(coeff)}; for a grid of coefficients build one state per "
-            "value and stack them (jax.tree.map(lambda *a: jnp.stack(a), *states)), then jax.vmap the loss."
-        )
-    if isinstance(coeff, jax.core.Tracer):
-        return
-    value = float(coeff)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"coeff must be finite and >= 0, got {value}.")
-
-
 def penalty_regularizer(name: str, coeff: Any, penalty_fn: PenaltyFn) -> Regularizer:
     """Wrap an unweighted penalty into a :class:`Regularizer` whose coefficient lives in ``state["coeff"]``.
 
@@ -107,36 +94,6 @@ def penalty_regularizer(name: str, coeff: Any, penalty_fn: PenaltyFn) -> Regular
         return state["coeff"] * penalty, state, {name: penalty}
 
     return Regularizer(name=name, init=init, loss=loss)
-
-
-def _images(batch: Batch) -> Array:
-    if "image" not in batch:
-        raise ValueError(f"batch needs an 'image' entry of shape (B, ...), got keys {sorted(batch)}.")
-    xs = batch["image"]
-    if xs.ndim < 2:
-        raise ValueError(f"batch['image'] must have a batch axis and at least one feature axis, got {xs.shape}.")
-    return xs
-
-
-def _check_logits(logits: Array, xs: Array) -> None:
-    if logits.ndim != 2 or logits.shape[0] != xs.shape[0]:
-        raise ValueError(
-            f"apply_fn(params, xs) must return logits of shape (B, K) = ({xs.shape[0]}, K), got {logits.shape}."
-        )
-
-
-def _labels(batch: Batch, n: int) -> Array:
-    if "label" not in batch:
-        raise ValueError("this penalty needs integer class labels: pass batch['label'] of shape (B,).")
-    labels = batch["label"]
-    if labels.shape != (n,):
-        raise ValueError(f"batch['label'] must have shape ({n},), got {labels.shape}.")
-    return labels
-
-
-def _per_example_sq_norm(a: Array, lead: int) -> Array:
-    """Sum of squares over every axis after the first ``lead`` ones."""
-    return jnp.sum(jnp.square(a), axis=tuple(range(lead, a.ndim)))
 
 
 # ------------------------------------------------------------------------------------------------ cotangents
@@ -186,10 +143,10 @@ def _vjp_penalty(cotangents: CotangentFn, params: Params, batch: Batch, key: PRN
                  vjp_batch: int | None = None) -> Array:
     """``mean_i sum_m ||J_i^T r_{m,i}||^2`` with ONE forward pass and M backward passes: all M in one vmapped
     backward (``vjp_batch=None``), or in vmapped groups of ``vjp_batch`` one after another (see :func:`jacreg`)."""
-    xs = _images(batch)
+    xs = batch_images(batch)
     logits, vjp_fn = jax.vjp(lambda inputs: apply_fn(params, inputs), xs)
-    _check_logits(logits, xs)
-    labels = _labels(batch, xs.shape[0]) if "label" in batch else None
+    check_logits(logits, xs)
+    labels = batch_labels(batch, xs.shape[0]) if "label" in batch else None
     r = cotangents(key, logits, labels)
     if r.ndim != 3 or r.shape[1:] != logits.shape:
         raise ValueError(f"cotangents must have shape (M, B, K) with (B, K) = {logits.shape}, got {r.shape}.")
@@ -198,7 +155,7 @@ def _vjp_penalty(cotangents: CotangentFn, params: Params, batch: Batch, key: PRN
     total = 0.0
     for start in range(0, m, size):  # unrolled: at most M groups
         (jtr,) = jax.vmap(vjp_fn)(r[start:start + size])  # (size, B, *input_shape)
-        total = total + jnp.sum(_per_example_sq_norm(jtr, 2), axis=0)
+        total = total + jnp.sum(per_example_sq_norm(jtr, 2), axis=0)
     return jnp.mean(total)
 
 
@@ -206,14 +163,14 @@ def _jvp_frobenius(params: Params, batch: Batch, key: PRNGKey, apply_fn: ApplyFn
     """``mean_i ||J_i||_F^2 = mean_i sum_d ||J_i e_d||^2`` with D (vmapped) forward tangents; cheaper than K
     backward passes when the input dimension D is smaller than the number of outputs K."""
     del key
-    xs = _images(batch)
+    xs = batch_images(batch)
     d = math.prod(xs.shape[1:])
     logits, jvp_fn = jax.linearize(lambda inputs: apply_fn(params, inputs), xs)
-    _check_logits(logits, xs)
+    check_logits(logits, xs)
     # tangent e_d for every example at once: examples are independent, so one batched JVP per input direction
     basis = jnp.eye(d, dtype=xs.dtype).reshape((d, 1) + xs.shape[1:])
     jv = jax.vmap(jvp_fn)(jnp.broadcast_to(basis, (d,) + xs.shape))  # (D, B, K)
-    return jnp.mean(jnp.sum(_per_example_sq_norm(jv, 2), axis=0))
+    return jnp.mean(jnp.sum(per_example_sq_norm(jv, 2), axis=0))
 
 
 def jacobian_penalty(kind: Union[str, CotangentFn], coeff: Any, *, name: str | None = None) -> Regularizer:
@@ -268,10 +225,9 @@ def jacreg(coeff: Any, *, mode: str = "auto", vjp_batch: int | str = "auto") -> 
 
     ``vjp_batch``: how many of the K backward passes run as one vmapped backward (the vmap folds them into the
     batch axis, a K x larger batch). ``"auto"``: 1 on the CPU (the K passes one after another), all K on other
-    platforms. On XLA:CPU the vmapped form is the slower one: on the small CNN (batch 64, K = 10) the parameter
-    gradient of the penalty took 2.3x longer with one K x 64 backward than with K backward passes of 64, and the
-    train step was 15.3x the plain step against ~7x (``experiments/bench_regularizers.py --only jacreg``); on
-    accelerators one wide backward is the usual win. An int fixes it (memory grows with it).
+    platforms. On XLA:CPU the vmapped form is the slower one (one K x wider backward costs more than K backward
+    passes; figures in ``experiments/results/loops.md``, from ``experiments/bench_regularizers.py --only
+    jacreg``); on accelerators one wide backward is the usual win. An int fixes it (memory grows with it).
     """
     if mode not in ("auto", "reverse", "forward"):
         raise ValueError(f"jacreg mode must be 'auto', 'reverse' or 'forward', got {mode!r}.")
@@ -280,11 +236,11 @@ def jacreg(coeff: Any, *, mode: str = "auto", vjp_batch: int | str = "auto") -> 
         raise ValueError(f"jacreg vjp_batch must be 'auto' or an integer >= 1, got {vjp_batch!r}.")
 
     def penalty(params, batch, key, apply_fn):
-        xs = _images(batch)
+        xs = batch_images(batch)
         chosen = mode
         if mode == "auto":
             out = jax.eval_shape(lambda inputs: apply_fn(params, inputs), xs)
-            _check_logits(out, xs)
+            check_logits(out, xs)
             chosen = "forward" if math.prod(xs.shape[1:]) <= out.shape[-1] else "reverse"
         if chosen == "forward":
             return _jvp_frobenius(params, batch, key, apply_fn)
@@ -313,9 +269,9 @@ def spectreg(coeff: Any, *, probes: str = "auto") -> Regularizer:
 
 def _negative_entropy(params: Params, batch: Batch, key: PRNGKey, apply_fn: ApplyFn) -> Array:
     del key
-    xs = _images(batch)
+    xs = batch_images(batch)
     logits = apply_fn(params, xs)
-    _check_logits(logits, xs)
+    check_logits(logits, xs)
     # p * log_softmax stays finite where p underflows to 0 (log p would be -inf and 0 * -inf = nan)
     log_p = jax.nn.log_softmax(logits, axis=-1)
     return jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
