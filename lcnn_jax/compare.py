@@ -14,10 +14,17 @@ Files in ``workdir``:
 * ``results.csv``: one row per cell: ``method, seed, member, diverged, <metric columns>`` (see :func:`columns`).
 * ``results_summary.csv``: one row per method: ``method, num_seeds, <metric>_mean, <metric>_std ...``.
 * ``results.json``: ``columns`` (name, label, direction), ``cells``, ``aggregate`` (``method -> metric ->
-  {mean, std, n}``), ``best`` (``metric -> [methods]``), ``methods``, ``seeds``, ``timing``, ``config``.
-* ``results.md``: mean ± std per method and column; the best mean per column in **bold**.
+  {mean, std, n}``), ``best`` (``metric -> [methods]``), ``methods``, ``models`` (``method -> model``),
+  ``seeds``, ``timing``, ``config``.
+* ``results.md``: mean ± std per method and column; the best mean per column in **bold**; a ``model`` column
+  where the methods train different models (the title then counts them: ``models: small_cnn (8 methods),
+  mine.py:Net (1)``).
 * ``figures/accuracy_vs_curvature.png``, ``figures/robustness_vs_jacobian.png``: one point per method, seed
-  standard deviations as error bars.
+  standard deviations as error bars (labelled ``method (model)`` where the models differ).
+
+A method of one's own from the command line (:func:`apply_compare_overrides`, what ``lcnn-jax compare`` applies):
+``--config.compare.method_specs.mine.model.name=path/to/models.py:Net
+--config.compare.method_specs.mine.regularizers.datagrad.coeff=0.01`` adds the method ``mine`` to the run.
 
 Aggregates are the mean and the sample standard deviation (ddof=1; 0 for one seed) over the seeds that did not
 diverge and have a finite value. NaN (JSON ``null``) marks a value that is undefined (e.g. minimum sharpness of a
@@ -60,7 +67,10 @@ __all__ = [
     "PIECEWISE_LINEAR_MODELS",
     "columns",
     "check_methods",
+    "apply_compare_overrides",
     "method_config",
+    "method_models",
+    "models_title",
     "is_piecewise_linear",
     "fingerprint",
     "train_method",
@@ -94,7 +104,8 @@ def columns(mcfg) -> list[dict]:
     ranked). Accuracies are fractions in [0, 1].
 
     * ``test_accuracy``/``train_accuracy``: on the whole test / training split (the sweep's final evaluation);
-    * ``clean_accuracy``, ``apgd_<norm>_<eps>`` (APGD worst case, when ``"apgd"`` is in ``robust_attacks``),
+    * ``clean_accuracy``, ``aa_<norm>_<eps>`` (AutoAttack's standard suite, when ``"autoattack"`` is in
+      ``robust_attacks``), ``apgd_<norm>_<eps>`` (APGD worst case, when ``"apgd"`` is),
       ``pgd_<norm>_<eps>`` (when ``"pgd"`` is), ``noise_<std>``: on the measured test subset; robust columns
       count an example only when it is also classified correctly on the clean input;
     * ``certified_l2_<eps>``: certified accuracy at each radius of ``certified_l2_eps`` and ``certified_radius``
@@ -109,10 +120,10 @@ def columns(mcfg) -> list[dict]:
     cols = [("test_accuracy", "test acc", "higher"), ("train_accuracy", "train acc", None),
             ("clean_accuracy", "clean acc (subset)", "higher")]
     chosen = tuple(mcfg.get("robust_attacks", ("pgd",)))
-    for attack, label in (("apgd", "APGD"), ("pgd", "PGD")):
+    for attack, prefix, label in (("autoattack", "aa", "AA"), ("apgd", "apgd", "APGD"), ("pgd", "pgd", "PGD")):
         if attack in chosen:
-            cols += [(f"{attack}_linf_{float(e):g}", f"{label}-Linf {float(e):g}", "higher") for e in mcfg.pgd_linf_eps]
-            cols += [(f"{attack}_l2_{float(e):g}", f"{label}-L2 {float(e):g}", "higher") for e in mcfg.pgd_l2_eps]
+            cols += [(f"{prefix}_linf_{float(e):g}", f"{label}-Linf {float(e):g}", "higher") for e in mcfg.pgd_linf_eps]
+            cols += [(f"{prefix}_l2_{float(e):g}", f"{label}-L2 {float(e):g}", "higher") for e in mcfg.pgd_l2_eps]
     radii = tuple(mcfg.get("certified_l2_eps", ()))
     cols += [(f"certified_l2_{float(e):g}", f"certified acc L2 {float(e):g}", "higher") for e in radii]
     if radii:
@@ -161,7 +172,106 @@ def check_methods(config) -> tuple[str, ...]:
         raise ConfigError(f"compare.methods is empty; choose among {list(valid)}.")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"compare.methods repeats a method: {methods}.")
+    problems = [p for m in methods for p in _spec_problems(config, m)]
+    if problems:
+        raise ConfigError("Invalid method spec(s):\n  - " + "\n  - ".join(problems))
     return methods
+
+
+SPEC_SECTIONS = ("model", "regularizers", "optim", "train", "data")  # what a method spec may set
+
+
+def _spec_problems(config, name: str) -> list[str]:
+    """What is wrong with ``compare.method_specs[name]`` (a typo'd section or setting, a model without a name
+    string, regularizers that are not ``name -> kwargs``), each naming the key and the fix."""
+    import difflib
+
+    where = f"compare.method_specs.{name}"
+    spec = _section(config).method_specs[name]
+    if not isinstance(spec, Mapping) and not hasattr(spec, "keys"):
+        return [f"{where}={spec!r} must be a set of overrides of the base config, e.g. "
+                f"--config.{where}.model.name=models.py:Net --config.{where}.regularizers.datagrad.coeff=0.01."]
+
+    def hint(key, choices):
+        close = difflib.get_close_matches(str(key), list(choices), n=1, cutoff=0.5)
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    problems = []
+    for section in spec.keys():
+        value = spec[section]
+        if section not in SPEC_SECTIONS:
+            problems.append(f"{where}.{section}: a method sets only {', '.join(SPEC_SECTIONS)}"
+                            f"{hint(section, SPEC_SECTIONS)}.")
+        elif not hasattr(value, "keys"):
+            problems.append(f"{where}.{section}={value!r} must be a section (e.g. {where}.{section}.<key>=value).")
+        elif section == "model":
+            extra = [k for k in value.keys() if k not in ("name", "kwargs")]
+            if extra:
+                problems.append(f"{where}.model.{extra[0]}: a model has only a name and kwargs"
+                                f"{hint(extra[0], ('name', 'kwargs'))}.")
+            if "name" in value and not isinstance(value["name"], str):
+                problems.append(f"{where}.model.name={value['name']!r} must be a model name or "
+                                f"'path/to/file.py:Class'.")
+            if value.get("kwargs") is not None and not hasattr(value["kwargs"], "keys"):
+                problems.append(f"{where}.model.kwargs={value['kwargs']!r} must be a section of keyword arguments.")
+        elif section == "regularizers":
+            from lcnn_jax import data as data_lib
+            from lcnn_jax import regularizers as regs
+
+            data_name = (spec.get("data") or {}).get("name", config.data.name)
+            info = data_lib.dataset_info(data_name) if data_name in data_lib.DATASETS else None
+            for reg in value.keys():
+                if not hasattr(value[reg], "keys"):
+                    problems.append(f"{where}.regularizers.{reg}={value[reg]!r} must be the regularizer's keyword "
+                                    f"arguments, e.g. {where}.regularizers.{reg}.coeff=0.01.")
+                elif reg in regs.REGULARIZERS:  # an unknown name is validate_config's message
+                    try:  # a typo'd keyword (coef) now, not after the methods before it have trained
+                        regs.make_regularizer(reg, dataset_info=info, **_to_dict(value[reg]))
+                    except (TypeError, ValueError) as e:
+                        problems.append(f"{where}.regularizers.{reg}: {e}")
+        else:
+            known = config[section].keys() if section in config else ()
+            for key in value.keys():
+                if key not in known:
+                    problems.append(f"{where}.{section}.{key} is not a setting of {section}{hint(key, known)}.")
+    return problems
+
+
+def apply_compare_overrides(config, overrides: Sequence[str]):
+    """:func:`lcnn_jax.configs.apply_overrides` for a compare config, where a method can be added from the
+    command line: ``compare.method_specs.<name>.<section>...=value`` (sections ``model``, ``regularizers``,
+    ``optim``, ``train``, ``data``, as in :func:`method_config`) defines a method that the config does not have
+    and, unless the overrides also set ``compare.methods``, appends it to the methods run, e.g.::
+
+        lcnn-jax compare --config experiments/configs/compare_mnist5k.py --workdir runs/mine \\
+            --config.compare.method_specs.mine.model.name=path/to/models.py:Net \\
+            --config.compare.method_specs.mine.regularizers.datagrad.coeff=0.01
+
+    ``compare.methods.<name>...`` (the tuple of names taken for a section) is refused with that spelling.
+    Returns ``config``, changed in place; raises ConfigError listing every bad override."""
+    from lcnn_jax.configs import apply_overrides
+    from lcnn_jax.errors import ConfigError
+
+    cmp = _section(config)
+    before = set(cmp.method_specs.keys())
+    keys = [o.partition("=")[0] for o in overrides]
+    misplaced = [k for k in keys if k.startswith("compare.methods.")]
+    rest = [o for o, k in zip(overrides, keys) if not k.startswith("compare.methods.")]
+    problems = [f"{k}: compare.methods is the tuple of method names to run; a method is defined under "
+                f"compare.method_specs, e.g. --config.compare.method_specs.{k.split('.')[2]}.model.name="
+                f"path/to/models.py:Net (it joins compare.methods by itself)." for k in misplaced]
+    try:
+        apply_overrides(config, rest)
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "\n".join(problems))
+    added = [m for m in cmp.method_specs.keys() if m not in before]
+    if added and "compare.methods" not in keys:
+        names = cmp.methods
+        names = tuple(m.strip() for m in names.split(",") if m.strip()) if isinstance(names, str) else tuple(names)
+        cmp.methods = names + tuple(m for m in added if m not in names)
+    return config
 
 
 def _to_dict(node):
@@ -199,6 +309,43 @@ def method_config(config, name: str):
     if not isinstance(out.get("regularizers"), ml_collections.ConfigDict):
         raise ConfigError(f"compare.method_specs.{name}.regularizers must be a mapping name -> kwargs.")
     return out
+
+
+def _model_label(model) -> str:
+    name = str(model.name)
+    where, sep, attr = name.rpartition(":")
+    return f"{os.path.basename(where)}:{attr}" if sep and where.endswith(".py") else name
+
+
+def method_models(config, methods: Sequence[str]) -> dict[str, str]:
+    """``method -> its model``, as tables and figures name it: a registered name (``small_cnn``), or
+    ``file.py:Class`` for a model given by a file path; the kwargs are added (``small_cnn {'act': 'softplus'}``)
+    where methods train one name with different kwargs."""
+    cfgs = {m: method_config(config, m) for m in methods}
+    short = {m: _model_label(c.model) for m, c in cfgs.items()}
+    kwargs = {m: _to_dict(c.model.get("kwargs")) for m, c in cfgs.items()}
+    out = {}
+    for m in methods:
+        variants = {json.dumps(kwargs[o], sort_keys=True, default=str) for o in methods if short[o] == short[m]}
+        out[m] = f"{short[m]} {kwargs[m]}" if len(variants) > 1 else short[m]
+    return out
+
+
+def models_title(models: Mapping[str, str]) -> str:
+    """The models of a run for a title: the one model's name when every method trains it, else
+    ``"models: small_cnn (8 methods), mine.py:Net (1)"`` (the most used first)."""
+    counts: dict[str, int] = {}
+    for label in models.values():
+        counts[label] = counts.get(label, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])  # stable: ties keep the methods' order
+    return "models: " + ", ".join(f"{label} ({n} method{'s' if n > 1 else ''})" if i == 0 else f"{label} ({n})"
+                                  for i, (label, n) in enumerate(ranked))
+
+
+def _several_models(models: Mapping[str, str] | None) -> bool:
+    return bool(models) and len(set(models.values())) > 1
 
 
 def is_piecewise_linear(method_cfg) -> bool:
@@ -348,6 +495,11 @@ def robustness_notes(mcfg) -> list[str]:
     """The table notes that say how the robust and certified columns were measured."""
     chosen = tuple(mcfg.get("robust_attacks", ("pgd",)))
     notes = []
+    if "autoattack" in chosen:
+        notes.append("AA: AutoAttack's standard suite (Croce & Hein 2020, the settings of fra31/auto-attack: APGD-CE, "
+                     "APGD-T with 9 target classes, FAB-T with 9, Square with 5000 queries; 100 steps), each attack "
+                     "run only on the points all earlier ones failed to break (lcnn_jax.attacks.autoattack); an "
+                     "example counts only if it is also correct on the clean input.")
     if "apgd" in chosen:
         notes.append(f"APGD: per-example worst case of APGD-{'/'.join(l.upper() for l in mcfg.apgd_losses)} "
                      f"(Croce & Hein 2020; {int(mcfg.apgd_steps)} steps, {int(mcfg.apgd_restarts)} restart(s), no "
@@ -420,16 +572,21 @@ def _cell_text(name: str, st: dict) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
-def format_markdown(agg: dict, cols: Sequence[dict], best: dict, *, title: str = "", notes: Sequence[str] = ()) -> str:
+def format_markdown(agg: dict, cols: Sequence[dict], best: dict, *, title: str = "", notes: Sequence[str] = (),
+                    models: Mapping[str, str] | None = None) -> str:
     """The results table: one row per method, ``mean ± std`` per column (accuracies in %), the best entry
-    per ranked column in bold; the header marks the direction (↑ higher is better, ↓ lower is better)."""
+    per ranked column in bold; the header marks the direction (↑ higher is better, ↓ lower is better). With
+    ``models`` (``method -> model``, :func:`method_models`) naming more than one model, a ``model`` column follows
+    the method."""
     arrow = {"higher": " ↑", "lower": " ↓", None: ""}
     lines = [f"### {title}", ""] if title else []
     lines += list(notes) + ([""] if notes else [])
-    lines.append("| method | " + " | ".join(c["label"] + arrow[c["direction"]] for c in cols) + " |")
-    lines.append("|---|" + "---|" * len(cols))
+    show = _several_models(models)
+    lines.append("| method | " + ("model | " if show else "") + " | ".join(c["label"] + arrow[c["direction"]]
+                                                                        for c in cols) + " |")
+    lines.append("|---|" + ("---|" if show else "") + "---|" * len(cols))
     for method in agg:
-        cells = []
+        cells = [models.get(method, "")] if show else []
         for c in cols:
             text = _cell_text(c["name"], agg[method][c["name"]])
             cells.append(f"**{text}**" if method in best.get(c["name"], ()) else text)
@@ -451,26 +608,30 @@ def compact_priority(cols: Sequence[dict]) -> list[int]:
     return priority_order([c["name"] for c in cols], COMPACT_PRIORITY)
 
 
-def format_compact(agg: dict, cols: Sequence[dict], best: dict, *, width: int = 120) -> tuple[str, list[str]]:
+def format_compact(agg: dict, cols: Sequence[dict], best: dict, *, width: int = 120,
+                   models: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
     """The results table for a terminal: one row per method, ``mean ± std`` (accuracies in %), ``*`` after the best
     mean of a ranked column, limited to the columns that fit ``width`` characters (chosen by
     :func:`compact_priority`); returns the text and the labels of the columns left out (they are in
-    ``results.md`` / ``results.csv`` / ``results.json``)."""
+    ``results.md`` / ``results.csv`` / ``results.json``). A ``model`` column follows the method where ``models``
+    names more than one model (as in :func:`format_markdown`)."""
     from lcnn_jax.tables import format_table
 
     arrow = {"higher": "↑", "lower": "↓", None: ""}
-    header = ["method"] + [f"{c['label']}{' %' if _is_accuracy(c['name']) else ''} {arrow[c['direction']]}".strip()
-                           for c in cols]
+    lead = ["method", "model"] if _several_models(models) else ["method"]
+    header = lead + [f"{c['label']}{' %' if _is_accuracy(c['name']) else ''} {arrow[c['direction']]}".strip()
+                     for c in cols]
     rows = []
     for method in agg:
-        row = [method]
+        row = [method] + ([models.get(method, "")] if len(lead) > 1 else [])
         for c in cols:
             text = _cell_text(c["name"], agg[method][c["name"]])
             row.append(text + ("*" if method in best.get(c["name"], ()) else " "))
         rows.append(row)
-    priority = [0] + [i + 1 for i in compact_priority(cols)]
-    text, hidden = format_table(header, rows, fixed=1, priority=priority, width=width)
-    return text, [cols[i - 1]["label"] for i in hidden]
+    k = len(lead)
+    priority = list(range(k)) + [i + k for i in compact_priority(cols)]
+    text, hidden = format_table(header, rows, fixed=k, priority=priority, width=width)
+    return text, [cols[i - k]["label"] for i in hidden]
 
 
 def _json_safe(obj):
@@ -515,7 +676,8 @@ def write_results(workdir: str, cells: Sequence[dict], cols: Sequence[dict], met
     write_json_atomic(os.path.join(workdir, "results.json"), _json_safe(obj))
     notes = meta.get("notes", ())
     write_text_atomic(os.path.join(workdir, "results.md"),
-                       format_markdown(agg, cols, best, title=meta.get("title", ""), notes=notes))
+                       format_markdown(agg, cols, best, title=meta.get("title", ""), notes=notes,
+                                       models=meta.get("models")))
     return obj
 
 
@@ -630,11 +792,13 @@ def _place_labels(fig, ax, points: Sequence[dict], fontsize: float) -> list:
 
 
 def scatter_figure(agg: Mapping, cols: Sequence[dict], xname: str, yname: str, *, title: str,
-                   subtitle: str = ""):
+                   subtitle: str = "", models: Mapping[str, str] | None = None):
     """One point per method at (mean of ``xname``, mean of ``yname``) over seeds, seed standard deviations as
     error bars, log x axis with plain tick labels. Methods get distinct marker shapes and decreasing marker
     sizes (so coinciding points show as nested outlines) and a direct label placed clear of the other labels
-    and markers; the legend sits outside the axes. Accuracies are plotted in %. Returns the Matplotlib figure."""
+    and markers; the legend sits outside the axes. Accuracies are plotted in %. Where ``models``
+    (``method -> model``) names more than one model, each label says ``method (model)``. Returns the Matplotlib
+    figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -645,6 +809,7 @@ def scatter_figure(agg: Mapping, cols: Sequence[dict], xname: str, yname: str, *
     scale = 100.0 if _is_accuracy(yname) else 1.0
     points = []
     n = len(agg)
+    label = (lambda m: f"{m} ({models.get(m, '?')})") if _several_models(models) else (lambda m: m)  # noqa: E731
     for i, method in enumerate(agg):
         x, y = agg[method][xname], agg[method][yname]
         if not (_finite(x["mean"]) and _finite(y["mean"]) and x["mean"] > 0):
@@ -656,8 +821,9 @@ def scatter_figure(agg: Mapping, cols: Sequence[dict], xname: str, yname: str, *
         yerr = scale * float(y["std"]) if _finite(y["std"]) else 0.0
         ax.errorbar(x["mean"], scale * y["mean"], xerr=xerr or None, yerr=yerr or None,
                     fmt=_MARKERS[i % len(_MARKERS)], markersize=size, markerfacecolor="none", markeredgewidth=1.5,
-                    color=color, ecolor=color, elinewidth=0.9, alpha=0.9, capsize=2.5, label=method, zorder=2 + i)
-        points.append({"name": method, "x": x["mean"], "y": scale * y["mean"], "color": color, "size": size,
+                    color=color, ecolor=color, elinewidth=0.9, alpha=0.9, capsize=2.5, label=label(method),
+                    zorder=2 + i)
+        points.append({"name": label(method), "x": x["mean"], "y": scale * y["mean"], "color": color, "size": size,
                        "xerr": xerr, "yerr": yerr})
     ax.set_xscale("log")
     ax.set_xlabel(f"{axis_label(xname, cols)} (log scale; lower is smoother)")
@@ -697,11 +863,12 @@ def _run_title(workdir: str) -> tuple[str, str]:
 
 
 def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column: str,
-                 title: str | None = None) -> list[str]:
+                 title: str | None = None, models: Mapping[str, str] | None = None) -> list[str]:
     """``figures/accuracy_vs_curvature.png`` (test accuracy against input curvature) and
     ``figures/robustness_vs_jacobian.png`` (``robust_column`` against the Jacobian Frobenius norm), drawn by
     :func:`scatter_figure`; the title names the run (``title``, else the workdir's name) and the subtitle
-    describes it (dataset, model, seeds, epochs, from ``results.json``). Returns the paths written."""
+    describes it (dataset, model(s), seeds, epochs, from ``results.json``); ``models`` as in
+    :func:`scatter_figure`. Returns the paths written."""
     from lcnn_jax.io import save_figure_atomic
 
     names = {c["name"] for c in cols}
@@ -716,7 +883,7 @@ def plot_results(workdir: str, agg: dict, cols: Sequence[dict], *, robust_column
             ("accuracy_vs_curvature.png", "curvature", "test_accuracy", "test accuracy vs input curvature"),
             ("robustness_vs_jacobian.png", "jacobian_frobenius", robust_column,
              f"{axis_label(robust_column, cols).removesuffix(' (%)')} vs Jacobian norm")):
-        fig = scatter_figure(agg, cols, xname, yname, title=f"{run}: {what}", subtitle=desc)
+        fig = scatter_figure(agg, cols, xname, yname, title=f"{run}: {what}", subtitle=desc, models=models)
         paths.append(save_figure_atomic(fig, os.path.join(workdir, "figures", fname), bbox_inches="tight"))
     return paths
 
@@ -864,8 +1031,10 @@ def run_compare(config, workdir: str) -> dict:
         bar.close()
 
     mc0 = cfgs[methods[0]]
-    title = (f"lcnn-jax compare: {d.name}, {config.model.name} "
-             f"{_to_dict(config.model.get('kwargs'))}, {len(seeds)} seed(s), {config.train.num_epochs} epochs")
+    models = method_models(config, methods)
+    trained = (models_title(models) if _several_models(models)
+               else f"{models[methods[0]]} {_to_dict(mc0.model.get('kwargs'))}")  # each method's own model
+    title = f"lcnn-jax compare: {d.name}, {trained}, {len(seeds)} seed(s), {config.train.num_epochs} epochs"
     notes = [
         f"Mean ± std over seeds {list(seeds)} (sample std, ddof=1). **Bold**: best mean per column "
         "(↑ higher is better, ↓ lower is better). Accuracies in %.",
@@ -878,13 +1047,19 @@ def run_compare(config, workdir: str) -> dict:
         "norm), where the layer-rescaling symmetry it rests on does not hold.",
         f"train time s: the method's whole vmapped sweep ({len(seeds)} seeds at once).",
     ]
+    if _several_models(models):
+        by_model: dict[str, list[str]] = {}
+        for m in methods:
+            by_model.setdefault(f"{cfgs[m].model.name} {_to_dict(cfgs[m].model.get('kwargs'))}", []).append(m)
+        notes.append("Models: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by_model.items()) + ".")
     notes += robustness_notes(mcfg)
     # wall_time_s and timing are of THIS invocation (0 for reused cells); each cell keeps its own
     # train_time_s (its method's sweep) and measure_time_s.
-    meta = {"title": title, "notes": notes, "seeds": list(seeds), "timing": timing,
+    meta = {"title": title, "notes": notes, "models": models, "seeds": list(seeds), "timing": timing,
             "wall_time_s": time.time() - t0, "batch_size": int(mc0.train.batch_size),
             "config": config.to_dict(), "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
     obj = write_results(workdir, cells, cols, methods, meta=meta)
     agg = aggregate(cells, [c["name"] for c in cols], methods)
-    obj["figures"] = plot_results(workdir, agg, cols, robust_column=str(cmp.get("plot_robust_column", "apgd_l2_1")))
+    obj["figures"] = plot_results(workdir, agg, cols, robust_column=str(cmp.get("plot_robust_column", "apgd_l2_1")),
+                                  models=models)
     return obj

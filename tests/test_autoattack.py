@@ -5,7 +5,6 @@ same start), the reference's checkpoint rule written out, closed-form boundary d
 (dual norms), the exact minimum-norm adversarial point of a binary linear classifier, and a gradient-masked copy of
 a linear classifier that only a gradient-free attack can break.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +114,8 @@ def _tanh_net(seed, d, h, k):
     return lambda xs: jnp.tanh(xs.reshape(xs.shape[0], -1) @ jnp.asarray(w1, xs.dtype)) @ jnp.asarray(w2, xs.dtype)
 
 
-@pytest.mark.parametrize("norm,eps,loss,n_iter", [("linf", 0.08, "ce", 50), ("linf", 0.08, "dlr", 50), ("l2", 0.6, "ce", 40)])
+@pytest.mark.parametrize("norm,eps,loss,n_iter", [("linf", 0.08, "ce", 50), ("linf", 0.08, "dlr", 50),
+                                                  ("l2", 0.6, "ce", 40)])
 def test_apgd_reference_schedule_equals_a_numpy_restatement_of_the_reference_loop(norm, eps, loss, n_iter, x64):
     f = _tanh_net(3, 16, 12, 5)
     rng = np.random.default_rng(4)
@@ -139,8 +139,8 @@ def test_apgd_reference_schedule_equals_a_numpy_restatement_of_the_reference_loo
     for i in range(30):
         s = body(jnp.asarray(i, jnp.int32), s)
         ours.append(np.asarray(s["x"]))
-    theirs, out = _numpy_reference_apgd(loss_grad, predict, np.asarray(xs), np.asarray(ys), np.asarray(jax.jit(start)(run_key)["x"]),
-                                        eps=eps, norm=norm, n_iter=n_iter)
+    theirs, out = _numpy_reference_apgd(loss_grad, predict, np.asarray(xs), np.asarray(ys),
+                                        np.asarray(jax.jit(start)(run_key)["x"]), eps=eps, norm=norm, n_iter=n_iter)
     for i in range(30):
         np.testing.assert_allclose(ours[i], theirs[i], rtol=0, atol=1e-9, err_msg=f"iterate {i}")
     # the whole attack: the same key gives the same start, so the same output (last misclassified iterate or clean)
@@ -245,3 +245,26 @@ def test_autoattack_rejects_bad_input_before_compiling(caplog):
         with pytest.raises(ValueError, match="classes"):
             attacks.autoattack(lambda p, x: logits_fn(p, x)[:, :3], xs, ys % 3, **kw)
         assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_measure_reports_autoattack_columns_and_which_stage_broke_how_many():
+    from lcnn_jax import compare, report
+    from lcnn_jax.nn import make_model
+
+    model = make_model("mlp", 10, widths=(8,))
+    xs = np.random.default_rng(0).uniform(size=(6, 4, 4, 1)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), xs[:1])
+    z = np.asarray(model.apply(variables, xs))
+    ys = np.where(np.arange(6) < 4, np.argmax(z, -1), (np.argmax(z, -1) + 1) % 10)  # 4 correct, 2 wrong
+    cfg = report.measure_defaults()
+    cfg.update(dict(robust_attacks=("autoattack",), pgd_linf_eps=(), pgd_l2_eps=(50.0,), noise_std=()))
+    assert not report.measure_config_problems(cfg)
+    out = report.robustness(model, variables, xs, ys, cfg, jax.random.PRNGKey(1), 4)
+    # a radius that covers the box: APGD-CE breaks every correct point, the later stages have nothing left to run on
+    assert out["aa_l2_50"]["mean"] == 0.0 and out["accuracy"]["mean"] == pytest.approx(4 / 6)
+    assert out["aa_l2_50"]["broken_by"] == {"apgd-ce": 4, "apgd-t": 0, "fab-t": 0, "square": 0}
+    text = report.format_report({"test": out})
+    assert "aa_l2_50 (test): broken by apgd-ce 4, apgd-t 0, fab-t 0, square 0" in text
+    assert "aa_l2_50" in [c["name"] for c in compare.columns(cfg)]
+    assert "aa_l2_50" not in report.attack_suite(cfg)
+    assert any(n.startswith("AA:") for n in compare.robustness_notes(cfg))

@@ -1,4 +1,43 @@
-"""Auto-PGD (Croce & Hein, ICML 2020), its host-driven variant, and the per-example worst case over attacks."""
+"""Auto-PGD (Croce & Hein, ICML 2020), its host-driven variant, and the per-example worst case over attacks.
+
+Two step-size schedules, ``schedule=``:
+
+* ``"reference"`` (default): the decisions of the authors' code, fra31/auto-attack ``autopgd_base.py``
+  (``APGDAttack.attack_single_run`` / ``perturb``), the code behind every published AutoAttack number;
+* ``"paper"``: the text of Croce & Hein (2020), Sec. 3 (this library's APGD before the reference schedule existed).
+
+Run from the same start in float64 the two give identical iterates until one of these decisions differs
+(``tests/test_autoattack.py`` checks the first 30 iterates of ``"reference"`` against a NumPy restatement of the
+reference loop):
+
+==  =====================================  ===================================  ===================================
+#   decision                               ``"paper"``                          ``"reference"``
+==  =====================================  ===================================  ===================================
+1   halve when the successful steps are    ``< rho * period``                   ``<= rho * period``
+2   a step is a success when its loss      that of the point it stepped from    that of the previous iterate before
+    exceeds                                (``x_max`` after a restart; the      any restart; the first step is
+                                           start's loss for the first step)     compared with 0 (an unfilled row)
+3   checkpoints ``w_j`` for N steps        ``ceil(p_j N)``, the paper's         periods ``int(0.22 N)``, shrinking
+                                           ``p_j``                              by ``int(0.03 N)`` to
+                                                                                ``int(0.06 N)`` (each at least 1);
+                                                                                equal for N = 100, not for N = 10,
+                                                                                20, 25, 50
+4   "halved at the previous checkpoint"    False (condition 2 may fire at       True (condition 2 cannot fire
+    before the first checkpoint            the first checkpoint)                there)
+5   the returned point                     the first misclassified iterate,     the last misclassified iterate,
+                                           else the point of highest loss       else the clean input
+==  =====================================  ===================================  ===================================
+
+Also under ``"reference"``: the L2 direction ``g / (||g|| + 1e-12)`` and the L2 projection
+``x0 + d / (||d|| + 1e-12) * min(eps, ||d||)`` in the reference's form (differences of 1e-12 that the DLR loss, whose
+denominator can be tiny, amplifies). Common to both: the start on the eps-sphere, ``eta = 2 eps``, momentum 0.75
+(none on the first step), the CE and DLR losses, APGD-T's target (the ``r``-th largest non-label logit at the
+clean input, the reference's ``sort(logits)[-(r + 1)]`` for a correctly classified point), restarts on the points
+still robust. The default is ``"reference"`` because robust accuracies are compared with numbers that fra31's code
+produced; side by side on identical weights (small CNN, L-inf 0.1, L2 1 and 2, 25 and 100 steps) the two never
+changed a verdict by more than one example, so ``"paper"`` remains a faithful reading of the text. The fidelity
+table of the whole suite is in ``experiments/results/autoattack/fidelity.md``.
+"""
 from __future__ import annotations
 
 import functools
@@ -169,14 +208,22 @@ def apgd(
     1. fewer than ``rho`` (0.75) of the steps since ``w_{j-1}`` raised the loss (``f(x^(i+1)) > f(x^(i))``), or
     2. its step size was not halved at ``w_{j-1}`` and its best loss ``f_max`` has not grown since then.
 
+    ``schedule``: ``"reference"`` (default, fra31/auto-attack's decisions) or ``"paper"`` (the text); they differ in
+    five points (the module docstring's table): "fewer than" in 1. becomes "at most", successes are counted against the
+    previous iterate's loss (the first against 0), the checkpoints follow the reference's integer periods, condition
+    2 cannot fire at the first checkpoint, and the returned point is the last misclassified iterate, else the clean
+    input.
+
     ``loss``: ``"ce"`` (cross-entropy), ``"dlr"`` (:func:`dlr_loss`, K >= 3) or ``"dlr_targeted"`` (K >= 4;
     the target is the class with the ``target_rank``-th largest non-label logit at the clean input, as
     AutoAttack's APGD-T runs ranks 1..9 as separate attacks). ``restarts``: independent runs from fresh random
     starts (``fold_in(key, r)``), each example keeping its first success.
 
-    Returns, per example, the first misclassified point found (the clean input itself if it is misclassified;
-    every iterate and the random start are checked), else the point of highest loss. Every returned point lies in
-    the eps-ball (L-inf exactly; L2 up to the float rounding of the coordinates) and in the box.
+    Returns, per example (``"paper"``), the first misclassified point found (the clean input itself if it is
+    misclassified; every iterate and the random start are checked), else the point of highest loss;
+    (``"reference"``) the last misclassified iterate of the first successful run, else the clean input. Every
+    returned point lies in the eps-ball (L-inf exactly; L2 up to the float rounding of the coordinates) and in the
+    box.
 
     Cost: ``restarts * (num_steps + 1)`` forward and backward passes, plus one forward pass on the clean input.
     ``unroll`` is passed to the step loop's ``lax.fori_loop`` (see :func:`pgd`).

@@ -140,7 +140,8 @@ def _square_init(logits_fn, x0, ys, eps, key, static: _SquareStatic):
         start = (h - s * 5) // 2
         pattern = jnp.asarray(_eta(s), dtype)
         delta = jnp.zeros_like(x0)
-        corners = [(vh, vw) for vh in range(start, start + s * (h // s), s) for vw in range(start, start + s * (w // s), s)]
+        corners = [(vh, vw) for vh in range(start, start + s * (h // s), s)
+                   for vw in range(start, start + s * (w // s), s)]
         keys = jax.random.split(key, 2 * len(corners))
         for t, (vh, vw) in enumerate(corners):
             if vh >= h or vw >= w:
