@@ -91,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train and measure every method of a compare config (seeds vmapped); "
                                        "results.csv/json/md and figures",
                        epilog="Select with --config.compare.methods=\"('standard','clip')\" "
-                              "--config.compare.seeds=\"(0,1,2)\"; rerunning resumes (finished cells are skipped)")
+                              "--config.compare.seeds=\"(0,1,2)\"; add a method of your own with "
+                              "--config.compare.method_specs.mine.model.name=path/to/models.py:Net [--config.compare."
+                              "method_specs.mine.regularizers.datagrad.coeff=0.01]; rerunning resumes (finished cells "
+                              "are skipped)")
     c.add_argument("--config", required=True, help="a compare config file, e.g. experiments/configs/compare_mnist5k.py "
                                                     "(optionally path.py:full)")
     c.add_argument("--workdir", required=True, help="directory for the runs, cells, results and figures")
@@ -309,10 +312,11 @@ def _run(args, overrides) -> int:
                 return _usage_error(f"measure only takes --config.measure.* overrides, got {bad}.")
             _measure(args, overrides)
         elif args.command == "compare":
-            from lcnn_jax.compare import format_compact, run_compare
+            from lcnn_jax.compare import apply_compare_overrides, format_compact, run_compare
+            from lcnn_jax.configs import load_config
 
-            res = run_compare(_load(args, overrides), args.workdir)
-            table, hidden = format_compact(res["aggregate"], res["columns"], res["best"])
+            res = run_compare(apply_compare_overrides(load_config(args.config), overrides), args.workdir)
+            table, hidden = format_compact(res["aggregate"], res["columns"], res["best"], models=res.get("models"))
             print(f"{res.get('title', '')}\nmean ± std over seeds {res['seeds']}; accuracies in %; * best mean "
                   f"(↑ higher / ↓ lower is better)\n{table}")
             if hidden:

@@ -104,7 +104,9 @@ def _parse_value(text: str):
         return text  # a bare string such as `sgd`
 
 
-OPEN_SECTIONS = ("regularizers", "model.kwargs", "sweep.grid")  # free-form dictionaries: new keys are allowed there
+# Free-form dictionaries: new keys are allowed there (compare.method_specs: a new method from the command line,
+# checked by lcnn_jax.compare.check_methods).
+OPEN_SECTIONS = ("regularizers", "model.kwargs", "sweep.grid", "compare.method_specs")
 
 
 def _is_open(path: str) -> bool:
@@ -114,7 +116,7 @@ def _is_open(path: str) -> bool:
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
     """Apply ``["a.b=value", ...]`` in place. Values are Python literals (``0.1``, ``(64, 64)``, ``None``,
     ``{'coeff': 0.01}``) or bare strings. An unknown key or a value of the wrong type is an error, except inside
-    ``regularizers``, ``model.kwargs`` and ``sweep.grid``, which are open dictionaries.
+    ``regularizers``, ``model.kwargs``, ``sweep.grid`` and ``compare.method_specs``, which are open dictionaries.
 
     Every override is tried before anything is raised, so one :class:`ConfigError` lists every bad override
     (five typos cost one rerun, not five); the good ones are applied.
