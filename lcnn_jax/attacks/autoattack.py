@@ -36,6 +36,7 @@ Example::
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -153,6 +154,7 @@ def autoattack(
     n_target_classes: int = 9,
     schedule: str = APGD_SCHEDULE,
     progress: bool = True,
+    log: list | None = None,
 ) -> AutoAttackResult:
     """Robust accuracy under AutoAttack (see the module docstring) with the cascade on the points still robust.
 
@@ -161,7 +163,10 @@ def autoattack(
     ``batch_size``: points per compiled call (default: all at once, at most 250 as the reference's ``bs``).
     ``num_steps`` (APGD, FAB: 100), ``num_queries`` (Square: 5000) and ``n_target_classes`` (9) are the reference's;
     lower them only for quick looks. ``schedule``: APGD's (:func:`lcnn_jax.attacks.apgd`). ``progress``: a tqdm bar
-    naming the stage and the points still robust. Not traceable (a Python driver over compiled pieces).
+    naming the stage and the points still robust. ``log``: a list to which every run of a stage (a restart or a
+    target class) appends ``{"stage", "run", "points", "padded", "broken", "seconds"}`` (``padded``: the rows
+    computed, points plus padding; ``seconds``: wall time, compilation included). Not traceable (a Python driver
+    over compiled pieces).
 
     Every check (unknown version or norm, ``eps`` not finite and positive, labels out of range, shapes that
     disagree, too few classes for a stage) raises ``ValueError`` before anything is compiled.
@@ -214,9 +219,11 @@ def autoattack(
                 idx = np.flatnonzero(robust)
                 bar.set_description(f"autoattack {stage}{f' #{run + 1}' if run else ''}: {len(idx)} robust")
                 run_key = jax.random.fold_in(stage_key, run)
+                t0, padded, broken = time.perf_counter(), 0, 0
                 for c, start in enumerate(range(0, len(idx), batch_size)):
                     sel = idx[start:start + batch_size]
                     size = _bucket(len(sel), batch_size)
+                    padded += size
                     xa = attack(stage_i, run, jnp.asarray(_pad_rows(x_np[sel], size)),
                                 jnp.asarray(_pad_rows(y_np[sel], size)), jax.random.fold_in(run_key, c))
                     xa = np.asarray(xa)[: len(sel)]
@@ -225,6 +232,10 @@ def autoattack(
                     robust[hit] = False
                     x_adv[hit] = xa[fooled]
                     broken_by[hit] = stage
+                    broken += len(hit)
+                if log is not None:
+                    log.append(dict(stage=stage, run=run, points=len(idx), padded=padded, broken=broken,
+                                    seconds=time.perf_counter() - t0))
                 bar.update(1)
             per_stage[stage] = float(robust.mean()) if n else 0.0
         bar.set_description(f"autoattack: {int(robust.sum())} robust of {n}")
