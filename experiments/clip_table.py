@@ -47,7 +47,9 @@ paper's numbers (SPEC 1.3) beside ours, labelled as the paper's: they trained on
 Their noise column matches the ``noise_paper`` protocol and their PGD column the reference attack (``pgd_ref``),
 not our stronger PGD.
 
-Default ``--epochs`` is the config's 100.
+Default ``--epochs`` is the config's 100. The skeleton (skip a finished row, train and evaluate the seeds,
+aggregate, write the table) is ``experiments/table_runner.py``, shared with ``lcnn_table.py`` and
+``smalldata_study.py``.
 """
 from __future__ import annotations
 

@@ -52,6 +52,8 @@ Every per-seed value is aggregated over seeds as mean and sample std (ddof=1): `
 row whose file exists with the same settings is skipped, so the script is resumable; training also resumes from
 the sweep checkpoints in ``--workdir``), ``table.json``, ``table.csv``, ``table.md`` (with the targets of the issue:
 LCNN mean curvature >= 5x lower than standard, accuracy within 1 point, step <= 1.5x) and ``curvature_accuracy.png``.
+The skeleton (skip a finished row, train and evaluate the seeds, aggregate, write the table) is
+``experiments/table_runner.py``, shared with ``clip_table.py`` and ``smalldata_study.py``.
 """
 from __future__ import annotations
 

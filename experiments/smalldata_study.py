@@ -52,8 +52,9 @@ mnist5k test accuracy of every grid point, so the choice can be checked.
 Files in ``--out``: ``units/<model>__<regularizer>.json`` per unit (per-member validation/test accuracy, per-seed
 evaluation of the selected point, aggregates, timings). A unit whose file exists with the same settings is skipped,
 so the study is resumable per regularizer; training also resumes from the sweep checkpoints in ``--workdir``.
-``table1.{json,csv,md}``, ``table2.{json,csv,md}``, ``claims.{json,md}`` and ``grid.md`` are rewritten from the unit files after every
-unit.
+``table1.{json,csv,md}``, ``table2.{json,csv,md}``, ``claims.{json,md}`` and ``grid.md`` are rewritten from the
+unit files after every unit. The skeleton (skip a finished unit, aggregate, write the tables) is
+``experiments/table_runner.py``, shared with ``lcnn_table.py`` and ``clip_table.py``.
 """
 from __future__ import annotations
 
