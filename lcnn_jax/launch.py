@@ -50,8 +50,12 @@ __all__ = ["main", "child_env", "free_port"]
 POLL_S = 0.1
 TAIL_LINES = 20
 HOLD_S = 2.0  # how long a traceback of process 0 is held back while no other process has failed
+CAUSE_WAIT_S = 5.0  # how long a collective's error waits for the failure that caused it to show up
 # Where process 0 starts printing an error: a Python traceback, or an absl ERROR / FATAL line (gloo, XLA).
 _ERROR_START = re.compile(rb"Traceback \(most recent call last\)|^[EF]\d{4} \d\d:\d\d:\d\d", re.M)
+# How a process reports that another one went away (the end of its log): the consequence, not the cause.
+_COLLECTIVE_ERROR = re.compile(rb"Gloo \S+ failed|Connection (?:closed|reset) by peer|missed heartbeat|"
+                               rb"distributed service detected fatal errors")
 
 
 def free_port() -> int:
@@ -191,14 +195,17 @@ class _Group:
 
 
 def _write(dest, data: bytes) -> None:
-    buf = getattr(dest, "buffer", None)
-    if buf is None:  # a replaced sys.stdout / sys.stderr (pytest's capture, a notebook)
-        dest.write(data.decode(errors="replace"))
-    else:
+    try:
+        buf = getattr(dest, "buffer", None)
+        if buf is None:  # a replaced sys.stdout / sys.stderr (pytest's capture, a notebook)
+            dest.write(data.decode(errors="replace"))
+        else:
+            dest.flush()
+            buf.write(data)
+            buf.flush()
         dest.flush()
-        buf.write(data)
-        buf.flush()
-    dest.flush()
+    except (OSError, ValueError):  # the terminal went away (a closed pipe): the log still has everything
+        pass
 
 
 class _Relay:
@@ -350,12 +357,18 @@ def main(argv: list[str] | None = None) -> int:
         group.close()
 
 
-def _first_failure(failures: list[tuple[int, int]]) -> tuple[int, int]:
-    """The process to name among ``failures`` (first failure first): the first, unless process 0 failed too with
-    the same deliberate exit code (2 bad usage, 3 diverged, 4 disk full: every process meets a bad config or a
-    NaN loss at once, and process 0's message is already on the terminal). Exit code 1 (an uncaught error) and
-    signals are what a survivor shows after a peer died, so they never move the blame to process 0."""
-    first, rc = failures[0]
+def _first_failure(failures: list[tuple[int, int]], consequence) -> tuple[int, int]:
+    """The process to name among ``failures`` (``(index, return code)`` in the order they ended).
+
+    The order alone can mislead: a process that fails releases its sockets while Python shuts down, and the
+    survivor's collective may fail and exit first. So a failure is secondary when its log ends in a collective's
+    error (``consequence(index)``, see ``_COLLECTIVE_ERROR``) or when it is an uncaught error (code 1) beside a
+    failure with another code (a deliberate exit code or a signal); the first primary failure is named, unless
+    process 0 failed too with the same deliberate exit code (2 bad usage, 3 diverged, 4 disk full: every process
+    meets a bad config or a NaN loss at once, and process 0's message is already on the terminal)."""
+    codes = {rc for _, rc in failures}
+    primary = [(i, rc) for i, rc in failures if not (consequence(i) or (rc == 1 and codes - {1}))]
+    first, rc = (primary or failures)[0]
     if first != 0 and rc > 1 and (0, rc) in failures:
         return 0, rc
     return first, rc
@@ -381,7 +394,13 @@ def _supervise(group: _Group, relay: _Relay, grace: float, received: list, log_d
             if group.peer_failed_first():
                 relay.hold()  # what process 0 prints now is the consequence (its collective fails)
             time.sleep(0.5)  # let simultaneous failures (a bad config fails in every process) land together
-            first, rc = _first_failure(group.failures())
+            logs = [relay.log_path] + [os.path.join(log_dir, f"process_{i}.log") for i in range(1, len(procs))]
+            consequence = lambda i: bool(_COLLECTIVE_ERROR.search(_tail(logs[i]).encode()))  # noqa: E731
+            first, rc = _first_failure(group.failures(), consequence)
+            wait_until = time.monotonic() + CAUSE_WAIT_S
+            while consequence(first) and None in group.codes() and time.monotonic() < wait_until:
+                time.sleep(POLL_S)  # the process whose death broke the collective is still shutting down
+                first, rc = _first_failure(group.failures(), consequence)
             if first != 0:
                 relay.hold()
             group.kill()
