@@ -26,6 +26,8 @@ TINY = {  # small but structurally complete variants of every registered model
     "lcnn_small_cnn": dict(width_mult=0.125),
     "lcnn_resnet18": dict(width_mult=1 / 16),
     "lcnn_vgg11": dict(width_mult=1 / 16),
+    "aol_mlp": dict(widths=(8, 6)),
+    "aol_cnn": dict(channels=(4,), dense_widths=(6,)),
 }
 BN_MODELS = ("resnet18", "vgg11")
 STATEFUL_MODELS = BN_MODELS + ("lcnn_small_cnn", "lcnn_resnet18", "lcnn_vgg11")  # have batch_stats

@@ -154,6 +154,10 @@ ACTIVATION_BOUNDS = {
     "sin": (1.0, 1.0),
     "cos": (1.0, 1.0),
     "relu": (1.0, _PL),
+    # lcnn_jax.nn.lipschitz.minmax_pairs: (a, b) -> (max(a, b), min(a, b)) per channel pair permutes coordinates
+    # pairwise at every input, so ||Df|| = 1 wherever it exists and f is 1-Lipschitz (not elementwise, but the
+    # rule only uses the slope); piecewise linear
+    "minmax_pairs": (1.0, _PL),
     "relu6": (1.0, _PL),
     "abs": (1.0, _PL),
 }

@@ -83,6 +83,23 @@ class Certificate(NamedTuple):
             raise ValueError(f"eps must be a finite non-negative radius, got {eps!r}.")
         return float(np.mean(self.radius > eps))
 
+    def certified_by(self, eps: float) -> np.ndarray:
+        """Per example, which certificate certifies it at L2 radius ``eps`` (object array of str): the first-order
+        one (``"pairwise"`` or ``"lipschitz"``) when its radius alone exceeds ``eps``, else ``"curvature"`` when the
+        second-order radius alone does, else ``"mixed"`` (each pair ``(y, j)`` is certified by one of them, not
+        all by the same), and ``""`` for an example not certified at ``eps``. The first-order certificate is
+        named first when both hold (it needs no gradient)."""
+        if not np.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite non-negative radius, got {eps!r}.")
+        first = self.method.split("+")[0]
+        out = np.full(self.radius.shape, "", dtype=object)
+        cert = self.radius > eps
+        out[cert] = "mixed"
+        if self.curvature_radius is not None:
+            out[cert & (self.curvature_radius > eps)] = "curvature"
+        out[cert & (self.lipschitz_radius > eps)] = first
+        return out
+
 
 def curvature_radius(g, grad_norm, curvature) -> np.ndarray:
     """The radius ``r`` where ``g - G r - K r^2 / 2`` reaches 0: ``2 g / (G + sqrt(G^2 + 2 K g))`` (0 where

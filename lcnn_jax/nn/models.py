@@ -314,6 +314,7 @@ class VGG11(nn.Module):
 # Registry
 # --------------------------------------------------------------------------------------------
 from lcnn_jax.nn import lcnn as _lcnn  # noqa: E402  (lcnn imports only layers: no cycle)
+from lcnn_jax.nn import lipschitz as _lipschitz  # noqa: E402  (imports only lcnn and layers: no cycle)
 
 BLOCKS = {"basic": BasicBlock, "lcnn": _lcnn.LCNNBasicBlock}
 
@@ -329,6 +330,8 @@ _REGISTRY: dict = {
     "lcnn_small_cnn": (SmallCNN, _lcnn.lcnn_model_kwargs("small_cnn")),
     "lcnn_resnet18": (ResNet18, _lcnn.lcnn_model_kwargs("resnet18")),
     "lcnn_vgg11": (VGG11, _lcnn.lcnn_model_kwargs("vgg11")),
+    # 1-Lipschitz by construction (AOL layers, MinMax or centred softplus) with a plain dense head
+    **_lipschitz.MODEL_REGISTRY,
 }
 MODELS: Tuple[str, ...] = tuple(_REGISTRY)  # the built-in names; registered_models() adds the user's
 

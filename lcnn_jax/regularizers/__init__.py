@@ -38,6 +38,8 @@ REGULARIZERS = {
     "lcnn_gradnorm": "lcnn_jax.regularizers.lcnn:lcnn_gradnorm",
     "cure": "lcnn_jax.regularizers.lcnn:cure",
     "adversarial": "lcnn_jax.regularizers.adversarial:adversarial_training",
+    "lipschitz_margin": "lcnn_jax.regularizers.certifiable:lipschitz_margin",
+    "crt": "lcnn_jax.regularizers.certifiable:curvature_penalty",
 }
 
 
