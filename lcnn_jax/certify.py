@@ -14,10 +14,16 @@ which the certificates do not cover; the distances are checked in float64).
 
 Example::
 
-    from lcnn_jax.certify import certify_workdir
-    res = certify_workdir("runs/certified/gloro_cnn", [0.5, 1.0, 1.58], test_data="mnist",
-                          test_data_dir="../shared/data/mnist", num_examples=1000, attack="apgd")
-    res["radii"]["0.5"]["certified"], res["radii"]["0.5"]["robust_apgd"]
+    import jax, jax.numpy as jnp
+    from lcnn_jax.certify import certify_model, format_certify
+    from lcnn_jax.nn.models import make_model
+    net = make_model("aol_mlp", 10, widths=(16,))
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+    xs = jax.random.uniform(jax.random.PRNGKey(1), (20, 8, 8, 1))
+    rep = certify_model(net, variables, xs, jnp.zeros(20, jnp.int32), ["0.1", "0.5"])
+    print(format_certify(rep))      # rep["radii"]["0.1"]["certified"]: the fraction certified at L2 radius 0.1
+    # a trained run: certify_workdir("runs/certified/gloro_mlp", "0.5,1.0,1.58", test_data="mnist",
+    #                                test_data_dir="../shared/data/mnist", num_examples=1000, attack="apgd")
 
 Cost: the bound (one trace of the model; per convolution a float64 FFT on the host), one forward pass per example
 (plus K backward passes for the second-order certificate), and with the attack

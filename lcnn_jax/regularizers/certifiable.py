@@ -20,11 +20,17 @@ certification can use.
 
 Example::
 
+    import jax, jax.numpy as jnp
+    from lcnn_jax.nn.models import make_model
     from lcnn_jax.regularizers.certifiable import lipschitz_margin
+    net = make_model("aol_mlp", 10, widths=(16,))
+    batch = {"image": jnp.zeros((4, 8, 8, 1)), "label": jnp.arange(4)}
+    params = net.init(jax.random.PRNGKey(0), batch["image"])["params"]
+    apply_fn = lambda p, x: net.apply({"params": p}, x)
     reg = lipschitz_margin(eps=1.0, coeff=3.0, warmup_epochs=10)
-    state = reg.init(key, params, batch)         # {"coeff", "eps", "eps_target"}
-    value, state, metrics = reg.loss(params, state, batch, key, apply_fn)
-    state = reg.epoch_end(state, train_accuracy, epoch)                       # on the host: the eps ramp
+    state = reg.init(jax.random.PRNGKey(1), params, batch)          # {"coeff", "eps", "eps_target"}
+    value, state, metrics = reg.loss(params, state, batch, jax.random.PRNGKey(2), apply_fn)
+    state = reg.epoch_end(state, jnp.float32(0.9), 0)     # on the host after each epoch: the eps ramp
 
 Cost: ``lipschitz_margin``: one extra forward pass (the step's own pass gives the plain CE) and ``O(K^2 d)`` for
 the bounds; ``crt``: ``O(K^2 d)``, no pass through the network.
