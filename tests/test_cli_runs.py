@@ -222,7 +222,9 @@ def test_sweep_command_then_measure_every_member_of_a_batch_norm_dropout_model(r
     assert cli.main(["measure", "--workdir", workdir, "--member", "all", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "a sweep of 4 members (seeds 0, 1 x spectreg.coeff 0, 0.01); measuring 2 networks: 002, 003" in out
-    assert re.findall(r"^(00\d) \(seed 1, spectreg.coeff=0(?:\.01)?\)", out, re.M) == ["002", "003"]
+    # one table row per measured member (a row: the label, then its numbers; warnings under the table also start
+    # with the label)
+    assert re.findall(r"^(00\d) \(seed 1, spectreg.coeff=0(?:\.01)?\) +\d", out, re.M) == ["002", "003"]
     _, model, stacked, members = sweep.load_sweep(workdir)
     test = data_lib.load_split("mnist5k", "test")
     assert not os.path.exists(os.path.join(workdir, "members", "000", "measures.json"))

@@ -136,9 +136,6 @@ SHARDED_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
     from lcnn_jax import train as training
-from lcnn_jax.train import setup as train_setup
-    from lcnn_jax import errors
-    from lcnn_jax import io as lio
     from lcnn_jax.configs import default_config
     from lcnn_jax.nn import make_model
     from lcnn_jax.regularizers import make_regularizer

@@ -24,7 +24,7 @@ import numpy as np
 from lcnn_jax.errors import ConfigError, RunDirError, short_error
 from lcnn_jax.io import json_default, read_metrics_log
 from lcnn_jax.train.checkpoint import Checkpointer
-from lcnn_jax.train.setup import build_regularizers
+from lcnn_jax.train import setup as run_setup
 from lcnn_jax.train.state import create_train_state, make_optimizer
 from lcnn_jax.types import PRNGKey, PyTree
 
@@ -205,7 +205,8 @@ def template_state(config, *, key: PRNGKey | None = None):
                 f"(model.name='my_package.models:Net' or 'path/to/models.py:Net') that any process, e.g. "
                 f"`lcnn-jax measure`, can resolve.")
         raise ConfigError(f"The run's model cannot be rebuilt: {e}{hint}") from None
-    regularizers = build_regularizers(config.get("regularizers"), info)
+    # looked up on the module, so the run's state is rebuilt with exactly the regularizers prepare_run builds
+    regularizers = run_setup.build_regularizers(config.get("regularizers"), info)
     shape = (1,) + tuple(info.image_shape)
     sample = {"image": np.zeros(shape, np.float32), "label": np.zeros((1,), np.int32)}
     key = jax.random.PRNGKey(int(config.seed)) if key is None else key

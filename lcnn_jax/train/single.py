@@ -25,8 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lcnn_jax.errors import NoSpaceLeft, RunDirError, TrainingDiverged, TrainingInterrupted
 from lcnn_jax.io import is_no_space, write_json_atomic
 from lcnn_jax.regularizers.base import Regularizer
-from lcnn_jax.train.distributed import (is_primary, jit_eval_step, jit_train_step, maybe_initialize_distributed,
-                                        place_global, replicate, to_host)
+from lcnn_jax.train.distributed import (is_primary, jit_eval_step, jit_train_step, place_global, replicate, to_host)
 from lcnn_jax.train.evaluation import dead_network_report, evaluate
 from lcnn_jax.train.loop import LoopHooks, apply_epoch_end_hooks, open_run, train_loop
 from lcnn_jax.train.rundir import (check_run_dir, check_workdir_is_ours, checkpoint_steps, finished_results,
@@ -81,32 +80,31 @@ def fit(config, workdir: str, *, extend: bool = False, allow_nonempty: bool = Fa
     validate_config(config)
     changes = check_run_dir(config, workdir, extend=extend)
     check_workdir_is_ours(workdir, allow_nonempty=allow_nonempty)
-    maybe_initialize_distributed()  # before is_primary() touches a device
-    with workdir_lock(workdir, enabled=is_primary()):
-        done = None if changes else finished_results(workdir)
-        if done is not None:
-            _log.warning("%s holds this run, finished at step %s; nothing was trained or written.", workdir,
-                         done.get("steps"))
-            return {**done, "already_finished": True}
-        return _train(config, workdir, changes, t_start)
-
-
-def _train(config, workdir: str, changes: dict, t_start: float) -> dict:
-    """:func:`fit` after its checks, with the workdir locked."""
-    from lcnn_jax import data as data_lib
-
-    setup = prepare_run(config)
+    setup = prepare_run(config)  # data, model and regularizer checks: nothing is written before they pass
     done = checkpoint_steps(workdir)
     if done and done[-1] > setup.total_steps:
         raise RunDirError(f"--workdir {workdir!r} holds a checkpoint of step {done[-1]}, past the "
                           f"{setup.total_steps} steps this config trains; nothing was changed. Extending needs "
                           f"more steps (train.num_epochs / train.num_steps), or use a new --workdir.")
+    with workdir_lock(workdir, enabled=is_primary()):
+        return _train(config, workdir, changes, t_start, setup)
+
+
+def _train(config, workdir: str, changes: dict, t_start: float, setup) -> dict:
+    """:func:`fit` after its checks, with the workdir locked."""
+    from lcnn_jax import data as data_lib
+
     os.makedirs(workdir, exist_ok=True)
     tcfg, mesh, train, test = config.train, setup.mesh, setup.train, setup.test
 
     state = create_train_state(setup.model, setup.tx, setup.regularizers, jax.random.PRNGKey(int(config.seed)),
                                setup.sample)
     state, run = open_run(workdir, config, replicate(state, mesh), start_of=lambda s: int(s.step))
+    finished = None if changes else finished_results(workdir)
+    if finished is not None and run.resumed and run.start == setup.total_steps == finished.get("steps"):
+        run.ckpt.close()  # the newest intact checkpoint is the final one and results.json belongs to it
+        _log.warning("%s holds this run, finished at step %d; nothing was trained or written.", workdir, run.start)
+        return {**finished, "already_finished": True}
     if changes:
         _log.warning("extending the run in %s from step %d: %s.", workdir, run.start,
                      ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changes.items()))

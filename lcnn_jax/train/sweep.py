@@ -67,7 +67,7 @@ import numpy as np
 from lcnn_jax.errors import ConfigError
 from lcnn_jax.io import write_json_atomic
 from lcnn_jax.loops import check_member_loop
-from lcnn_jax.train.distributed import is_primary, maybe_initialize_distributed, put_global, to_host
+from lcnn_jax.train.distributed import is_primary, put_global, to_host
 from lcnn_jax.train.evaluation import dead_network, evaluation_totals
 from lcnn_jax.train.single import fit
 from lcnn_jax.train.loop import LoopHooks, apply_epoch_end_hooks, open_run, train_loop
@@ -195,30 +195,33 @@ def fit_sweep(config, workdir: str, *, seeds: Sequence[int], grid: Mapping[str, 
     record = {"seeds": [int(s) for s in seeds], "grid": {p: list(v) for p, v in flat.items()},
               "data_order": data_order,
               "members": [{"index": m.index, "id": m.id, "seed": m.seed, "grid": m.values} for m in members]}
-    maybe_initialize_distributed()  # before is_primary() touches a device
+    # data, model, regularizer and grid checks (the grid paths are checked against the regularizer states by
+    # init_stacked_state): nothing is written before they pass
+    setup = prepare_run(config)
+    stacked = init_stacked_state(setup, members)
     with workdir_lock(workdir, enabled=is_primary()):
         _check_sweep_file(workdir, record)
-        done = finished_results(workdir, "sweep_results.json")
-        if done is not None:
-            _log.warning("%s holds this sweep, finished at step %s; nothing was trained or written.", workdir,
-                         done.get("steps"))
-            return {**done, "already_finished": True}
-        return _train_sweep(config, workdir, seeds, members, flat, data_order, member_loop, t_start)
+        return _train_sweep(config, workdir, seeds, members, flat, data_order, member_loop, t_start, setup,
+                            stacked)
 
 
 def _train_sweep(config, workdir: str, seeds, members, flat, data_order: str, member_loop: str,
-                 t_start: float) -> dict:
+                 t_start: float, setup, stacked) -> dict:
     """:func:`fit_sweep` after its checks, with the workdir locked."""
     from lcnn_jax import data as data_lib
 
-    setup = prepare_run(config)
     tcfg, train, test, mesh = config.train, setup.train, setup.test, setup.mesh
     k = len(members)
-    stacked = init_stacked_state(setup, members)
     layout = sweep_layout(mesh, k)
     # orbax restores into the placed state's sharding, each process its own members
     stacked, run = open_run(workdir, config, place_state(stacked, layout),
                             start_of=lambda s: to_host(s.step)[0])
+    finished = finished_results(workdir, "sweep_results.json")
+    if finished is not None and run.resumed and run.start == setup.total_steps == finished.get("steps"):
+        run.ckpt.close()  # the newest intact checkpoint is the final one and the summary belongs to it
+        _log.warning("%s holds this sweep, finished at step %d; nothing was trained or written.", workdir,
+                     run.start)
+        return {**finished, "already_finished": True}
 
     shared = data_order == "shared"
     loop = resolve_member_loop(member_loop, layout, lambda: step_convolves(setup, stacked))
