@@ -47,8 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from lcnn_jax.attacks import cross_entropy, pgd
-from lcnn_jax.regularizers.base import Regularizer
-from lcnn_jax.regularizers.gradient import _check_logits, _images, _labels, check_coeff
+from lcnn_jax.regularizers.base import Regularizer, batch_images, batch_labels, check_coeff, check_logits
 from lcnn_jax.types import ApplyFn, Batch, Params, PRNGKey
 
 __all__ = ["adversarial_training", "MADRY_STEP_FACTOR"]
@@ -103,8 +102,8 @@ def adversarial_training(coeff: Any = 1.0, *, norm: str = "l2", eps: float, num_
         for k in ("coeff", "eps", "step_factor"):
             if k not in state:
                 raise ValueError(f"adversarial: state has no {k!r}; build it with reg.init(key, params, batch).")
-        xs = _images(batch)
-        ys = _labels(batch, xs.shape[0])
+        xs = batch_images(batch)
+        ys = batch_labels(batch, xs.shape[0])
         frozen = jax.lax.stop_gradient(params)
         r_eps = state["eps"].astype(xs.dtype)
         step = state["step_factor"].astype(xs.dtype) * r_eps / num_steps
@@ -114,7 +113,7 @@ def adversarial_training(coeff: Any = 1.0, *, norm: str = "l2", eps: float, num_
         # two passes, not one on the concatenation: in training mode batch norm would mix their statistics, and
         # the clean pass must be the step's own (same batch statistics) for the clean CE to cancel exactly
         logits, logits_adv = apply_fn(params, xs), apply_fn(params, x_adv)
-        _check_logits(logits, xs)
+        check_logits(logits, xs)
         ce_clean = jnp.mean(cross_entropy(logits, ys))
         ce_adv = jnp.mean(cross_entropy(logits_adv, ys))
         gap = ce_adv - ce_clean

@@ -16,7 +16,12 @@ A regularizer is a pair of pure functions, in the spirit of ``optax.GradientTran
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from lcnn_jax.types import Array, ApplyFn, Batch, Params, PRNGKey, PyTree
 
@@ -73,3 +78,51 @@ def apply_epoch_end(states: Any, regularizers: "Union[Regularizer, Sequence[Regu
                          f"{len(regularizers)} regularizers ({[r.name for r in regularizers]}).")
     return tuple(r.epoch_end(s, train_accuracy, epoch) if r.epoch_end is not None else s
                  for r, s in zip(regularizers, states))
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_coeff(coeff: Any) -> None:
+    """Raise ``ValueError`` unless ``coeff`` is a finite, non-negative scalar."""
+    if np.ndim(coeff) != 0:
+        raise ValueError(
+            f"coeff must be a scalar, got shape {np.shape(coeff)}; for a grid of coefficients build one state per "
+            "value and stack them (jax.tree.map(lambda *a: jnp.stack(a), *states)), then jax.vmap the loss."
+        )
+    if isinstance(coeff, jax.core.Tracer):
+        return
+    value = float(coeff)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"coeff must be finite and >= 0, got {value}.")
+
+
+def batch_images(batch: Batch) -> Array:
+    """``batch["image"]``, checked: present, with a batch axis and at least one feature axis."""
+    if "image" not in batch:
+        raise ValueError(f"batch needs an 'image' entry of shape (B, ...), got keys {sorted(batch)}.")
+    xs = batch["image"]
+    if xs.ndim < 2:
+        raise ValueError(f"batch['image'] must have a batch axis and at least one feature axis, got {xs.shape}.")
+    return xs
+
+
+def check_logits(logits: Array, xs: Array) -> None:
+    """Raise ``ValueError`` unless ``logits`` has shape ``(B, K)`` for the ``B`` examples of ``xs``."""
+    if logits.ndim != 2 or logits.shape[0] != xs.shape[0]:
+        raise ValueError(
+            f"apply_fn(params, xs) must return logits of shape (B, K) = ({xs.shape[0]}, K), got {logits.shape}."
+        )
+
+
+def batch_labels(batch: Batch, n: int) -> Array:
+    """``batch["label"]``, checked: present, of shape ``(n,)``."""
+    if "label" not in batch:
+        raise ValueError("this penalty needs integer class labels: pass batch['label'] of shape (B,).")
+    labels = batch["label"]
+    if labels.shape != (n,):
+        raise ValueError(f"batch['label'] must have shape ({n},), got {labels.shape}.")
+    return labels
+
+
+def per_example_sq_norm(a: Array, lead: int) -> Array:
+    """Sum of squares over every axis after the first ``lead`` ones."""
+    return jnp.sum(jnp.square(a), axis=tuple(range(lead, a.ndim)))

@@ -78,8 +78,7 @@ import numpy as np
 from jax import lax
 
 from lcnn_jax.measures.lipschitz import pair_ascent_step, pair_quotients
-from lcnn_jax.regularizers.base import EpochEndFn, Regularizer
-from lcnn_jax.regularizers.gradient import check_coeff
+from lcnn_jax.regularizers.base import EpochEndFn, Regularizer, check_coeff
 from lcnn_jax.types import Array, ApplyFn, Batch, Params, PRNGKey
 
 __all__ = ["clip", "draw_pairs", "discrepancy_principle", "discrepancy_update", "INITS", "PERTURB_DISTS"]

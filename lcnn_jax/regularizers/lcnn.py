@@ -48,9 +48,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcnn_jax.nn.lcnn import beta_from_log
-from lcnn_jax.regularizers.base import Regularizer
-from lcnn_jax.regularizers.gradient import (_check_logits, _images, _labels, _per_example_sq_norm, check_coeff,
-                                            datagrad_cotangents, jacobian_penalty, penalty_regularizer)
+from lcnn_jax.regularizers.base import (Regularizer, batch_images, batch_labels, check_coeff, check_logits,
+                                        per_example_sq_norm)
+from lcnn_jax.regularizers.gradient import datagrad_cotangents, jacobian_penalty, penalty_regularizer
 from lcnn_jax.types import ApplyFn, Array, Batch, Params, PRNGKey
 
 __all__ = ["LOG_BETA", "LOG_GAMMA", "lcnn_terms", "lcnn_penalty", "lcnn_gradnorm", "cure"]
@@ -140,7 +140,7 @@ def lcnn_gradnorm(coeff: Any = 1e-3, *, scale: float = GRADNORM_SCALE,
 def _input_grads(apply_fn: ApplyFn, params: Params, xs: Array, labels: Array) -> Array:
     """Per-example ``grad_x CE_i`` stacked, i.e. ``J^T (p - e_y)`` (one forward + one backward pass)."""
     logits, vjp_fn = jax.vjp(lambda inputs: apply_fn(params, inputs), xs)
-    _check_logits(logits, xs)
+    check_logits(logits, xs)
     (g,) = vjp_fn(datagrad_cotangents(None, logits, labels)[0])
     return g
 
@@ -159,8 +159,8 @@ def cure(coeff: Any = 1e-3, *, h: float = 1.0, scale: float = CURE_SCALE,
 
     def penalty(params: Params, batch: Batch, key: PRNGKey, apply_fn: ApplyFn) -> Array:
         del key
-        xs = _images(batch)
-        labels = _labels(batch, xs.shape[0])
+        xs = batch_images(batch)
+        labels = batch_labels(batch, xs.shape[0])
         g = _input_grads(apply_fn, params, xs, labels)
         z = jnp.sign(lax.stop_gradient(g))
         axes = tuple(range(1, z.ndim))
@@ -168,6 +168,6 @@ def cure(coeff: Any = 1e-3, *, h: float = 1.0, scale: float = CURE_SCALE,
         z = z / jnp.where(norm > 0, norm, 1.0)
         g_far = _input_grads(apply_fn, params, xs + h * z, labels)
         b = batch_size or xs.shape[0]
-        return (scale / b ** 2) * jnp.mean(_per_example_sq_norm(g_far - g, 1))
+        return (scale / b ** 2) * jnp.mean(per_example_sq_norm(g_far - g, 1))
 
     return penalty_regularizer("cure", coeff, penalty)
