@@ -2,7 +2,7 @@
 
     python experiments/bench_clip.py [--repeats 7] [--steps 20] [--num_pairs 500,128,32] [--variant clip90]
 
-Both steps are :func:`lcnn_jax.training.make_train_step` of the ``experiments/configs/clip_mnist5k.py`` setting
+Both steps are :func:`lcnn_jax.train.make_train_step` of the ``experiments/configs/clip_mnist5k.py`` setting
 (MLP 784-64-64-10, sigmoid, SGD momentum, batch 128, mnist5k): ``standard`` (no regularizer) and ``--variant``
 (CLIP with ``--num_pairs`` pairs: each step runs one ascent step on all pairs, i.e. a forward + backward and a
 forward pass on ``2 * num_pairs`` inputs, plus the penalty's forward + backward on one pair). Lambda is set to

@@ -11,8 +11,8 @@ What it prints (and writes to ``<out>/bench_gpu.{json,md}``), each with its comp
    extra backward), DataGrad (1e-2, double backprop), CLIP (``--clip_pairs`` 500 pairs, the reference's pool:
    every step ascends all of them) and LCNN (the LCNN ResNet-18, ``lcnn_resnet18``: centred softplus, spectrally
    normalised convolutions by their true operator norm with one power iteration per step, Lipschitz batch norm,
-   plus the beta / gamma penalty). Each is the library's own step (:func:`lcnn_jax.training.make_train_step`,
-   jitted with a donated state by :func:`lcnn_jax.training.jit_train_step`), compiled with ``lower().compile()``
+   plus the beta / gamma penalty). Each is the library's own step (:func:`lcnn_jax.train.make_train_step`,
+   jitted with a donated state by :func:`lcnn_jax.train.jit_train_step`), compiled with ``lower().compile()``
    (the compile time), run ``--warmup`` times, then ``--steps`` steps are timed as one block.
 2. **Input curvature** (the LCNN protocol, :func:`lcnn_jax.measures.curvature.input_curvature`: 10 power
    iterations on each image's input Hessian of the cross-entropy, eval mode) of both networks at initialisation on
@@ -33,7 +33,6 @@ Not yet run on a GPU: no GPU was available to the project when this was written 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

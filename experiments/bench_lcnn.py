@@ -4,9 +4,9 @@
                                      [--config experiments/configs/lcnn_mnist5k.py] [--out experiments/results/lcnn]
 
 Each row is built from its config exactly as training builds it: ``load_config("<config>:<variant>")`` and
-:func:`lcnn_jax.training.prepare_run` (data, model, regularizers, optimizer and the un-jitted step), then
-:func:`lcnn_jax.training.create_train_state` and :func:`lcnn_jax.training.jit_train_step`, as in
-:func:`lcnn_jax.training.fit`. All rows use the same first training batch (the batch size of the config, 64).
+:func:`lcnn_jax.train.prepare_run` (data, model, regularizers, optimizer and the un-jitted step), then
+:func:`lcnn_jax.train.create_train_state` and :func:`lcnn_jax.train.jit_train_step`, as in
+:func:`lcnn_jax.train.fit`. All rows use the same first training batch (the batch size of the config, 64).
 Each step is compiled and run twice before timing; the rows are then timed round-robin (one step of each per
 round, ``--repeats`` rounds) and the table reports median step times (and their quartiles) and the ratio of
 medians to ``standard`` (softplus beta 1000, batch norm, average pooling), all measured in this one run. Target

@@ -5,8 +5,8 @@ and the float32 accuracy of the derivative penalty's secant.
                                              [--only datagrad,spectreg,...] [--sweep] [--out experiments/results/regularizers]
     python experiments/bench_regularizers.py --derivative_accuracy
 
-Step cost. Every row is the real training step: :func:`lcnn_jax.training.make_train_step` with one regularizer from
-:func:`lcnn_jax.regularizers.make_regularizer`, jitted by :func:`lcnn_jax.training.jit_train_step` (replicated,
+Step cost. Every row is the real training step: :func:`lcnn_jax.train.make_train_step` with one regularizer from
+:func:`lcnn_jax.regularizers.make_regularizer`, jitted by :func:`lcnn_jax.train.jit_train_step` (replicated,
 donated state; batch sharded over the local devices), on the same model, initial parameters and mnist5k batch.
 Each step is compiled and run twice before timing; then the variants are timed round-robin (one step of each per
 round, ``--repeats`` rounds), so load from other processes hits all of them alike, and the table reports the

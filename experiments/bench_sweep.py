@@ -5,9 +5,9 @@ same K runs one after another, measured in one process on the devices present.
                                       [--model mlp] [--batch_size 64]
 
 Both sides train the same K = seeds x coeffs members on mnist5k for ``--steps`` steps each, with per-seed batch
-order (what :func:`lcnn_jax.sweep.fit_sweep` does by default): the sequential side uses the single-run step of
-:func:`lcnn_jax.training.fit` (compiled once and reused for the K runs, which flatters it: K separate ``fit``
-calls would compile K times); the one-program side uses :func:`lcnn_jax.sweep.jit_sweep_step` with each member
+order (what :func:`lcnn_jax.train.fit_sweep` does by default): the sequential side uses the single-run step of
+:func:`lcnn_jax.train.fit` (compiled once and reused for the K runs, which flatters it: K separate ``fit``
+calls would compile K times); the one-program side uses :func:`lcnn_jax.train.jit_sweep_step` with each member
 loop. Host batching and transfer are inside the timed loops on every side. Prints compile times, steady-state
 member-steps/s and their ratio to the sequential side, the end-to-end ratio including compilation, and which loop
 ``member_loop="auto"`` picks here.

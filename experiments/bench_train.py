@@ -11,7 +11,6 @@ import argparse
 import time
 
 import jax
-import numpy as np
 
 from lcnn_jax import train as training
 from lcnn_jax.configs import default_config

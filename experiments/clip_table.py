@@ -12,8 +12,8 @@ reference's shipped example) and ``clip_reference85/95``. Every row trains
 the MLP 784-64-64-10 (sigmoid) with SGD lr 0.1, momentum 0.9, batch 128 on the same 3500 mnist5k images (500 of the
 4000 training images are held out as CLIP's pair pool in every row); ``--sigmoid_output`` adds the reference's
 sigmoid after the output layer (the ``_sigmoid`` config variants). The seeds of one row train as ONE vmapped program
-(:func:`lcnn_jax.sweep.fit_sweep`); should that fail for a row the script falls back to one
-:func:`lcnn_jax.training.fit` per seed and records it (``trained_with``).
+(:func:`lcnn_jax.train.fit_sweep`); should that fail for a row the script falls back to one
+:func:`lcnn_jax.train.fit` per seed and records it (``trained_with``).
 
 Evaluation of every seed (model in eval mode), on the mnist5k test split (1000 images) and, with
 ``--mnist_test_dir`` (a folder of MNIST IDX files, e.g. the official ``t10k`` test set), on that test set too:
@@ -71,7 +71,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import table_runner
-from lcnn_jax import attacks, data as data_lib, sweep, training
+from lcnn_jax import attacks, data as data_lib
+from lcnn_jax import io as lio
+from lcnn_jax.train import sweep
 from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config, load_config_module
 from lcnn_jax.measures.lipschitz import lipschitz_pair_ascent, pair_quotients
@@ -228,7 +230,7 @@ def row_config(row: str, *, epochs: int, sigmoid_output: bool = False, seed: int
 
 
 def train_row(config, workdir: str, seeds: Sequence[int], *, use_sweep: bool = True):
-    """``(model, [TrainState per seed], trained_with, note, wall_s)`` of :func:`lcnn_jax.sweep.train_seeds`
+    """``(model, [TrainState per seed], trained_with, note, wall_s)`` of :func:`lcnn_jax.train.train_seeds`
     (one vmapped program, one ``fit`` per seed should it fail)."""
     return tuple(sweep.train_seeds(config, workdir, seeds, use_sweep=use_sweep))
 
@@ -238,7 +240,7 @@ def clip_log_diagnostics(workdir: str, seeds: Sequence[int]) -> dict:
     (penalty above ``skip_above``), the largest logged max quotient and the mean accept rate of the pair ascent
     over the logged steps; empty when there is no CLIP log."""
     try:
-        recs = [r for r in training.read_metrics_log(workdir) if "clip/skipped" in r]
+        recs = [r for r in lio.read_metrics_log(workdir) if "clip/skipped" in r]
     except FileNotFoundError:
         return {}
     if not recs:

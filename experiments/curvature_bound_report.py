@@ -21,7 +21,6 @@ Files in ``--out``: ``report.json`` and ``report.md`` (written atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -32,7 +31,7 @@ import numpy as np
 from lcnn_jax import data as data_lib
 from lcnn_jax.io import write_json_atomic, write_text_atomic
 from lcnn_jax.measures import curvature_bound, input_curvature
-from lcnn_jax.training import load_trained
+from lcnn_jax.train import load_trained
 
 
 def _factor_rows(res) -> list[dict]:

@@ -10,7 +10,7 @@ Rows (``experiments/configs/lcnn_mnist5k.py``): ``standard`` (softplus beta 1000
 gradient-norm penalty), ``lcnn_gradreg`` and ``softplus10``. Every row trains the small CNN (avg pooling) on the
 4000 mnist5k training images (batch 64, SGD momentum 0.9, lr 0.05, lr x0.1 at 75 % / 87.5 %); ``--epochs``
 overrides the config's 15 for every row alike. The seeds of one row train as ONE vmapped program
-(:func:`lcnn_jax.sweep.fit_sweep`, through :func:`lcnn_jax.sweep.train_seeds`, which falls back to one
+(:func:`lcnn_jax.train.fit_sweep`, through :func:`lcnn_jax.train.train_seeds`, which falls back to one
 ``fit`` per seed and records it should the sweep fail).
 
 Evaluation of every seed, model in eval mode, on two test sets: ``test`` = the mnist5k test split (1000 images) and,
@@ -74,7 +74,9 @@ import numpy as np
 import optax
 
 from experiments import table_runner
-from lcnn_jax import attacks, data as data_lib, io, sweep, training
+from lcnn_jax import attacks, data as data_lib, io
+from lcnn_jax import io as lio
+from lcnn_jax.train import sweep
 from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config
 from lcnn_jax.measures import curvature_bound, gradient_stability, input_curvature
@@ -299,7 +301,7 @@ def run_row(row: str, *, epochs: int, seeds: Sequence[int], out_dir: str, workdi
         res = table_runner.train_and_evaluate(trainer, row_config(row, epochs=epochs, seed=seeds[0]), wd, seeds,
                                               evaluate)
         try:
-            timing = step_time_from_log(training.read_metrics_log(wd))
+            timing = step_time_from_log(lio.read_metrics_log(wd))
         except FileNotFoundError:
             timing = {"step_s": None, "intervals": 0}
         for rec in res["per_seed"]:

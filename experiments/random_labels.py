@@ -107,7 +107,8 @@ from experiments.random_labels_report import (DIAGNOSTICS, MEASURE_LABELS, MEASU
 from experiments.random_labels_train import (Measurer, accuracy, generalization_gap, make_chunk_trainer,
                                              make_member_logits, make_weighted_chunk_trainer, mean_cross_entropy,
                                              member_loop, reference_optimizer, train_fixed_budget, train_group)
-from lcnn_jax import io, sweep
+from lcnn_jax import io
+from lcnn_jax import train as training
 from lcnn_jax.data import Split, load_split, shuffle_labels, subset
 from lcnn_jax.nn import make_model
 
@@ -266,7 +267,7 @@ def run_members(model_name: str, members: Sequence[tuple], data, cfg) -> list:
     xs_m = jnp.asarray(train.images[:cfg.n_measure])
     records = []
     for i, (ratio, trial) in enumerate(members):
-        params = sweep.member_state(res["state"], i).params
+        params = training.member_state(res["state"], i).params
         t = time.perf_counter()
         meas = measurer.measure(params, xs_m, jnp.asarray(labels[i, :cfg.n_measure]),
                                 jax.random.PRNGKey(10_000 + shuffle_seed(ratio, trial)))

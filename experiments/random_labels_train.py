@@ -1,10 +1,10 @@
 """Training and measurement for ``experiments/random_labels.py``: the study's two training protocols on the
 library's member machinery, and the per-run measures.
 
-The trials of one program are members of ONE stacked :class:`~lcnn_jax.training.TrainState`
-(:func:`lcnn_jax.sweep.stack_states`; member ``i`` is :func:`lcnn_jax.sweep.member_state`), every step maps over
-them with :func:`lcnn_jax.sweep.map_members`, and ``vmap`` or the unrolled member loop is chosen by
-:func:`lcnn_jax.sweep.resolve_member_loop` (``auto``: unrolled for a convolutional net on CPU). What stays here is
+The trials of one program are members of ONE stacked :class:`~lcnn_jax.train.TrainState`
+(:func:`lcnn_jax.train.stack_states`; member ``i`` is :func:`lcnn_jax.train.member_state`), every step maps over
+them with :func:`lcnn_jax.train.map_members`, and ``vmap`` or the unrolled member loop is chosen by
+:func:`lcnn_jax.train.resolve_member_loop` (``auto``: unrolled for a convolutional net on CPU). What stays here is
 what is particular to the study: each member trains on its own labels, a chunk of steps is one ``lax.scan`` over
 index arrays into the resident training set, and the two stopping rules --
 
@@ -26,10 +26,11 @@ import optax
 from jax import lax
 from jax.sharding import Mesh
 
-from lcnn_jax import sweep
+from lcnn_jax import loops
+from lcnn_jax import train as training
 from lcnn_jax.measures import (hessian_top_eigenvalues, hessian_trace, layer_hessian_traces, layer_order,
                                minimum_sharpness_from_traces, normalized_sharpness_from_diagonal)
-from lcnn_jax.training import TrainState
+from lcnn_jax.train import TrainState
 
 
 # ------------------------------------------------------------------------------------------------ host metrics
@@ -106,7 +107,7 @@ def reference_optimizer(lr: float, momentum: float, weight_decay: float, lr_deca
 # ------------------------------------------------------------------------------------------------ members
 def init_members(model, tx, seeds: Sequence[int], example) -> TrainState:
     """One stacked state of ``len(seeds)`` members: member ``i`` initialised from ``PRNGKey(seeds[i])``."""
-    return sweep.stack_states([
+    return training.stack_states([
         TrainState.create(apply_fn=model.apply, params=model.init(jax.random.PRNGKey(int(s)), example,
                                                                   train=False)["params"], tx=tx)
         for s in seeds])
@@ -114,16 +115,16 @@ def init_members(model, tx, seeds: Sequence[int], example) -> TrainState:
 
 def member_loop(model, choice: str, num_members: int, image_shape=(1, 28, 28, 1)) -> str:
     """``"vmap"`` or ``"unroll"`` for ``choice`` (``auto``/``vmap``/``unroll``): the library's rule
-    (:func:`lcnn_jax.sweep.resolve_member_loop`) for ``num_members`` members on one device, with "does the model
-    convolve" read from its traced program (:func:`lcnn_jax.sweep.uses_convolution`)."""
-    layout = sweep.sweep_layout(Mesh(np.asarray(jax.devices()[:1]), ("data",)), int(num_members))
+    (:func:`lcnn_jax.train.resolve_member_loop`) for ``num_members`` members on one device, with "does the model
+    convolve" read from its traced program (:func:`lcnn_jax.train.uses_convolution`)."""
+    layout = training.sweep_layout(Mesh(np.asarray(jax.devices()[:1]), ("data",)), int(num_members))
 
     def convolves():
         x = jnp.zeros(image_shape, jnp.float32)
         params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
-        return sweep.uses_convolution(lambda p, xs: model.apply({"params": p}, xs, train=False), params, x)
+        return loops.uses_convolution(lambda p, xs: model.apply({"params": p}, xs, train=False), params, x)
 
-    return sweep.resolve_member_loop(choice, layout, convolves)
+    return training.resolve_member_loop(choice, layout, convolves)
 
 
 def _cross_entropy(logits, labels):
@@ -132,7 +133,7 @@ def _cross_entropy(logits, labels):
 
 def make_chunk_trainer(model, loop: str = "vmap"):
     """Jitted ``(state, done (T,), images, labels (T, N), idx (S, T, B)) -> state``: S steps of all T members of a
-    stacked state in one program (``lax.scan`` over steps of :func:`lcnn_jax.sweep.map_members` over members).
+    stacked state in one program (``lax.scan`` over steps of :func:`lcnn_jax.train.map_members` over members).
 
     Members with ``done`` keep their state (they already fit their training set).
     """
@@ -142,7 +143,7 @@ def make_chunk_trainer(model, loop: str = "vmap"):
         new = state.apply_gradients(grads=grads)
         return jax.tree.map(lambda old, n: jnp.where(done, old, n), state, new)
 
-    step_all = sweep.map_members(member_step, (0, 0, 0, 0), loop)
+    step_all = training.map_members(member_step, (0, 0, 0, 0), loop)
 
     def chunk(state, done, images, labels, idx):
         def body(state, idx_t):  # idx_t (T, B)
@@ -164,7 +165,7 @@ def make_weighted_chunk_trainer(model, loop: str = "vmap"):
 
         return state.apply_gradients(grads=jax.grad(loss)(state.params))
 
-    step_all = sweep.map_members(member_step, (0, 0, 0, 0), loop)
+    step_all = training.map_members(member_step, (0, 0, 0, 0), loop)
 
     def chunk(state, images, labels, idx, w):
         def body(state, inputs):
@@ -178,11 +179,11 @@ def make_weighted_chunk_trainer(model, loop: str = "vmap"):
 
 def make_member_logits(model, chunk: int = 500, loop: str = "vmap"):
     """Jitted ``(stacked state, images) -> (T, N, K)`` logits, ``chunk`` images at a time (bounded memory)."""
-    apply = sweep.map_members(lambda p, xc: model.apply({"params": p}, xc, train=False), (0, 0), loop)
+    apply = training.map_members(lambda p, xc: model.apply({"params": p}, xc, train=False), (0, 0), loop)
 
     @jax.jit
     def logits(state, images):
-        n, t = images.shape[0], sweep.num_members(state)
+        n, t = images.shape[0], training.num_members(state)
         pad = (-n) % chunk
         xs = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]) if pad else images
         xs = xs.reshape((-1, chunk) + images.shape[1:])

@@ -8,7 +8,7 @@ Units (``UNITS``), each a ``<model>/<regularizer>`` pair of ``experiments/config
 
 * table 1, the regularizer study: ``mlp/{baseline, datagrad, spectreg, jacreg, confidence_penalty, derivative_a,
   derivative_b, derivative_b_softmax}``; each gridded regularizer trains its ``seeds x grid`` members as ONE vmapped
-  program (:func:`lcnn_jax.sweep.fit_sweep`). ``derivative_a``/``derivative_b`` are the two readings of SPEC 1.4
+  program (:func:`lcnn_jax.train.fit_sweep`). ``derivative_a``/``derivative_b`` are the two readings of SPEC 1.4
   (secant vs tangent; the logits' secant driven to the target's derivative, 0), ``_softmax`` reading B on the
   softmax outputs.
 * table 2, both readings against the baseline on a smooth MLP (``mlp_softplus``), a small CNN (``lenet``) and a
@@ -74,7 +74,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import table_runner
-from lcnn_jax import attacks, data as data_lib, io, sweep
+from lcnn_jax import attacks, data as data_lib, io
+from lcnn_jax.train import sweep
+from lcnn_jax import train as training
 from lcnn_jax.batching import map_chunks
 from lcnn_jax.configs import load_config, load_config_module
 from lcnn_jax.measures.jacobian import jacobian_frobenius
@@ -257,7 +259,7 @@ def load_trained_unit(workdir: str, *, seeds: Sequence[int], vectorize: bool):
         for m, rec in zip(members, summary["members"]):
             out.append(({"seed": m.seed, "grid": dict(m.values), "diverged": bool(rec["diverged"]),
                          "train_acc": rec["train_accuracy"], "sweep_test_acc": rec["test_accuracy"]},
-                        sweep.member_state(stacked, m.index)))
+                        training.member_state(stacked, m.index)))
     return model, out
 
 

@@ -1,6 +1,6 @@
 """The skeleton the table scripts share (``lcnn_table.py``, ``clip_table.py``, ``smalldata_study.py``).
 
-A table is rows x seeds. Each row trains its seeds as one program (:func:`lcnn_jax.sweep.train_seeds`), evaluates
+A table is rows x seeds. Each row trains its seeds as one program (:func:`lcnn_jax.train.train_seeds`), evaluates
 every seed with the script's own protocol, aggregates each column over seeds as mean and sample std, and is saved
 as one JSON file; a row whose file holds the same settings is read back instead of recomputed (the library's one
 "skip if done" rule, :func:`lcnn_jax.io.load_if_matches`), so a script resumes where it stopped. The table is
@@ -51,7 +51,7 @@ def train_and_evaluate(trainer: Callable, config, workdir: str, seeds: Sequence[
     """Train ``seeds`` of ``config`` in ``workdir`` and evaluate every seed.
 
     ``trainer(config, workdir, seeds) -> (model, states, trained_with, note, wall_s)`` (e.g.
-    :func:`lcnn_jax.sweep.train_seeds`); ``evaluate(model, state, seed) -> {column: value}``, called once per seed
+    :func:`lcnn_jax.train.train_seeds`); ``evaluate(model, state, seed) -> {column: value}``, called once per seed
     in order. Returns ``{"per_seed": [... + {"seed"}], "trained_with", "note", "train_wall_s", "eval_wall_s",
     "workdir"}``."""
     model, states, trained_with, note, train_s = trainer(config, workdir, seeds)

@@ -2,7 +2,7 @@
 
 For each method of ``config.compare.methods`` (a name of ``config.compare.method_specs``: a set of overrides of
 the base config, see :func:`method_config`) the seeds ``config.compare.seeds`` are trained as ONE vmapped program
-(:func:`lcnn_jax.sweep.fit_sweep`), then every (method, seed) *cell* is measured with the report suite
+(:func:`lcnn_jax.train.fit_sweep`), then every (method, seed) *cell* is measured with the report suite
 (:func:`lcnn_jax.report.measure_state`: accuracy, Jacobian Frobenius norm, input curvature, gradient stability,
 local Lipschitz, APGD and/or PGD robust accuracy, certified accuracy, Gaussian-noise accuracy, parameter-Hessian
 trace and top eigenvalue) plus minimum sharpness (:func:`lcnn_jax.measures.minimum_sharpness`) where it is defined.
@@ -36,7 +36,7 @@ a method whose sweep finished but whose cells are missing is loaded from its che
 interrupted sweep resumes from its last checkpoint. Changing a method's config or the measurement settings
 changes the fingerprint, so its cells are recomputed (in a new run directory).
 
-Cost: training as in :func:`~lcnn_jax.sweep.fit_sweep` (K seeds ~ K x a single run, one compilation per
+Cost: training as in :func:`~lcnn_jax.train.fit_sweep` (K seeds ~ K x a single run, one compilation per
 method); measurement as in ``lcnn-jax measure`` on ``measure.num_examples`` test images per cell, plus
 minimum sharpness (one forward and K backward passes per example on ``measure.hessian_examples`` training
 images).
@@ -384,7 +384,7 @@ def _measure_fingerprint(cmp) -> dict:
 def train_method(method_cfg, run_dir: str, seeds: Sequence[int], *, data_order: str = "per_seed"):
     """Train ``seeds`` of one method as one vmapped sweep in ``run_dir`` (resuming an interrupted one; a
     finished one, marked by its ``sweep_results.json``, is only loaded) and return ``(model, states,
-    sweep_summary)``: one :class:`~lcnn_jax.training.TrainState` per seed, in ``seeds`` order."""
+    sweep_summary)``: one :class:`~lcnn_jax.train.TrainState` per seed, in ``seeds`` order."""
     from lcnn_jax.train import sweep
     from lcnn_jax import train as training
 

@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     # name -> kwargs of lcnn_jax.regularizers.make_regularizer, e.g. {"datagrad": {"coeff": 1e-3}}
     c.regularizers = ml_collections.ConfigDict()
-    # Read by lcnn_jax.sweep.fit_sweep_from_config / `lcnn-jax sweep` (one vmapped program for seeds x grid points);
+    # Read by lcnn_jax.train.fit_sweep_from_config / `lcnn-jax sweep` (one vmapped program for seeds x grid points);
     # `fit` ignores it and `lcnn-jax train` refuses a section that asks for more than the config's own run.
     # seeds=() means (seed,). grid: regularizer name -> state key -> values, e.g.
     # --config.sweep.grid.datagrad.coeff="(0.0, 1e-3, 1e-2)". data_order: "per_seed" | "shared".

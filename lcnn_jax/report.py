@@ -143,7 +143,7 @@ def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
 
 
 def validate_measure_config(cfg, prefix: str = "measure") -> None:
-    """Raise :class:`~lcnn_jax.training.ConfigError` listing every problem :func:`measure_config_problems`
+    """Raise :class:`~lcnn_jax.train.ConfigError` listing every problem :func:`measure_config_problems`
     finds (the CLI turns it into exit code 2 and one message)."""
     from lcnn_jax.errors import ConfigError
 
@@ -720,7 +720,7 @@ DEAD_SHARE = 0.99  # as training.DEAD_COLLAPSE: the share of examples beyond whi
 def dead_network_mark(rep: dict, results: dict | None = None) -> dict | None:
     """None for a live network; for a dead one, ``{"reason": ...}``.
 
-    Dead when training flagged it (``results["dead"]``, see :func:`lcnn_jax.training.dead_network`), or when the
+    Dead when training flagged it (``results["dead"]``, see :func:`lcnn_jax.train.dead_network`), or when the
     input-Jacobian Frobenius norm is below 1e-6 (exactly 0 where every ReLU is off) on at least 99 % of the
     examples of every measured split. Then Jacobian, curvature and Lipschitz values near 0 describe a constant
     function, not a smooth classifier, and must not be read as the best smoothness of a table."""

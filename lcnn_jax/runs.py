@@ -2,8 +2,8 @@
 
 A workdir is one of
 
-* a **run** (:func:`lcnn_jax.training.fit`, ``lcnn-jax train``): ``config.json`` and ``checkpoints/``;
-* a **sweep** (:func:`lcnn_jax.sweep.fit_sweep`, ``lcnn-jax sweep``): ``sweep.json`` lists its members, whose
+* a **run** (:func:`lcnn_jax.train.fit`, ``lcnn-jax train``): ``config.json`` and ``checkpoints/``;
+* a **sweep** (:func:`lcnn_jax.train.fit_sweep`, ``lcnn-jax sweep``): ``sweep.json`` lists its members, whose
   states are stacked in one checkpoint; ``members/<id>/`` holds each member's config and results;
 * a **sweep member** folder ``<sweep>/members/<id>``: no checkpoint of its own, its state is in the sweep's;
 * a **compare run** (``lcnn-jax compare``): one sweep per method under ``runs/``, its cells under ``cells/``.
@@ -178,7 +178,7 @@ def inspect_workdir(workdir: str) -> Workdir:
 
     Raises:
       FileNotFoundError: nothing trained there (no ``config.json``).
-      lcnn_jax.training.RunDirError: ``workdir`` is a file, or its member list cannot be read.
+      lcnn_jax.train.RunDirError: ``workdir`` is a file, or its member list cannot be read.
     """
     from lcnn_jax.train import check_workdir_path, read_config
 

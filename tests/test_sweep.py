@@ -2,7 +2,7 @@
 coefficient 0 equals no regularizer, resume equals uninterrupted, a diverging member is frozen and reported while
 the others finish, epoch_end hooks run per member, and member / batch sharding on 4 devices equals 1 device.
 
-The oracle throughout is :func:`lcnn_jax.training.fit` run on the member's own config (independent of the
+The oracle throughout is :func:`lcnn_jax.train.fit` run on the member's own config (independent of the
 vmapped code path)."""
 import json
 import os

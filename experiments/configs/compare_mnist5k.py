@@ -21,7 +21,7 @@ holds 500 out as CLIP's pair pool, as the CLIP reference holds 6000 of 60000 out
 
 Shared protocol: SGD momentum 0.9, lr 0.05, cosine schedule, batch 64, no weight decay (except the
 ``weight_decay`` method), ReLU small CNN without normalisation (piecewise linear: minimum sharpness is exact
-for it). Seeds are vmapped (:func:`lcnn_jax.sweep.fit_sweep`, one compiled program per method).
+for it). Seeds are vmapped (:func:`lcnn_jax.train.fit_sweep`, one compiled program per method).
 
 The methods (``compare.method_specs``; each is a set of overrides of the base config) and where each value
 comes from:

@@ -61,7 +61,7 @@ def maybe_initialize_distributed() -> bool:
         if "before" not in str(e).lower():
             raise
         raise ConfigError(f"jax.distributed.initialize() must run before JAX is used, but this process already "
-                          f"used a JAX device ({e}). Call lcnn_jax.training.maybe_initialize_distributed() first "
+                          f"used a JAX device ({e}). Call lcnn_jax.train.maybe_initialize_distributed() first "
                           f"thing in the script.") from None
     return True
 

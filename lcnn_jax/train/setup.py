@@ -56,7 +56,7 @@ def check_regularizers_fit_model(regularizers: Sequence[Regularizer], abstract_p
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
     """Everything a training run builds from its config before the first step (shared by :func:`fit` and
-    :func:`lcnn_jax.sweep.fit_sweep`, so a sweep member is set up exactly like a single run).
+    :func:`lcnn_jax.train.fit_sweep`, so a sweep member is set up exactly like a single run).
 
     Attributes:
       info, train, test: the dataset description and its (possibly subset) splits, in host memory.
