@@ -143,7 +143,7 @@ def measure_config_problems(cfg, prefix: str = "measure") -> list[str]:
 
 
 def validate_measure_config(cfg, prefix: str = "measure") -> None:
-    """Raise :class:`~lcnn_jax.train.ConfigError` listing every problem :func:`measure_config_problems`
+    """Raise :class:`~lcnn_jax.errors.ConfigError` listing every problem :func:`measure_config_problems`
     finds (the CLI turns it into exit code 2 and one message)."""
     from lcnn_jax.errors import ConfigError
 

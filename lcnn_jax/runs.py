@@ -178,7 +178,7 @@ def inspect_workdir(workdir: str) -> Workdir:
 
     Raises:
       FileNotFoundError: nothing trained there (no ``config.json``).
-      lcnn_jax.train.RunDirError: ``workdir`` is a file, or its member list cannot be read.
+      lcnn_jax.errors.RunDirError: ``workdir`` is a file, or its member list cannot be read.
     """
     from lcnn_jax.train import check_workdir_path, read_config
 
