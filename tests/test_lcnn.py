@@ -418,3 +418,24 @@ def test_configs_build(variant):
             regs["lcnn"].init(KEY, shapes["params"], {})  # the LCNN model has log_beta/log_gamma leaves
     with pytest.raises(ValueError, match="variant"):
         load_config(os.path.join(CONFIGS, "lcnn_mnist5k.py:nope"))
+
+
+def test_power_iteration_unrolled_equals_rolled(monkeypatch, x64):
+    """The one power-iteration step per training call is unrolled (lcnn_jax.loops.auto_unroll: a transposed
+    convolution inside a while loop is slow on XLA:CPU); unrolled or rolled, the iterates are the same, and they
+    converge to the top singular value of the convolution's dense matrix."""
+    from lcnn_jax import loops
+
+    kernel = jax.random.normal(KEY, (3, 3, 2, 3), jnp.float64)
+    fwd = lambda v: lcnn.conv_nhwc(v, kernel, (2, 2), "SAME")  # noqa: E731
+    v0 = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 6, 2), jnp.float64)
+    out = {}
+    for limit in (0, 20):
+        monkeypatch.setattr(loops, "MAX_AUTO_UNROLL", limit)
+        jaxpr = str(jax.make_jaxpr(lambda v: lcnn.power_iterate(fwd, v, 3))(v0))
+        assert ("scan" in jaxpr or "while" in jaxpr) == (limit == 0)  # rolled: a loop primitive
+        out[limit] = lcnn.power_iterate(fwd, v0, 3)
+    np.testing.assert_allclose(out[0], out[20], rtol=1e-12, atol=1e-14)
+    dense = jax.jacfwd(lambda v: fwd(v.reshape(1, 6, 6, 2)).reshape(-1))(jnp.zeros(72, jnp.float64))
+    v = lcnn.power_iterate(fwd, v0, 200)
+    np.testing.assert_allclose(float(jnp.linalg.norm(fwd(v))), np.linalg.svd(np.asarray(dense))[1][0], rtol=1e-6)

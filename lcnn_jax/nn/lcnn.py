@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
+from lcnn_jax.loops import auto_unroll
 from lcnn_jax.nn.layers import ModuleFactory
 from lcnn_jax.types import Array
 
@@ -221,7 +222,9 @@ def power_iterate(fwd: Callable[[Array], Array], v: Array, num_iters: int, eps: 
     ``A^T`` is the exact transpose of ``fwd`` (``jax.linear_transpose``), so for a convolution it is the
     transposed convolution with the same strides and padding, on the same image shape. The top right
     singular vector is the fixed point; ``||A v||`` then estimates ``||A||_2`` from below.
-    Cost: ``num_iters`` applications of ``A`` and of ``A^T`` (a ``lax.fori_loop``).
+    Cost: ``num_iters`` applications of ``A`` and of ``A^T``. A short loop (the one step per training call) is
+    unrolled, a long one is a ``lax.fori_loop`` (:func:`lcnn_jax.loops.auto_unroll`): the transposed convolution
+    is a backward convolution, which XLA:CPU runs on a slow path inside a ``while`` loop.
     """
     transpose = jax.linear_transpose(fwd, jax.ShapeDtypeStruct(v.shape, v.dtype))
 
@@ -229,6 +232,10 @@ def power_iterate(fwd: Callable[[Array], Array], v: Array, num_iters: int, eps: 
         (w,) = transpose(fwd(u))
         return _unit(w, eps)
 
+    if auto_unroll(num_iters) is True:
+        for i in range(num_iters):
+            v = body(i, v)
+        return v
     return lax.fori_loop(0, num_iters, body, v)
 
 
