@@ -6,6 +6,8 @@ same start), the reference's checkpoint rule written out, closed-form boundary d
 a linear classifier that only a gradient-free attack can break.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,16 +155,27 @@ def test_apgd_reference_schedule_equals_a_numpy_restatement_of_the_reference_loo
 # The cascade on linear classifiers: closed-form distances to the boundary (dual norms)
 # ------------------------------------------------------------------------------------------------
 
+def _linear_logits(p, x):
+    return (x.reshape(x.shape[0], -1) - 0.5) @ p
+
+
+def _masked_logits(p, x):
+    """The same classifier, its input behind stop_gradient: every input gradient is 0."""
+    return _linear_logits(p, jax.lax.stop_gradient(x))
+
+
+# One function object per model and one chunk size (BS) for every test: the compiled pieces are cached per function
+# and shape, so the tests share them.
+BS = 16
+
+
 def _linear10(seed=0, n=40, d=64, k=10):
     """``logits = (x - 0.5) W``, inputs in [0.3, 0.7] shaped (n, 8, 8, 1); the exact distance of x to the decision
     boundary (ignoring the box, which the attacks never reach here) is ``min_{j != y} m_j / ||w_y - w_j||_*``."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((d, k))
     xs = rng.uniform(0.3, 0.7, (n, 8, 8, 1))
-
-    def logits_fn(p, x):
-        return (x.reshape(x.shape[0], -1) - 0.5) @ p
-
+    logits_fn = _linear_logits
     z = (xs.reshape(n, -1) - 0.5) @ w
     ys = np.argmax(z, -1)
     dw = w[:, ys].T[:, None, :] - w.T[None, :, :]  # (n, k, d): w_y - w_j
@@ -195,7 +208,8 @@ def test_autoattack_breaks_every_point_closer_than_0_9_eps_of_a_linear_classifie
     logits_fn, w, xs, ys, dist = _linear10()
     eps = float(np.quantile(dist[norm], 0.5))
     res = attacks.autoattack(logits_fn, xs, ys, norm=norm, eps=eps, key=jax.random.key(0), params=w,
-                             num_steps=20, num_queries=100, n_target_classes=3, progress=False, batch_size=16)
+                             num_steps=10, num_queries=10, n_target_classes=3, progress=False, batch_size=BS,
+                             segment=1)
     _check_claims(logits_fn, w, xs, ys, res, norm, eps)
     close = dist[norm] < 0.9 * eps
     assert close.sum() >= 10 and not res.robust[close].any()
@@ -206,16 +220,37 @@ def test_autoattack_breaks_every_point_closer_than_0_9_eps_of_a_linear_classifie
     assert all(a >= b for a, b in zip(res.per_stage.values(), list(res.per_stage.values())[1:]))
 
 
+@pytest.mark.slow
+def test_plus_version_runs_its_six_stages_in_the_reference_order():
+    """Slow: it compiles every stage (untargeted FAB and APGD-DLR only for this test), about a minute."""
+    logits_fn, w, xs, ys, dist = _linear10(seed=2, n=12)
+    eps = float(np.quantile(dist["l2"], 0.8))
+    log: list = []
+    res = attacks.autoattack(logits_fn, xs, ys, norm="l2", eps=eps, key=jax.random.key(0), params=w, version="plus",
+                             num_steps=5, num_queries=20, n_target_classes=2, progress=False, log=log, batch_size=BS,
+                             segment=1)
+    _check_claims(logits_fn, w, xs, ys, res, "l2", eps)
+    assert list(res.per_stage) == ["clean", "apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert [(r["stage"], r["run"]) for r in log] == [(s, r) for s, n in (("apgd-ce", 5), ("apgd-dlr", 5), ("fab", 5),
+                                                                         ("square", 1), ("apgd-t", 2), ("fab-t", 2))
+                                                     for r in range(n)]
+    # each run attacks only the points still robust before it
+    for prev, nxt in zip(log, log[1:]):
+        assert nxt["points"] == prev["points"] - prev["broken"]
+    assert log[0]["points"] == 12 and (~res.robust).sum() == sum(r["broken"] for r in log)
+
+
 def test_only_square_breaks_a_gradient_masked_classifier():
     """The same classifier behind stop_gradient: APGD and FAB see a zero gradient and find nothing on points at
     0.35-0.7 eps (APGD's random start cannot reach them), Square breaks >= 80 % of them."""
     logits_fn, w, xs, ys, dist = _linear10(seed=1, n=60)
-    masked = lambda p, x: logits_fn(p, jax.lax.stop_gradient(x))  # noqa: E731
+    masked = _masked_logits
     eps = float(np.quantile(dist["linf"], 0.7))
     sel = (dist["linf"] > 0.35 * eps) & (dist["linf"] < 0.7 * eps)
     assert sel.sum() >= 10
     xs, ys = xs[sel], ys[sel]
-    kw = dict(norm="linf", eps=eps, params=w, num_steps=10, n_target_classes=3, progress=False)
+    kw = dict(norm="linf", eps=eps, params=w, num_steps=10, n_target_classes=3, progress=False, batch_size=BS,
+              segment=1)
     grad_only = attacks.autoattack(masked, xs, ys, key=jax.random.key(1), version=("apgd-ce", "apgd-t", "fab-t"), **kw)
     assert grad_only.robust.all()
     res = attacks.autoattack(masked, xs, ys, key=jax.random.key(2), num_queries=2000, **kw)
@@ -231,19 +266,22 @@ def test_autoattack_rejects_bad_input_before_compiling(caplog):
            (dict(version=()), "version"), (dict(norm="l1"), "norm"), (dict(eps=0.0), "eps"),
            (dict(eps=float("nan")), "eps"), (dict(eps=-1.0), "eps"), (dict(key=None), "key"),
            (dict(batch_size=0), "batch_size"), (dict(schedule="text"), "schedule")]
+    bad_labels = jnp.asarray(np.where(np.arange(6) == 0, 10, np.asarray(ys)))  # made before compilations are watched
+    short_labels, flat = jnp.asarray(np.asarray(ys)[:5]), jnp.asarray(np.asarray(xs).reshape(6, -1))
+    labels3 = jnp.asarray(np.asarray(ys) % 3)
     with jax.log_compiles(True), caplog.at_level("DEBUG"):
         caplog.clear()
         for change, match in bad:
             with pytest.raises(ValueError, match=match):
                 attacks.autoattack(logits_fn, xs, ys, **{**kw, **change})
         with pytest.raises(ValueError, match="labels"):
-            attacks.autoattack(logits_fn, xs, ys.at[0].set(10), **kw)
+            attacks.autoattack(logits_fn, xs, bad_labels, **kw)
         with pytest.raises(ValueError, match="same leading"):
-            attacks.autoattack(logits_fn, xs, ys[:5], **kw)
+            attacks.autoattack(logits_fn, xs, short_labels, **kw)
         with pytest.raises(ValueError, match="images"):
-            attacks.autoattack(lambda p, x: logits_fn(p, x), xs.reshape(6, -1), ys, **kw)
+            attacks.autoattack(lambda p, x: logits_fn(p, x), flat, ys, **kw)
         with pytest.raises(ValueError, match="classes"):
-            attacks.autoattack(lambda p, x: logits_fn(p, x)[:, :3], xs, ys % 3, **kw)
+            attacks.autoattack(lambda p, x: logits_fn(p, x)[:, :3], xs, labels3, **kw)
         assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
 
 
@@ -268,3 +306,43 @@ def test_measure_reports_autoattack_columns_and_which_stage_broke_how_many():
     assert "aa_l2_50" in [c["name"] for c in compare.columns(cfg)]
     assert "aa_l2_50" not in report.attack_suite(cfg)
     assert any(n.startswith("AA:") for n in compare.robustness_notes(cfg))
+
+
+@pytest.mark.slow
+def test_autoattack_is_at_least_as_strong_as_apgd_and_pgd_on_a_trained_cnn():
+    """The quickstart CNN at width 1/4 (mnist5k, 2 epochs), 128 test images, L-inf 0.1 and L2 1.5: the standard
+    cascade (100 steps, 9 targets, 1000 queries) leaves no more robust points than the worst case of APGD-CE and
+    APGD-DLR (100 steps), which leaves no more than PGD-100 (Madry's step 2.5 eps / steps). Minutes on a CPU; one
+    run gave (L-inf: PGD 0.703, APGD 0.680, AutoAttack 0.672; L2: 0.570, 0.523, 0.523)."""
+    import os
+    import tempfile
+
+    from _lcnn_helpers import xla_optimizations
+    from lcnn_jax import data, train
+    from lcnn_jax.configs import load_config
+
+    with xla_optimizations(True):
+        config = load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "quickstart.py"))
+        config.model.kwargs = {"width_mult": 0.25}
+        config.train.num_epochs = 2
+        config.train.progress = False
+        with tempfile.TemporaryDirectory() as tmp:
+            train.fit(config, tmp)
+            _, model, state, _ = train.load_trained(tmp)
+        variables = {"params": state.params, **state.model_state}
+        apply = lambda v, xs: model.apply(v, xs, train=False)  # noqa: E731
+        logits_fn = jax.jit(lambda xs: apply(variables, xs))
+        test = data.load_split("mnist5k", "test")
+        xs, ys = jnp.asarray(test.images[:128]), jnp.asarray(test.labels[:128])
+        key = jax.random.key(0)
+        for norm, eps in (("linf", 0.1), ("l2", 1.5)):
+            pgd = functools.partial(attacks.pgd, norm=norm, eps=eps, step_size=2.5 * eps / 100, num_steps=100)
+            acc_pgd = attacks.robust_accuracy(logits_fn, xs, ys, attack=pgd, key=key)
+            worst = attacks.robust_accuracy_worst_case(logits_fn, xs, ys, attacks=attacks.apgd_attacks(norm, eps),
+                                                       key=key)
+            res = attacks.autoattack(apply, xs, ys, norm=norm, eps=eps, key=key, params=variables, num_queries=1000,
+                                     progress=False)
+            print(norm, eps, acc_pgd, worst.accuracy, res.per_stage)
+            assert res.per_stage["clean"] == pytest.approx(worst.clean_accuracy)
+            assert res.robust.mean() <= worst.accuracy <= acc_pgd
+            assert acc_pgd < worst.clean_accuracy

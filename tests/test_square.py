@@ -27,9 +27,9 @@ def test_square_stays_in_ball_and_box_and_stepwise_equals_traced(norm, eps):
     logits_fn = lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) - 0.5) @ p  # noqa: E731
     xs = jnp.asarray(rng.uniform(0, 1, (5, 6, 6, 2)), jnp.float32)
     ys = jnp.argmax(logits_fn(w, xs), -1)
-    kw = dict(norm=norm, eps=eps, key=jax.random.key(3), num_queries=60, restarts=2)
+    kw = dict(norm=norm, eps=eps, key=jax.random.key(3), num_queries=15, restarts=2)
     traced = attacks.square(lambda x: logits_fn(w, x), xs, ys, **kw)
-    host = attacks.square_stepwise(logits_fn, xs, ys, params=w, chunk=7, **kw)
+    host = attacks.square_stepwise(logits_fn, xs, ys, params=w, chunk=4, **kw)
     np.testing.assert_allclose(np.asarray(traced), np.asarray(host), atol=1e-6)
     d = np.asarray(traced - xs, np.float64).reshape(5, -1)
     size = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)

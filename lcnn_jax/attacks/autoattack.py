@@ -20,10 +20,10 @@ reference does. With fewer than 10 classes the targeted stages use the ``K - 1``
 
 Gradient stages run from the host in compiled segments (:func:`lcnn_jax.attacks.apgd_stepwise`,
 :func:`lcnn_jax.attacks.fab_stepwise`; XLA:CPU is slow at a convolution's backward pass inside a rolled loop),
-Square in compiled chunks of queries. The points still robust are gathered into chunks of ``batch_size``, padded to
-a power of two (at most ``log2(batch_size) + 1`` shapes are compiled per stage). Each stage's cost on the points it
-runs on: APGD ``runs * (num_steps + 1)`` forward and backward passes; FAB ``runs * num_steps`` iterations of
-2 forward and K (FAB-T: 1) backward passes; Square ``num_queries + 1`` forward passes.
+Square in compiled chunks of queries. The points still robust are gathered into chunks of ``batch_size``, padded
+to ``batch_size / 4``, ``/ 2`` or ``batch_size`` rows (at most three shapes compile per program). Each stage's cost
+on the points it runs on: APGD ``runs * (num_steps + 1)`` forward and backward passes; FAB ``runs * num_steps``
+iterations of 2 forward and K (FAB-T: 1) backward passes; Square ``num_queries + 1`` forward passes.
 
 Example::
 
@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcnn_jax.attacks.apgd import APGD_SCHEDULE, APGD_SCHEDULES, apgd_stepwise
-from lcnn_jax.attacks.base import (Clip, as_two_arg, check_clip, check_eps_positive, check_inputs, check_norm,
-                                   check_step_count, num_classes)
+from lcnn_jax.attacks.base import (SEGMENT, Clip, as_two_arg, check_clip, check_eps_positive, check_inputs, check_norm,
+                                   check_step_count, jitted, num_classes)
 from lcnn_jax.attacks.fab import fab_stepwise
 from lcnn_jax.attacks.square import SQUARE_QUERIES, square_stepwise
 from lcnn_jax.autodiff import check_positive_int
@@ -96,7 +96,8 @@ def autoattack_settings(version) -> tuple:
 
 
 def _bucket(n: int, batch_size: int) -> int:
-    size = 1
+    """Rows to compute for ``n`` points: a power of two times ``batch_size / 4`` (at most 3 shapes per program)."""
+    size = max(batch_size // 4, 1)
     while size < n:
         size *= 2
     return min(size, batch_size)
@@ -107,7 +108,7 @@ def _pad_rows(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def _check(fn, p, xs, ys, *, norm, eps, key, version, clip, batch_size, num_steps, num_queries, n_target_classes,
-           schedule):
+           schedule, segment):
     check_inputs(xs, ys)
     check_norm(norm)
     check_eps_positive(eps)
@@ -117,6 +118,7 @@ def _check(fn, p, xs, ys, *, norm, eps, key, version, clip, batch_size, num_step
     check_step_count(num_steps)
     check_step_count(num_queries, "num_queries")
     n_target_classes = check_positive_int(n_target_classes, "n_target_classes")
+    check_positive_int(segment, "segment")
     if key is None:
         raise ValueError("autoattack needs key=jax.random.key(...) (its attacks start at random points).")
     if schedule not in APGD_SCHEDULES:
@@ -155,6 +157,7 @@ def autoattack(
     schedule: str = APGD_SCHEDULE,
     progress: bool = True,
     log: list | None = None,
+    segment: int = SEGMENT,
 ) -> AutoAttackResult:
     """Robust accuracy under AutoAttack (see the module docstring) with the cascade on the points still robust.
 
@@ -166,7 +169,8 @@ def autoattack(
     naming the stage and the points still robust. ``log``: a list to which every run of a stage (a restart or a
     target class) appends ``{"stage", "run", "points", "padded", "broken", "seconds"}`` (``padded``: the rows
     computed, points plus padding; ``seconds``: wall time, compilation included). Not traceable (a Python driver
-    over compiled pieces).
+    over compiled pieces). ``segment``: iterations per compiled call of the gradient stages (unrolled; 5 keeps
+    XLA:CPU's convolutions off their slow path at a bounded compile time, 1 compiles fastest for tiny models).
 
     Every check (unknown version or norm, ``eps`` not finite and positive, labels out of range, shapes that
     disagree, too few classes for a stage) raises ``ValueError`` before anything is compiled.
@@ -174,13 +178,14 @@ def autoattack(
     fn, p = as_two_arg(logits_fn, params)
     stages, runs, batch_size, n_targets = _check(
         fn, p, xs, ys, norm=norm, eps=eps, key=key, version=version, clip=clip, batch_size=batch_size,
-        num_steps=num_steps, num_queries=num_queries, n_target_classes=n_target_classes, schedule=schedule)
+        num_steps=num_steps, num_queries=num_queries, n_target_classes=n_target_classes, schedule=schedule,
+        segment=segment)
     from tqdm.auto import tqdm
 
     x_np, y_np = np.asarray(xs), np.asarray(ys).astype(np.int32)
     n = len(x_np)
     batch_size = min(batch_size or 250, max(n, 1))
-    predict = jax.jit(fn)
+    predict = jitted(fn)
     clip = None if clip is None else tuple(float(c) for c in clip)
     eps = float(eps)
 
@@ -203,12 +208,12 @@ def autoattack(
         if stage in ("apgd-ce", "apgd-dlr", "apgd-t"):
             loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr_targeted"}[stage]
             return apgd_stepwise(fn, x, y, num_steps=num_steps, loss=loss, restarts=1, schedule=schedule,
-                                 target_rank=run + 1 if stage == "apgd-t" else 1, **common)
+                                 segment=segment, target_rank=run + 1 if stage == "apgd-t" else 1, **common)
         if stage in ("fab", "fab-t"):
             targeted = stage == "fab-t"
             return fab_stepwise(fn, x, y, num_steps=num_steps, restarts=1, targeted=targeted,
                                 target_rank=run + 1 if targeted else 1, random_start=not targeted and run > 0,
-                                **common)
+                                segment=segment, **common)
         return square_stepwise(fn, x, y, num_queries=num_queries, restarts=1, **common)
 
     plan = [(s, r) for s in stages for r in range(n_targets if s in ("apgd-t", "fab-t") else runs[s])]

@@ -130,6 +130,12 @@ def two_arg(logits_fn: Callable) -> Callable:
     return lambda _params, xs: logits_fn(xs)
 
 
+@functools.lru_cache(maxsize=64)
+def jitted(fn: Callable) -> Callable:
+    """``jax.jit(fn)``, one per function object (so repeated calls of a driver reuse its compiled programs)."""
+    return jax.jit(fn)
+
+
 def as_two_arg(logits_fn: Callable, params) -> tuple:
     """``(fn, params)`` with ``fn(params, xs)`` the logits, for ``params`` given (None or ``NO_PARAMS``: none)."""
     if params is None or params is NO_PARAMS:

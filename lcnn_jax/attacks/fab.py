@@ -33,7 +33,6 @@ Example::
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -41,8 +40,8 @@ import jax.numpy as jnp
 
 from lcnn_jax.attacks.apgd import target_classes
 from lcnn_jax.attacks.base import (SEGMENT, Clip, LogitsFn, as_two_arg, check_clip, check_eps_positive, check_inputs,
-                                   check_norm, check_step_count, drive_segments, lp_norm, num_classes, per_example,
-                                   run_traced)
+                                   check_norm, check_step_count, drive_segments, jitted, lp_norm, num_classes,
+                                   per_example, run_traced)
 from lcnn_jax.autodiff import check_positive_int
 from lcnn_jax.types import Array, PRNGKey
 
@@ -284,12 +283,7 @@ def fab_stepwise(
     def runner(aux, k):
         return drive_segments(_fab_machine, fn, static, p, xs, ys, aux, k, num_steps, segment)
 
-    predict = _predict_program(fn)
+    predict = jitted(fn)
     return _fab_run(runner, lambda x: predict(p, x), xs, ys, norm=norm, eps=eps, key=key, num_steps=num_steps,
                     restarts=restarts, targeted=targeted, target_rank=target_rank, alpha_max=alpha_max, eta=eta,
                     beta=beta, clip=clip, random_start=random_start)
-
-
-@functools.lru_cache(maxsize=64)
-def _predict_program(fn):
-    return jax.jit(fn)

@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 
 from lcnn_jax.attacks.base import (Clip, LogitsFn, as_two_arg, check_clip, check_eps_positive, check_inputs,
-                                   check_norm, check_step_count, num_classes, per_example)
+                                   check_norm, check_step_count, jitted, num_classes, per_example)
 from lcnn_jax.autodiff import check_positive_int
 from lcnn_jax.types import Array, PRNGKey
 
@@ -110,6 +110,29 @@ def _eta(s: int) -> np.ndarray:
     return delta / np.sqrt((delta ** 2).sum())
 
 
+@functools.lru_cache(maxsize=32)
+def _l2_tiling(h: int, w: int) -> tuple:
+    """The reference's L2 start as static maps: ``h // 5``-sized tiles from ``(h - 5 s) // 2`` (those cut by the
+    border keep their top-left part). Returns per pixel the tile index (-1 outside every tile) and the value of
+    ``eta(s)`` there, as is and transposed."""
+    s = max(h // 5, 1)
+    start = (h - s * 5) // 2
+    pattern = _eta(s)
+    tile_id = -np.ones((h, w), np.int64)
+    values, values_t = np.zeros((h, w)), np.zeros((h, w))
+    t = 0
+    for vh in range(start, start + s * (h // s), s):
+        for vw in range(start, start + s * (w // s), s):
+            if vh >= h or vw >= w:
+                continue
+            rh, rw = min(s, h - vh), min(s, w - vw)
+            tile_id[vh:vh + rh, vw:vw + rw] = t
+            values[vh:vh + rh, vw:vw + rw] = pattern[:rh, :rw]
+            values_t[vh:vh + rh, vw:vw + rw] = pattern.T[:rh, :rw]
+            t += 1
+    return tile_id, values, values_t
+
+
 def _margin(logits, ys):
     onehot = jax.nn.one_hot(ys, logits.shape[-1], dtype=bool)
     z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
@@ -136,20 +159,15 @@ def _square_init(logits_fn, x0, ys, eps, key, static: _SquareStatic):
         signs = jnp.sign(jax.random.uniform(key, (n, 1, w, c), dtype, -1.0, 1.0))
         x_best = _box(x0 + eps * signs, static.clip)
     else:
-        s = max(h // 5, 1)
-        start = (h - s * 5) // 2
-        pattern = jnp.asarray(_eta(s), dtype)
-        delta = jnp.zeros_like(x0)
-        corners = [(vh, vw) for vh in range(start, start + s * (h // s), s)
-                   for vw in range(start, start + s * (w // s), s)]
-        keys = jax.random.split(key, 2 * len(corners))
-        for t, (vh, vw) in enumerate(corners):
-            if vh >= h or vw >= w:
-                continue
-            tile = jnp.where(jax.random.uniform(keys[2 * t]) > 0.5, pattern.T, pattern)
-            sign = jnp.sign(jax.random.uniform(keys[2 * t + 1], (n, 1, 1, c), dtype, -1.0, 1.0))
-            rh, rw = min(s, h - vh), min(s, w - vw)
-            delta = delta.at[:, vh:vh + rh, vw:vw + rw, :].add(tile[:rh, :rw, None] * sign)
+        tile_id, values, values_t = _l2_tiling(h, w)
+        num_tiles = int(tile_id.max()) + 1
+        k_flip, k_sign = jax.random.split(key)
+        flip = jax.random.uniform(k_flip, (num_tiles,)) > 0.5  # the reference transposes each tile's pattern at random
+        signs = jnp.sign(jax.random.uniform(k_sign, (n, num_tiles, c), dtype, -1.0, 1.0))
+        ids = jnp.asarray(np.maximum(tile_id, 0))
+        pattern = jnp.where(flip[ids], jnp.asarray(values_t, dtype), jnp.asarray(values, dtype))  # (h, w)
+        delta = jnp.where(jnp.asarray(tile_id >= 0)[None, :, :, None], pattern[None, :, :, None] * signs[:, ids, :],
+                          0.0)
         x_best = _box(x0 + eps * delta / (_l2n(delta, (1, 2, 3)) + 1e-12), static.clip)
     margin = _margin(logits_fn(x_best), ys)
     return dict(x_best=x_best, margin=margin, loss=margin, queries=jnp.ones((n,), jnp.int32))
@@ -278,7 +296,7 @@ def _square_programs(fn, static):
     def steps(p, x0, ys, eps, k, state, first, count, side):
         return _square_steps(functools.partial(fn, p), x0, ys, eps, k, state, first, count, side, static)
 
-    return init, steps, jax.jit(fn)
+    return init, steps, jitted(fn)
 
 
 def square_stepwise(
