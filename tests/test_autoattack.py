@@ -222,7 +222,7 @@ def test_autoattack_breaks_every_point_closer_than_0_9_eps_of_a_linear_classifie
 
 @pytest.mark.slow
 def test_plus_version_runs_its_six_stages_in_the_reference_order():
-    """Slow: it compiles every stage (untargeted FAB and APGD-DLR only for this test), about a minute."""
+    """Slow: it compiles every stage (untargeted FAB and APGD-DLR only for this test)."""
     logits_fn, w, xs, ys, dist = _linear10(seed=2, n=12)
     eps = float(np.quantile(dist["l2"], 0.8))
     log: list = []

@@ -550,7 +550,7 @@ def robust_accuracy_worst_case(
 
 
 def apgd_attacks(norm: str, eps: float, *, num_steps: int = 100, losses: Sequence[str] = ("ce", "dlr"),
-                 restarts: int = 1, target_ranks: Sequence[int] = (1,)) -> dict:
+                 restarts: int = 1, target_ranks: Sequence[int] = (1,), schedule: str = APGD_SCHEDULE) -> dict:
     """``{name: attack}`` for :func:`robust_accuracy_worst_case`: APGD with each loss of ``losses`` at one radius,
     named ``apgd_ce``, ``apgd_dlr``, ``apgd_dlr_targeted<r>`` (one per rank of ``target_ranks``; AutoAttack's
     APGD-T uses ranks 1..9). The default pair APGD-CE + APGD-DLR is AutoAttack's parameter-free core without its
@@ -563,7 +563,7 @@ def apgd_attacks(norm: str, eps: float, *, num_steps: int = 100, losses: Sequenc
         for r in ranks:
             name = f"apgd_{loss}" + (str(r) if loss == "dlr_targeted" else "")
             out[name] = functools.partial(apgd, norm=norm, eps=float(eps), num_steps=num_steps, loss=loss,
-                                          restarts=restarts, target_rank=int(r))
+                                          restarts=restarts, target_rank=int(r), schedule=schedule)
     return out
 
 
