@@ -128,7 +128,7 @@ def main(argv=None) -> int:
            "| site | K share | % |", "|---|---|---|"]
     md += [f"| {r['site']} | {r['value']:.4g} | {100 * r['share']:.1f} |" for r in out["curvature_shares"]]
     if args.resnet:
-        from lcnn_jax.nn.lcnn import make_lcnn_model
+        from lcnn_jax.nn import make_lcnn_model
 
         net = make_lcnn_model("resnet18", 10)
         v = jax.jit(lambda k: net.init(k, jnp.zeros((1, 32, 32, 3))))(jax.random.PRNGKey(0))

@@ -251,7 +251,7 @@ def test_bound_of_a_model_defined_here_holds_on_random_and_real_inputs(x64, digi
 
 @pytest.fixture(scope="module")
 def tiny_lcnn_resnet():
-    model = lcnn.make_lcnn_model("resnet18", 10, width_mult=1 / 16, stage_sizes=(1, 1))
+    model = models.make_lcnn_model("resnet18", 10, width_mult=1 / 16, stage_sizes=(1, 1))
     return model, random_variables(model, (7, 7, 1), 1)
 
 
@@ -259,7 +259,7 @@ def tiny_lcnn_resnet():
 @pytest.mark.parametrize("which", ["small_cnn", "resnet"])
 def test_bound_of_library_lcnn_models(x64, digits, which, tiny_lcnn_resnet):
     if which == "small_cnn":
-        model, shape = lcnn.make_lcnn_model("small_cnn", 10, width_mult=1 / 8), (7, 7, 1)
+        model, shape = models.make_lcnn_model("small_cnn", 10, width_mult=1 / 8), (7, 7, 1)
         variables = random_variables(model, shape, 0)
         xs = np.concatenate([downsample(digits, 4)[:2], np.random.default_rng(0).uniform(size=(1,) + shape)])
     else:
@@ -294,7 +294,7 @@ def test_bound_of_library_lcnn_models(x64, digits, which, tiny_lcnn_resnet):
 
 @pytest.mark.slow
 def test_bound_resnet18_lcnn(x64, digits):
-    model = lcnn.make_lcnn_model("resnet18", 10, width_mult=1 / 16)  # stages 7 -> 4 -> 2 -> 1
+    model = models.make_lcnn_model("resnet18", 10, width_mult=1 / 16)  # stages 7 -> 4 -> 2 -> 1
     variables = random_variables(model, (7, 7, 1), 3)
     res = cb.curvature_bound(model, variables, (7, 7, 1), key=KEY)
     xs = np.concatenate([downsample(digits, 4)[:2], np.random.default_rng(1).uniform(size=(1, 7, 7, 1))])

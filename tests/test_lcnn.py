@@ -239,7 +239,7 @@ RESNET_INPUT = (7, 7, 1)
 @pytest.fixture(scope="module")
 def tiny_lcnn_resnet():
     """A two-stage LCNN ResNet (an identity block and a strided block with a conv shortcut)."""
-    model = lcnn.make_lcnn_model("resnet18", 10, width_mult=1 / 16, stage_sizes=(1, 1))
+    model = models.make_lcnn_model("resnet18", 10, width_mult=1 / 16, stage_sizes=(1, 1))
     return model, random_variables(model, RESNET_INPUT, 1)
 
 
@@ -361,7 +361,7 @@ def test_training_with_lcnn_penalty_lowers_beta():
 
     split = load_split("mnist5k", "train")
     batch = {"image": jnp.asarray(split.images[:16]), "label": jnp.asarray(split.labels[:16])}
-    model = lcnn.make_lcnn_model("small_cnn", 10, width_mult=1 / 8)
+    model = models.make_lcnn_model("small_cnn", 10, width_mult=1 / 8)
     reg = lcnn_regs.lcnn_penalty()  # the defaults, 1e-2 and 1e-2
     state0 = jax.jit(lambda k: create_train_state(model, optax.sgd(0.05, momentum=0.9), [reg], k, batch))(KEY)
     assert set(state0.model_state) == {"batch_stats", "spectral"}
@@ -394,7 +394,7 @@ def _model_from_config(config, num_classes):
     kwargs = dict(config.model.kwargs)
     name = config.model.name
     if name.startswith("lcnn_") and name not in models.MODELS:  # until the registry lists the LCNN variants
-        return lcnn.make_lcnn_model(name[len("lcnn_"):], num_classes, **kwargs)
+        return models.make_lcnn_model(name[len("lcnn_"):], num_classes, **kwargs)
     return models.make_model(name, num_classes, **kwargs)
 
 

@@ -54,7 +54,7 @@ rounding of the model's own float32 arithmetic on an input is not part of it.
 Example::
 
     import jax, jax.numpy as jnp
-    from lcnn_jax.nn.lcnn import make_lcnn_model
+    from lcnn_jax.nn import make_lcnn_model
     from lcnn_jax.measures.bounds import curvature_bound
     net = make_lcnn_model("small_cnn", 10, width_mult=0.125)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 1)))

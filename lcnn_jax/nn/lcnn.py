@@ -36,8 +36,8 @@ Running variances are the biased batch variances (Flax convention; PyTorch track
 Example::
 
     import jax, jax.numpy as jnp
-    from lcnn_jax.nn import lcnn
-    net = lcnn.make_lcnn_model("small_cnn", 10, width_mult=0.25)   # spectral convs, centred softplus,
+    from lcnn_jax.nn import make_lcnn_model
+    net = make_lcnn_model("small_cnn", 10, width_mult=0.25)   # spectral convs, centred softplus,
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))  # Lipschitz BN, avg-pool
     logits, upd = net.apply(variables, jnp.zeros((8, 28, 28, 1)), train=True,
                             mutable=["batch_stats", "spectral"])
@@ -76,7 +76,6 @@ __all__ = [
     "LCNNBasicBlock",
     "LCNN_LAYERS",
     "lcnn_model_kwargs",
-    "make_lcnn_model",
 ]
 
 #: The collection holding the power-iteration vectors of the spectral layers.
@@ -432,10 +431,3 @@ def lcnn_model_kwargs(arch: str, *, norm: bool = True, pool: str = "avg") -> dic
     if arch in _POOLED:
         kwargs["pool"] = pool
     return kwargs
-
-
-def make_lcnn_model(arch: str, num_classes: int, *, norm: bool = True, pool: str = "avg", **overrides: Any):
-    """``make_model(arch, num_classes, **lcnn_model_kwargs(arch, norm=, pool=), **overrides)``."""
-    from lcnn_jax.nn.models import make_model  # models may import this module; avoid the cycle
-
-    return make_model(arch, num_classes, **{**lcnn_model_kwargs(arch, norm=norm, pool=pool), **overrides})

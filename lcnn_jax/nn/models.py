@@ -41,6 +41,8 @@ from lcnn_jax.nn.layers import (
     resolve_activation,
     resolve_norm,
 )
+from lcnn_jax.nn import lcnn as _lcnn  # lcnn and lipschitz import only layers (and lcnn): no cycle
+from lcnn_jax.nn import lipschitz as _lipschitz
 from lcnn_jax.types import Array
 
 VGG11_CFG: Tuple[Union[int, str], ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -313,9 +315,6 @@ class VGG11(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
-from lcnn_jax.nn import lcnn as _lcnn  # noqa: E402  (lcnn imports only layers: no cycle)
-from lcnn_jax.nn import lipschitz as _lipschitz  # noqa: E402  (imports only lcnn and layers: no cycle)
-
 BLOCKS = {"basic": BasicBlock, "lcnn": _lcnn.LCNNBasicBlock}
 
 _REGISTRY: dict = {
@@ -626,3 +625,8 @@ def mode_kwargs(model: nn.Module, *, train: bool) -> dict:
     ``deterministic``, ``use_running_average`` get ``not train``); ``{}`` for a model without one, so
     ``model.apply(variables, x, **mode_kwargs(model, train=False))`` works for every model."""
     return {n: (bool(train) if MODE_ARGUMENTS[n] else not train) for n in _mode_arguments(type(model))}
+
+
+def make_lcnn_model(arch: str, num_classes: int, *, norm: bool = True, pool: str = "avg", **overrides: Any):
+    """``make_model(arch, num_classes, **lcnn_model_kwargs(arch, norm=, pool=), **overrides)``."""
+    return make_model(arch, num_classes, **{**_lcnn.lcnn_model_kwargs(arch, norm=norm, pool=pool), **overrides})
