@@ -81,6 +81,10 @@ def test_registry_names_and_bad_arguments():
     v = net.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
     with pytest.raises(ValueError, match="infinite"):  # MinMax: no curvature bound
         curvature_penalty(0.1).init(jax.random.PRNGKey(0), v["params"], None)
+    smooth = _net("centered_softplus")
+    sv = smooth.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
+    for reg in (curvature_penalty(0.1), lipschitz_margin()):  # the trainer builds the states under jit
+        jax.jit(lambda p, reg=reg: reg.init(jax.random.PRNGKey(0), p, None))(sv["params"])
     plain = make_model("mlp", 10, widths=(8,))
     pv = plain.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
     with pytest.raises(ValueError, match="1-Lipschitz"):

@@ -56,7 +56,8 @@ from lcnn_jax.types import Array
 
 __all__ = ["AOL_SHRINK", "TRAIN_BOUND_SAFETY", "aol_dense_scales", "aol_conv_scales", "aol_dense_kernel",
            "aol_conv_kernel", "AOLDense", "AOLConv", "minmax_pairs", "MinMax", "AOLMLP", "AOLCNN",
-           "LIPSCHITZ_ACTIVATIONS", "MODEL_REGISTRY", "training_bounds", "check_lipschitz_params"]
+           "LIPSCHITZ_ACTIVATIONS", "MODEL_REGISTRY", "training_bounds", "check_lipschitz_params",
+           "is_smooth"]
 
 #: The AOL scales are multiplied by this (``1 - 2^-10``) so that the float32 rescaled weights have float64 norm
 #: below 1 with room for their rounding (see the module docstring).
@@ -262,6 +263,14 @@ def _pair_diff_norms(kernel: Array) -> Array:
     return jnp.where(eye, 0.0, jnp.sqrt(safe))
 
 
+def is_smooth(params: Any) -> bool:
+    """Whether an AOL model's activations are all centred softplus (a ``log_beta`` per activation site, one site
+    per AOL layer): then the network is twice differentiable. Reads the parameter names only (works under jit)."""
+    layers = [n for n in params if _LAYER.match(n)]
+    smooth = [n for n in params if _ACT.match(n) and "log_beta" in params[n]]
+    return len(smooth) >= len(layers)  # an AOL layer whose activation has no log_beta: MinMax, piecewise linear
+
+
 def training_bounds(params: Any, head: str = "head") -> tuple[Array, Array]:
     """Differentiable pairwise bounds ``(L_pair, K_pair)``, each ``(K, K)``, for an AOL model's logit differences.
 
@@ -278,11 +287,9 @@ def training_bounds(params: Any, head: str = "head") -> tuple[Array, Array]:
     w = jnp.asarray(params[head]["kernel"], jnp.float32)
     diff = _pair_diff_norms(w) * TRAIN_BOUND_SAFETY
     curv = jnp.zeros((), jnp.float32)
-    layers = [n for n in params if _LAYER.match(n)]
-    smooth = [n for n in params if _ACT.match(n) and "log_beta" in params[n]]
-    if len(smooth) < len(layers):  # a layer whose activation has no log_beta: MinMax, piecewise linear
+    if not is_smooth(params):
         curv = jnp.asarray(jnp.inf, jnp.float32)
-    for name in smooth:
+    for name in (n for n in params if _ACT.match(n) and "log_beta" in params[n]):
         curv = curv + jnp.sum(beta_from_log(params[name]["log_beta"])) / 4.0
     k_pair = jnp.where(diff > 0, diff * curv, 0.0)  # 0 * inf = 0 on the diagonal
     return diff, k_pair

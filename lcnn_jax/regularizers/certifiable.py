@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lcnn_jax.nn.lipschitz import check_lipschitz_params, training_bounds
+from lcnn_jax.nn.lipschitz import check_lipschitz_params, is_smooth, training_bounds
 from lcnn_jax.regularizers.base import Regularizer
 from lcnn_jax.types import ApplyFn, Array, Batch, Params, PRNGKey
 
@@ -140,8 +140,8 @@ def curvature_penalty(coeff: float = 1e-2, *, head: str = "head") -> Regularizer
 
     def init(key: PRNGKey, params: Params, batch: Batch) -> dict:
         del key, batch
-        _, pair_k = training_bounds(params, head)
-        if not bool(jnp.all(jnp.isfinite(pair_k))):
+        check_lipschitz_params(params, head)
+        if not is_smooth(params):
             raise ValueError("crt: the model's curvature bound is infinite (a piecewise-linear activation such as "
                              "MinMax); build it with model.kwargs.activation='centered_softplus'.")
         return {"coeff": jnp.asarray(coeff, jnp.float32)}
