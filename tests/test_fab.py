@@ -100,3 +100,26 @@ def test_fab_targeted_stepwise_equals_traced_and_rejects_bad_arguments(x64):
                        (dict(eta=0.9), "eta"), (dict(key=None), "key")):
         with pytest.raises(ValueError, match=match):
             attacks.fab(lambda x: logits_fn(p, x), xs, ys, **{**kw, **bad})
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_untargeted_fab_finds_the_closest_boundary_of_a_ten_class_linear_classifier(norm, x64):
+    """The exact distance to the decision boundary is min_j m_j / ||w_y - w_j||_* (dual norm); with no overshoot
+    FAB's first linearisation is exact, so the point it returns lies at that distance (1e-6 relative)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 10))
+    xs = rng.uniform(0.4, 0.6, (12, 64))
+    logits_fn = lambda x: (x - 0.5) @ jnp.asarray(w)  # noqa: E731
+    z = (xs - 0.5) @ w
+    ys = np.argmax(z, -1)
+    dw = w[:, ys].T[:, None, :] - w.T[None, :, :]
+    q = (z[np.arange(12), ys][:, None] - z) / np.maximum(np.linalg.norm(dw, ord=1 if norm == "linf" else 2, axis=-1),
+                                                         1e-300)
+    q[np.arange(12), ys] = np.inf
+    dist = q.min(1)
+    out = attacks.fab(logits_fn, jnp.asarray(xs), jnp.asarray(ys), norm=norm, eps=10.0, key=jax.random.key(0),
+                      num_steps=2, eta=1.0 + 1e-9)
+    d = np.asarray(out) - xs
+    size = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
+    np.testing.assert_allclose(size, dist, rtol=1e-6)
+    assert np.all(np.asarray(jnp.argmax(logits_fn(out), -1)) != ys)
