@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcnn_jax import compare  # noqa: E402
+from lcnn_jax.compare import run as compare_run  # noqa: E402  (where run_compare looks its helpers up)
 from lcnn_jax.train import sweep  # noqa: E402
 from lcnn_jax.configs import apply_overrides, load_config  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
     pytest-xdist never runs the compare twice in parallel workers."""
     workdir = str(tmp_path / "compare")
     built, real = [], compare.Measurer
-    monkeypatch.setattr(compare, "Measurer", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(compare_run, "Measurer", lambda *a, **k: built.append(a[0]) or real(*a, **k))
     run = (workdir, compare.run_compare(tiny_config(), workdir))
     assert len(built) == 1  # standard and datagrad train the same MLP: one compiled measurement suite
     monkeypatch.undo()
@@ -188,8 +189,8 @@ def check_rerun_recomputes_nothing(run, monkeypatch):
             return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(compare, "train_method", spy("train", compare.train_method))
-    monkeypatch.setattr(compare, "measure_cell", spy("measure", compare.measure_cell))
+    monkeypatch.setattr(compare_run, "train_method", spy("train", compare.train_method))
+    monkeypatch.setattr(compare_run, "measure_cell", spy("measure", compare.measure_cell))
     monkeypatch.setattr(sweep, "fit_sweep", spy("fit_sweep", sweep.fit_sweep))
     mtimes = {m: os.path.getmtime(os.path.join(workdir, "cells", m, "seed0.json")) for m in METHODS}
     again = compare.run_compare(tiny_config(), workdir)
@@ -212,7 +213,7 @@ def check_a_missing_cell_is_measured_again_from_the_checkpoint_without_training(
     with open(path) as fh:
         before = json.load(fh)
     os.remove(path)
-    monkeypatch.setattr(compare, "measure_cell", spy("measure", compare.measure_cell))
+    monkeypatch.setattr(compare_run, "measure_cell", spy("measure", compare.measure_cell))
     monkeypatch.setattr(sweep, "fit_sweep", spy("fit_sweep", sweep.fit_sweep))
     compare.run_compare(tiny_config(), workdir)
     assert calls == {"measure": 1, "fit_sweep": 0}

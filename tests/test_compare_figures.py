@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 from lcnn_jax import compare  # noqa: E402
+from lcnn_jax.compare import figures as compare_figures  # noqa: E402  (its private helpers are tested here)
 
 COLS = [{"name": n, "label": n, "direction": None} for n in
         ("test_accuracy", "pgd_l2_1", "pgd_linf_0.1", "noise_0.5", "curvature", "jacobian_frobenius")]
@@ -43,9 +44,9 @@ def test_axis_labels_are_readable():
 
 @pytest.mark.parametrize("lo,hi", [(1.3, 5.0), (3.2, 11.0), (0.02, 40.0), (2.0, 2.6), (1e-3, 1e4), (2.01, 2.04)])
 def test_log_ticks_are_plain_numbers_inside_the_range(lo, hi):
-    ticks = compare._plain_log_ticks(lo, hi)
+    ticks = compare_figures._plain_log_ticks(lo, hi)
     assert 2 <= len(ticks) <= 8 and all(lo <= t <= hi for t in ticks)
-    assert all("e" not in compare._format_tick(t) for t in ticks if 1e-4 <= t < 1e6)
+    assert all("e" not in compare_figures._format_tick(t) for t in ticks if 1e-4 <= t < 1e6)
 
 
 def test_figure_has_title_labels_plain_ticks_visible_markers_and_outside_legend():
@@ -90,4 +91,4 @@ def test_plot_results_names_the_run_from_its_directory_and_results(tmp_path):
     paths = compare.plot_results(str(workdir), _agg(), COLS, robust_column="pgd_l2_1")
     assert [os.path.basename(p) for p in paths] == ["accuracy_vs_curvature.png", "robustness_vs_jacobian.png"]
     assert all(os.path.getsize(p) > 10_000 for p in paths)
-    assert compare._run_title(str(workdir)) == ("compare_two", "mnist5k, small_cnn, 2 seed(s)")
+    assert compare_figures._run_title(str(workdir)) == ("compare_two", "mnist5k, small_cnn, 2 seed(s)")
