@@ -49,7 +49,8 @@ import numpy as np
 from jax import lax
 
 from lcnn_jax.attacks.base import (Clip, LogitsFn, NO_PARAMS, attack_unroll, bind, box, check_clip, check_inputs,
-                                   check_nonneg, check_step_count, chunks, cross_entropy, pad, per_example, project)
+                                   check_nonneg, check_step_count, chunks, cross_entropy, pad, per_example, project,
+                                   SEGMENT)
 from lcnn_jax.autodiff import check_positive_int, safe_norm
 from lcnn_jax.types import Array, PRNGKey
 
@@ -385,7 +386,7 @@ def _apgd_result(carry, x0, schedule):
 
 
 #: Iterations per compiled segment of :func:`apgd_stepwise`.
-APGD_SEGMENT = 5
+APGD_SEGMENT = SEGMENT  # lcnn_jax.loops.HOST_SEGMENT
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from lcnn_jax.autodiff import check_example_batch, check_labels, safe_norm
-from lcnn_jax.estimators import auto_unroll
+from lcnn_jax.loops import HOST_SEGMENT, auto_unroll
 from lcnn_jax.types import Array
 
 LogitsFn = Callable[[Array], Array]
@@ -66,7 +66,7 @@ def input_grad(logits_fn: LogitsFn, xs: Array, ys: Array) -> Array:
 
 def attack_unroll(num_steps: int, unroll: int | bool | None = None) -> int | bool:
     """The ``unroll`` of an attack's step loop: the user's choice if given, else the estimators' rule
-    (:func:`lcnn_jax.estimators.auto_unroll`): fully unrolled for at most ``MAX_AUTO_UNROLL`` (20) steps, a rolled
+    (:func:`lcnn_jax.loops.auto_unroll`): fully unrolled for at most ``MAX_AUTO_UNROLL`` (20) steps, a rolled
     loop beyond. Measured on XLA:CPU (``experiments/bench_attack_unroll.py``: PGD-Linf, 20 steps, small CNN at width
     0.5, 512 images, weights as arguments):
     rolled 16.1 s, 5 steps per iteration 16.3 s, fully unrolled 5.0 s, for 1.4 / 1.6 / 3.2 s of compilation; a
@@ -120,7 +120,7 @@ def check_step_count(num_steps, name: str = "num_steps") -> None:
 # ------------------------------------------------------------------------------------------------
 
 #: Iterations per compiled segment when an attack is driven from the host (:func:`drive_segments`).
-SEGMENT = 5
+SEGMENT = HOST_SEGMENT  # lcnn_jax.loops decides it for every host-driven loop
 
 
 @functools.lru_cache(maxsize=64)
