@@ -28,7 +28,7 @@ import numpy as np
 from lcnn_jax.errors import ConfigError
 
 __all__ = ["MAX_AUTO_UNROLL", "HOST_SEGMENT", "MEMBER_LOOPS", "MAX_UNROLLED_MEMBERS", "auto_unroll",
-           "default_platform", "uses_convolution", "check_member_loop", "member_loop"]
+           "default_platform", "uses_convolution", "check_member_loop", "member_loop", "is_traced", "host_loop"]
 
 #: Loops of at most this many iterations are unrolled by default (see :func:`auto_unroll`). Tests set it to 0,
 #: since they compile unoptimised and unrolling only multiplies their compile time.
@@ -105,3 +105,23 @@ def member_loop(requested: str, *, platform: str, member_shards: int, num_member
     if platform != "cpu" or member_shards != 1 or num_members > MAX_UNROLLED_MEMBERS:
         return "vmap"
     return "unroll" if (convolves() if callable(convolves) else convolves) else "vmap"
+
+
+def is_traced(tree) -> bool:
+    """Whether any leaf of ``tree`` is a tracer (the caller runs inside ``jit``/``vmap``/``grad``), where a loop
+    cannot be driven from the host."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def host_loop(requested: bool | None, fn: Callable, *args) -> bool:
+    """Whether an estimator's loop of matvecs of ``fn`` runs from the host, one compiled matvec called per
+    iteration, instead of as one traced loop. ``requested`` (True / False) is returned as is; ``None`` picks the
+    host loop on the CPU when ``args`` are concrete arrays (not inside a trace) and ``fn(*args)`` convolves: there
+    a rolled loop runs the backward convolutions on XLA:CPU's slow path and an unrolled one compiles every
+    iteration (minutes for a ResNet), while the host loop compiles one matvec. Cost of the decision: one trace of
+    ``fn`` (only on the CPU, outside a trace)."""
+    if requested is not None:
+        return bool(requested)
+    if is_traced(args) or default_platform() != "cpu":
+        return False
+    return uses_convolution(fn, *args)

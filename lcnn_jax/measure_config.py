@@ -39,6 +39,9 @@ def measure_defaults() -> ml_collections.ConfigDict:
         hessian_lanczos_iters=20,  # Lanczos steps (the cap when hessian_tol is set)
         # relative tolerance of both parameter-Hessian items: the trace's standard error, the eigenvalue's residual
         hessian_tol=ml_collections.FieldReference(None, field_type=float),
+        # probes and Lanczos steps driven from the host with one compiled HVP (True), as one compiled program
+        # (False), or None: lcnn_jax.loops.host_loop decides (the host on the CPU for a convolutional net)
+        hessian_host_loop=ml_collections.FieldReference(None, field_type=bool),
         pgd_linf_eps=(0.1,),  # attack radii, L-inf and L2, of every attack in robust_attacks
         pgd_l2_eps=(1.0, 2.0),
         # "apgd": per-example worst case of APGD with each loss of apgd_losses (Croce & Hein 2020, the core of

@@ -32,9 +32,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from lcnn_jax import attacks
+from lcnn_jax import attacks, loops
 from lcnn_jax.batching import map_chunks
-from lcnn_jax.estimators import MIN_TOL_PROBES
+from lcnn_jax.estimators import MIN_TOL_PROBES, hutchinson_trace, lanczos_top_eigenvalues
 from lcnn_jax.measures import (gradient_stability, hessian_top_eigenvalues, hessian_trace, input_curvature,
                                jacobian_frobenius, local_lipschitz)
 
@@ -345,11 +345,22 @@ def parameter_hessian(model, variables, xs, ys, cfg, key) -> dict:
     mean of its probes, ``std(ddof=1) / sqrt(n)``; a negative trace also gets ``nonnegative`` (whether the exact
     trace is >= 0 for this network, :func:`linear_in_each_parameter`), read by :func:`trace_warning`."""
     tol = cfg.get("hessian_tol")
-    program = _parameter_hessian_program(model, int(cfg.hessian_probes), int(cfg.hessian_lanczos_iters),
-                                         None if tol is None else float(tol))
+    tol = None if tol is None else float(tol)
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
-    trace, top = jax.device_get(program(params, rest, xs, ys, key))
+    hvp = _parameter_hvp_program(model)
+    if loops.host_loop(cfg.get("hessian_host_loop"), lambda p: hvp(p, rest, xs, ys, p), params):
+        # one compiled HVP, the probes and Lanczos steps from the host (lcnn_jax.loops.host_loop): the same
+        # estimates as the one-program path below, without compiling every probe of a convolutional net
+        k1, k2 = jax.random.split(key)
+        matvec = lambda v: hvp(params, rest, xs, ys, v)  # noqa: E731
+        trace = hutchinson_trace(matvec, k1, params, int(cfg.hessian_probes), host_loop=True, tol=tol)
+        top = lanczos_top_eigenvalues(matvec, k2, params, 1, int(cfg.hessian_lanczos_iters), host_loop=True,
+                                      tol=tol)
+        trace, top = jax.device_get((trace, top))
+    else:
+        program = _parameter_hessian_program(model, int(cfg.hessian_probes), int(cfg.hessian_lanczos_iters), tol)
+        trace, top = jax.device_get(program(params, rest, xs, ys, key))
     lam, res = float(top.eigenvalues[0]), float(top.residuals[0])
     conv = lambda c: None if c is None else bool(c)  # noqa: E731
     tr = {"mean": float(trace.estimate), "se": float(trace.standard_error), "n": int(trace.num_probes),
@@ -432,6 +443,25 @@ def _second_derivatives_program(model) -> Callable:
         return jax.numpy.stack(out)
 
     return run
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_hvp_program(model) -> Callable:
+    """``hvp(params, rest, xs, ys, v)``: the parameter-Hessian-vector product of the mean CE, one jitted program
+    per model (forward-over-reverse)."""
+    from lcnn_jax.nn import mode_kwargs
+
+    eval_kw = mode_kwargs(model, train=False)
+
+    @jax.jit
+    def hvp(params, rest, xs, ys, v):
+        def loss(p):
+            logits = model.apply({"params": p, **rest}, xs, **eval_kw)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+
+        return jax.jvp(jax.grad(loss), (params,), (v,))[1]
+
+    return hvp
 
 
 @functools.lru_cache(maxsize=None)

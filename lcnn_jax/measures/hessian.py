@@ -64,6 +64,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from lcnn_jax import loops
 from lcnn_jax.autodiff import check_positive_int, linearized_param_hvp
 from lcnn_jax.estimators import (
     MIN_TOL_PROBES,
@@ -91,6 +92,13 @@ def _hvp(loss_fn: Callable[[Params], Array], params: Params) -> Callable[[Params
     _check_params(params)
     _, hvp = linearized_param_hvp(loss_fn, params)
     return hvp
+
+
+def _jitted_hvp(loss_fn: Callable[[Params], Array], params: Params) -> Callable[[Params], Params]:
+    """``v -> H v`` as ONE compiled program (forward-over-reverse), for loops driven from the host."""
+    _check_params(params)
+    hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss_fn), (p,), (v,))[1])
+    return lambda v: hvp(params, v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +210,7 @@ def hessian_trace(
     chunk_size: int | None = None,
     tol: float | None = None,
     min_probes: int = MIN_TOL_PROBES,
+    host_loop: bool | None = None,
 ) -> TraceEstimate:
     """Hutchinson estimate of ``tr(d^2 loss / d params^2)``: a :class:`~lcnn_jax.estimators.TraceEstimate`, which
     unpacks as ``(estimate, standard_error)`` and has ``num_probes`` and ``converged``.
@@ -214,6 +223,10 @@ def hessian_trace(
     ``<= tol * |estimate|`` (PyHessian stops on the relative change of the mean instead), ``num_probes`` being
     the cap; see :func:`lcnn_jax.estimators.hutchinson_trace`. The probes are those of the fixed-count run.
 
+    ``host_loop``: run the probes from the host, one compiled HVP called per probe (the same probes and values).
+    ``None`` decides by :func:`lcnn_jax.loops.host_loop`: on the CPU, called outside ``jit`` on a loss that
+    convolves, so that a one-shot call compiles one HVP instead of ``num_probes`` unrolled ones.
+
     With ``data=`` (the data-set mode of the module docstring, ``loss_fn(params, batch) -> (B,)``): the same
     probes ``z_p`` (``fold_in(key, p)``) for every chunk, ``z_p^T H z_p = (1/N) sum_chunks z_p^T H_chunk z_p``,
     so ONE pass over the data (a generator is fine), each chunk one linearisation and ``num_probes`` HVPs. With
@@ -224,6 +237,9 @@ def hessian_trace(
     min_probes = check_positive_int(min_probes, "min_probes")
     _check_data_mode(loss_fn, params, data, chunk_size)
     if data is None:
+        if loops.host_loop(host_loop, loss_fn, params):
+            return hutchinson_trace(_jitted_hvp(loss_fn, params), key, params, num_probes, host_loop=True, tol=tol,
+                                    min_probes=min_probes)
         return hutchinson_trace(_hvp(loss_fn, params), key, params, num_probes, batch_size=batch_size,
                                 unroll=unroll, tol=tol, min_probes=min_probes)
     batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
@@ -272,6 +288,7 @@ def hessian_top_eigenvalues(
     data: Any = None,
     chunk_size: int | None = None,
     tol: float | None = None,
+    host_loop: bool | None = None,
 ) -> EigenResult:
     """Top-``k`` Hessian eigenpairs by Lanczos with full reorthogonalisation.
 
@@ -285,6 +302,9 @@ def hessian_top_eigenvalues(
     ``<= tol * |lambda|`` (``num_iters`` is then the cap; ``converged`` says whether it was reached). PyHessian
     stops its power iteration on the relative change of the eigenvalue; the residual is a bound, not a change.
 
+    ``host_loop``: the Lanczos steps from the host, one compiled HVP called per step; ``None`` decides as for
+    :func:`hessian_trace`.
+
     With ``data=`` (data-set mode, ``loss_fn(params, batch) -> (B,)``): ``num_iters`` passes over the data,
     one :func:`dataset_hvp` product each; the Lanczos steps run in a host loop (``unroll`` is ignored).
     """
@@ -292,6 +312,9 @@ def hessian_top_eigenvalues(
     num_iters = max(2 * k + 20, 30) if num_iters is None else check_positive_int(num_iters, "num_iters")
     _check_data_mode(loss_fn, params, data, chunk_size)
     if data is None:
+        if loops.host_loop(host_loop, loss_fn, params):
+            return lanczos_top_eigenvalues(_jitted_hvp(loss_fn, params), key, params, k, num_iters, which=which,
+                                           host_loop=True, tol=tol)
         return lanczos_top_eigenvalues(_hvp(loss_fn, params), key, params, k, num_iters, which=which,
                                        unroll=unroll, tol=tol)
     return lanczos_top_eigenvalues(DatasetHVP(loss_fn, params, data, chunk_size=chunk_size), key, params, k,
