@@ -445,6 +445,12 @@ def _second_derivatives_program(model) -> Callable:
     return run
 
 
+def _mean_ce(model, eval_kw: dict, params, *, rest, xs, ys):
+    """The mean cross-entropy of ``model`` (eval mode) on ``(xs, ys)`` as a function of its parameters."""
+    logits = model.apply({"params": params, **rest}, xs, **eval_kw)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+
+
 @functools.lru_cache(maxsize=None)
 def _parameter_hvp_program(model) -> Callable:
     """``hvp(params, rest, xs, ys, v)``: the parameter-Hessian-vector product of the mean CE, one jitted program
@@ -455,10 +461,7 @@ def _parameter_hvp_program(model) -> Callable:
 
     @jax.jit
     def hvp(params, rest, xs, ys, v):
-        def loss(p):
-            logits = model.apply({"params": p, **rest}, xs, **eval_kw)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
-
+        loss = functools.partial(_mean_ce, model, eval_kw, rest=rest, xs=xs, ys=ys)
         return jax.jvp(jax.grad(loss), (params,), (v,))[1]
 
     return hvp
@@ -472,10 +475,7 @@ def _parameter_hessian_program(model, probes: int, lanczos_iters: int, tol: floa
 
     @jax.jit
     def run(params, rest, xs, ys, key):
-        def loss(p):
-            logits = model.apply({"params": p, **rest}, xs, **eval_kw)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
-
+        loss = functools.partial(_mean_ce, model, eval_kw, rest=rest, xs=xs, ys=ys)
         k1, k2 = jax.random.split(key)
         return (hessian_trace(loss, params, key=k1, num_probes=probes, tol=tol),
                 hessian_top_eigenvalues(loss, params, key=k2, k=1, num_iters=lanczos_iters, tol=tol))
