@@ -17,9 +17,13 @@ def row(variant: str) -> str | None:
     cert_path = os.path.join(RESULTS, f"{variant}.json")
     if not os.path.isfile(cert_path):
         return None
-    rep = json.load(open(cert_path))
+    with open(cert_path) as f:
+        rep = json.load(f)
     train = os.path.join(RUNS, variant, "results.json")
-    wall = json.load(open(train)).get("wall_time_s") if os.path.isfile(train) else None
+    wall = None
+    if os.path.isfile(train):
+        with open(train) as f:
+            wall = json.load(f).get("wall_time_s")
     radii = rep["radii"]
     cert = " / ".join(f"{100 * e['certified']:.1f}" for e in radii.values())
     apgd = " / ".join("-" if e["robust_apgd"] is None else f"{100 * e['robust_apgd']:.1f}" for e in radii.values())

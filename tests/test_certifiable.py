@@ -5,8 +5,6 @@ at random, data and adversarial points; APGD with restarts at the certified radi
 and smooth); a fine grid search for the true distance to the decision boundary of a 2-D toy classifier; the
 certified bound of lcnn_jax.measures.curvature_bound for the training-time bound.
 """
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -82,7 +82,7 @@ def aol_dense_kernel(kernel: Array) -> Array:
 def aol_conv_scales(kernel: Array) -> Array:
     """Per input channel ``d_i = (1 - 2^-10) (sum_{o, j} |R[o](i, j)|)^(-1/2)`` for an HWIO kernel, ``R`` its
     autocorrelation (see the module docstring), computed as one convolution of the kernel with itself."""
-    kh, kw, cin, cout = kernel.shape
+    kh, kw = kernel.shape[:2]
     lhs = jnp.transpose(kernel, (2, 0, 1, 3))  # (C_in as batch, kh, kw, C_out as channels)
     rhs = jnp.transpose(kernel, (0, 1, 3, 2))  # HWIO with C_out -> C_in
     r = lax.conv_general_dilated(lhs, rhs, window_strides=(1, 1), padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
