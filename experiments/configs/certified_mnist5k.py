@@ -14,7 +14,7 @@ Variants (the argument after the colon; the default is ``gloro_mlp``, the networ
 * ``crt``          ``aol_mlp`` with centred softplus (smooth; curvature bound ``||w_i - w_j|| sum b / 4``) trained
                    with the margin loss and the CRT curvature penalty (coeff 1e-2), for the second-order certificate.
 * ``gloro_cnn``    ``aol_cnn`` (AOL convolutions 16, 16/2, 32, 32/2, AOL dense 256, MinMax) with the GloRo loss,
-                   60 epochs (an AOL convolution step is ~20x an MLP step on a CPU).
+                   60 epochs (an AOL convolution step is ~15x an MLP step on a CPU).
 * ``standard`` / ``lcnn`` / ``clip``  our existing methods (``quickstart``'s small CNN; ``lcnn_mnist5k.py:lcnn``;
                    ``clip_mnist5k.py:clip90``), certified the same way.
 
