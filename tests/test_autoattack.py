@@ -116,6 +116,7 @@ def _tanh_net(seed, d, h, k):
     return lambda xs: jnp.tanh(xs.reshape(xs.shape[0], -1) @ jnp.asarray(w1, xs.dtype)) @ jnp.asarray(w2, xs.dtype)
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 @pytest.mark.parametrize("norm,eps,loss,n_iter", [("linf", 0.08, "ce", 50), ("linf", 0.08, "dlr", 50),
                                                   ("l2", 0.6, "ce", 40)])
 def test_apgd_reference_schedule_equals_a_numpy_restatement_of_the_reference_loop(norm, eps, loss, n_iter, x64):
@@ -203,6 +204,7 @@ def _check_claims(logits_fn, p, xs, ys, res, norm, eps):
     assert set(res.broken_by[broken]) <= set(attacks.AUTOATTACK_STAGES) and set(res.broken_by[res.robust]) == {""}
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_autoattack_breaks_every_point_closer_than_0_9_eps_of_a_linear_classifier(norm):
     logits_fn, w, xs, ys, dist = _linear10()
@@ -240,6 +242,7 @@ def test_plus_version_runs_its_six_stages_in_the_reference_order():
     assert log[0]["points"] == 12 and (~res.robust).sum() == sum(r["broken"] for r in log)
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_only_square_breaks_a_gradient_masked_classifier():
     """The same classifier behind stop_gradient: APGD and FAB see a zero gradient and find nothing on points at
     0.35-0.7 eps (APGD's random start cannot reach them), Square breaks >= 80 % of them."""
@@ -285,6 +288,7 @@ def test_autoattack_rejects_bad_input_before_compiling(caplog):
         assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_measure_reports_autoattack_columns_and_which_stage_broke_how_many():
     from lcnn_jax import compare, report
     from lcnn_jax.nn import make_model

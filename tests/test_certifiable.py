@@ -169,6 +169,7 @@ def test_lipschitz_and_curvature_bounds_exceed_dense_float64_derivatives(x64, ac
                     assert hn <= pk[i, j] * (1 + 1e-9)
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_second_order_radius_is_below_the_true_distance_on_a_2d_toy():
     """A smooth 2-D classifier; the true distance to its boundary by a fine polar grid search."""
     rng = np.random.default_rng(0)

@@ -59,6 +59,7 @@ def _binary(seed, n, d=64):
     return logits_fn, xs, ys, closest
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_returns_the_exact_minimum_norm_point_of_a_binary_linear_classifier(norm, x64):
     logits_fn, xs, ys, closest = _binary(1, 6)
@@ -80,6 +81,7 @@ def test_fab_returns_the_exact_minimum_norm_point_of_a_binary_linear_classifier(
     np.testing.assert_array_equal(np.asarray(small), xs)
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_fab_targeted_stepwise_equals_traced_and_rejects_bad_arguments(x64):
     rng = np.random.default_rng(2)
     w = rng.standard_normal((16, 5))

@@ -69,6 +69,7 @@ def test_minmax_jacobian_is_a_permutation_and_one_lipschitz(x64):
     assert bool(jnp.all(num <= jnp.linalg.norm(ys - zs, axis=1) * (1 + 1e-12)))
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("aol_mlp", {"widths": (16, 8)}, (6, 6, 1)),
     ("aol_cnn", {"channels": (4, 6), "dense_widths": (8,)}, (8, 8, 1)),

@@ -46,6 +46,7 @@ def test_host_loop_rule(x64):
     assert seen == [False]
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_host_driven_hessian_estimates_equal_the_traced_ones(x64):
     loss, params = _conv_loss()
     key = jax.random.PRNGKey(3)
@@ -63,6 +64,7 @@ def test_host_driven_hessian_estimates_equal_the_traced_ones(x64):
     np.testing.assert_allclose(a.eigenvalues[0], np.linalg.eigvalsh(np.asarray(dense))[-1], rtol=1e-6)
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_report_parameter_hessian_host_path_equals_the_one_program_path():
     model = make_model("small_cnn", 10, width_mult=0.125)
     xs = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))

@@ -105,6 +105,7 @@ def _python_block(text: str, marker: str) -> str:
     return _fenced_after(text, marker)
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_readme_tour_runs_and_matches_the_guide(capsys):
     tour = _python_block(_read("README.md"), "<!-- tour:")
     assert tour == _python_block(_read("docs", "guide", "measuring.md"), "<!-- tour:"), (

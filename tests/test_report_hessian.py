@@ -43,6 +43,7 @@ def _cfg(probes: int):
     return cfg
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 def test_trace_se_is_the_standard_error_of_the_probes(x64):
     model, variables, xs, ys = _tiny("softplus")
     key = jax.random.key(3)

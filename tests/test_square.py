@@ -20,6 +20,7 @@ def test_square_sides_follow_the_reference_schedule():
     assert [s for s, _, _ in attacks.square_sizes(5000, (32, 32, 3), "l2")] == [29, 21, 15, 11, 7, 5, 3]
 
 
+@pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5)])
 def test_square_stays_in_ball_and_box_and_stepwise_equals_traced(norm, eps):
     rng = np.random.default_rng(0)
