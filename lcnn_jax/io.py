@@ -8,9 +8,11 @@ the previous one, never half of one. Scripts that skip finished work ask :func:`
 
 Example::
 
+    import os, tempfile
     from lcnn_jax import io
-    io.write_json_atomic("out/row.json", {"settings": settings, "accuracy": 0.97})
-    done = io.load_if_matches("out/row.json", settings)     # the dict, or None: recompute
+    path, settings = os.path.join(tempfile.mkdtemp(), "row.json"), {"epochs": 3, "seeds": (0, 1)}
+    io.write_json_atomic(path, {"settings": settings, "accuracy": 0.97})
+    done = io.load_if_matches(path, settings)               # the dict, or None: recompute
     mean, std = io.mean_std([0.97, 0.96, None])             # (0.965, 0.00707...): None values left out
 """
 from __future__ import annotations

@@ -45,8 +45,9 @@ SLOW = {
     "lcnn_jax.report": "needs a trained run at runs/quickstart and compiles the full measurement suite",
 }
 NOT_EXECUTED = {
-    "lcnn_jax.training": "trains the quickstart config (8 epochs, ~3 minutes on 2 CPU cores)",
-    "lcnn_jax.sweep": "trains 9 networks (3 seeds x 3 coefficients)",
+    "lcnn_jax.train": "trains the quickstart config (8 epochs, ~3 minutes on 2 CPU cores)",
+    "lcnn_jax.train.single": "trains the quickstart config (8 epochs, ~3 minutes on 2 CPU cores)",
+    "lcnn_jax.train.sweep": "trains 9 networks (3 seeds x 3 coefficients)",
     "lcnn_jax.compare": "trains and measures two methods of the compare config",
     "lcnn_jax.runs": "lists and loads the members of a trained sweep at runs/sweep (tests/test_cli_runs.py trains "
                      "and measures one)",

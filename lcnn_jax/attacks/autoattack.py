@@ -28,11 +28,16 @@ iterations of 2 forward and K (FAB-T: 1) backward passes; Square ``num_queries +
 Example::
 
     import jax
+    import jax.numpy as jnp
     from lcnn_jax import attacks
 
-    res = attacks.autoattack(lambda v, xs: model.apply(v, xs), xs, ys, norm="linf", eps=0.1,
-                             key=jax.random.key(0), params=variables)
-    res.robust.mean(), res.per_stage        # {'clean': 0.98, 'apgd-ce': 0.71, 'apgd-t': 0.69, ...}
+    w = 0.1 * jax.random.normal(jax.random.key(0), (64, 10))
+    apply = lambda v, xs: xs.reshape(len(xs), -1) @ v           # any batched model; its weights an argument
+    xs = jax.random.uniform(jax.random.key(1), (8, 8, 8, 1))    # 8 images in [0, 1]
+    ys = jnp.argmax(apply(w, xs), axis=-1)                       # labels the model gets right
+    res = attacks.autoattack(apply, xs, ys, norm="l2", eps=0.5, key=jax.random.key(2), params=w,
+                             num_steps=10, num_queries=100)      # the reference's: 100 steps, 5000 queries
+    print(res.robust.mean(), res.per_stage)                      # {'clean': 1.0, 'apgd-ce': ..., 'square': ...}
 """
 from __future__ import annotations
 

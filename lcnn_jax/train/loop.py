@@ -8,7 +8,7 @@ checkpointing every ``train.checkpoint_every`` steps and at the end. What differ
 stacked ones (how batches are drawn and placed, the compiled step, what a divergence does, how metrics are
 summarised) is in the hooks; everything else, and so every fix to it, is written once here.
 
-Example (what ``fit`` does, in short)::
+What :func:`~lcnn_jax.train.fit` does, in short (a sketch; the hooks are written out in ``single.py``)::
 
     state, run = open_run(workdir, config, replicate(fresh_state, mesh), start_of=lambda s: int(s.step))
     state, step, seconds = train_loop(state, LoopHooks(...), setup=setup, tcfg=config.train, run=run)
