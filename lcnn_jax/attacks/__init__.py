@@ -17,19 +17,7 @@ One module per family, every public name re-exported here:
 
 For evaluation prefer :func:`autoattack` (``version="standard"``: APGD-CE, APGD-T, FAB-T, Square, each run only on
 the points still robust); :func:`apgd` with the worst case over CE and DLR is its cheaper core; fixed-step :func:`pgd`
-can overstate robustness. Example::
-
-    import jax
-    import jax.numpy as jnp
-    from lcnn_jax import attacks
-
-    w = 0.1 * jax.random.normal(jax.random.key(0), (64, 10))
-    apply = lambda v, xs: xs.reshape(len(xs), -1) @ v           # any batched model; its weights an argument
-    xs = jax.random.uniform(jax.random.key(1), (8, 8, 8, 1))    # 8 images in [0, 1]
-    ys = jnp.argmax(apply(w, xs), axis=-1)                       # labels the model gets right
-    res = attacks.autoattack(apply, xs, ys, norm="l2", eps=0.5, key=jax.random.key(2), params=w,
-                             num_steps=10, num_queries=100)      # the reference's: 100 steps, 5000 queries
-    print(res.robust.mean(), res.per_stage)                      # {'clean': 1.0, 'apgd-ce': ..., 'square': ...}
+can overstate robustness. :func:`autoattack`'s docstring has a runnable example.
 """
 from lcnn_jax.attacks.base import Clip, LogitsFn, attack_unroll, cross_entropy
 from lcnn_jax.attacks.pgd import (MNIST_MEAN, MNIST_STD, accuracy, fgsm, gaussian_noise, gaussian_noise_normalized, pgd,

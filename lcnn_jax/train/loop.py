@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -26,10 +27,13 @@ from lcnn_jax.io import MetricsLog, is_no_space, write_json_atomic
 from lcnn_jax.regularizers.base import Regularizer
 from lcnn_jax.train.checkpoint import Checkpointer, kept_message
 from lcnn_jax.train.distributed import is_primary
-from lcnn_jax.train.rundir import previous_wall_time
+from lcnn_jax.train.rundir import finished_results, previous_wall_time
 from lcnn_jax.types import Array
 
-__all__ = ["LoopHooks", "OpenRun", "open_run", "train_loop", "progress_bar", "apply_epoch_end_hooks"]
+_log = logging.getLogger(__name__)
+
+__all__ = ["LoopHooks", "OpenRun", "open_run", "already_finished", "train_loop", "progress_bar",
+           "apply_epoch_end_hooks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +96,20 @@ def open_run(workdir: str, config, state, *, start_of: Callable[[Any], int]) -> 
                      write=primary)
     elapsed = previous_wall_time(workdir) if start else 0.0
     return state, OpenRun(workdir, ckpt, log, start, step is not None, elapsed)
+
+
+def already_finished(run: OpenRun, total_steps: int, results_file: str, what: str) -> dict | None:
+    """The stored results of a finished run (``{..., "already_finished": True}``), ``run.ckpt`` then closed, or
+    None (train on). Finished: the newest *intact* checkpoint (what :func:`open_run` restored, so a damaged final
+    checkpoint is retrained) is the last step, and ``results_file`` was written at that step
+    (:func:`~lcnn_jax.train.rundir.finished_results`). Nothing is written either way."""
+    done = finished_results(run.workdir, results_file)
+    if done is None or not run.resumed or not run.start == total_steps == done.get("steps"):
+        return None
+    run.ckpt.close()
+    _log.warning("%s holds this %s, finished at step %d; nothing was trained or written.", run.workdir, what,
+                 run.start)
+    return {**done, "already_finished": True}
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):

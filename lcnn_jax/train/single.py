@@ -27,9 +27,8 @@ from lcnn_jax.io import is_no_space, write_json_atomic
 from lcnn_jax.regularizers.base import Regularizer
 from lcnn_jax.train.distributed import (is_primary, jit_eval_step, jit_train_step, place_global, replicate, to_host)
 from lcnn_jax.train.evaluation import dead_network_report, evaluate
-from lcnn_jax.train.loop import LoopHooks, apply_epoch_end_hooks, open_run, train_loop
-from lcnn_jax.train.rundir import (check_run_dir, check_workdir_is_ours, checkpoint_steps, finished_results,
-                                   show_value, workdir_lock)
+from lcnn_jax.train.loop import LoopHooks, already_finished, apply_epoch_end_hooks, open_run, train_loop
+from lcnn_jax.train.rundir import (check_run_dir, check_workdir_is_ours, checkpoint_steps, show_value, workdir_lock)
 from lcnn_jax.train.setup import prepare_run
 from lcnn_jax.train.state import TrainState, create_train_state
 
@@ -100,11 +99,9 @@ def _train(config, workdir: str, changes: dict, t_start: float, setup) -> dict:
     state = create_train_state(setup.model, setup.tx, setup.regularizers, jax.random.PRNGKey(int(config.seed)),
                                setup.sample)
     state, run = open_run(workdir, config, replicate(state, mesh), start_of=lambda s: int(s.step))
-    finished = None if changes else finished_results(workdir)
-    if finished is not None and run.resumed and run.start == setup.total_steps == finished.get("steps"):
-        run.ckpt.close()  # the newest intact checkpoint is the final one and results.json belongs to it
-        _log.warning("%s holds this run, finished at step %d; nothing was trained or written.", workdir, run.start)
-        return {**finished, "already_finished": True}
+    finished = None if changes else already_finished(run, setup.total_steps, "results.json", "run")
+    if finished is not None:
+        return finished
     if changes:
         _log.warning("extending the run in %s from step %d: %s.", workdir, run.start,
                      ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changes.items()))

@@ -70,12 +70,12 @@ from lcnn_jax.loops import check_member_loop
 from lcnn_jax.train.distributed import is_primary, put_global, to_host
 from lcnn_jax.train.evaluation import dead_network, evaluation_totals
 from lcnn_jax.train.single import fit
-from lcnn_jax.train.loop import LoopHooks, apply_epoch_end_hooks, open_run, train_loop
+from lcnn_jax.train.loop import LoopHooks, already_finished, apply_epoch_end_hooks, open_run, train_loop
 from lcnn_jax.train.members import (DATA_ORDERS, Member, flatten_grid, init_stacked_state, jit_sweep_eval_step,
                                     jit_sweep_step, member_config, member_state, place_batch, place_state,
                                     resolve_member_loop, stack_states, sweep_layout, sweep_members,
                                     uses_convolution)
-from lcnn_jax.train.rundir import (check_run_dir, check_workdir_is_ours, finished_results, load_trained, read_config,
+from lcnn_jax.train.rundir import (check_run_dir, check_workdir_is_ours, load_trained, read_config,
                                    restore_latest, template_state, workdir_lock)
 from lcnn_jax.train.setup import RunSetup, prepare_run
 from lcnn_jax.train.state import TrainState
@@ -216,12 +216,9 @@ def _train_sweep(config, workdir: str, seeds, members, flat, data_order: str, me
     # orbax restores into the placed state's sharding, each process its own members
     stacked, run = open_run(workdir, config, place_state(stacked, layout),
                             start_of=lambda s: to_host(s.step)[0])
-    finished = finished_results(workdir, "sweep_results.json")
-    if finished is not None and run.resumed and run.start == setup.total_steps == finished.get("steps"):
-        run.ckpt.close()  # the newest intact checkpoint is the final one and the summary belongs to it
-        _log.warning("%s holds this sweep, finished at step %d; nothing was trained or written.", workdir,
-                     run.start)
-        return {**finished, "already_finished": True}
+    finished = already_finished(run, setup.total_steps, "sweep_results.json", "sweep")
+    if finished is not None:
+        return finished
 
     shared = data_order == "shared"
     loop = resolve_member_loop(member_loop, layout, lambda: step_convolves(setup, stacked))
