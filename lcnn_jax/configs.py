@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
         data_dir=ml_collections.FieldReference(None, field_type=str),
         download=False,  # let TFDS download + prepare (needs network and the tfds-prepare extra)
         augment=False,  # random crop (pad 4) + horizontal flip, for CIFAR
+        translate=0,  # random translation by up to this many pixels, zero fill, no flip (digits); 0: off
         train_size=ml_collections.FieldReference(None, field_type=int),  # stratified subset of the train split
         subset_seed=0,
         pair_pool_size=0,  # hold out this many training images as CLIP's pair pool (0: pairs from the batches)

@@ -42,6 +42,7 @@ __all__ = [
     "DatasetInfo",
     "Split",
     "augment_cifar",
+    "augment_translate",
     "batches",
     "dataset_info",
     "epoch_permutation",
@@ -565,20 +566,38 @@ def augment_cifar(key, images, *, pad: int = 4):
       key: a ``jax.random`` key; the same key gives the same augmentation.
       images: ``(B, H, W, C)`` array.
     """
+    return _crop(key, images, pad=pad, flip=True, name="augment_cifar")
+
+
+def augment_translate(key, images, *, pad: int = 2):
+    """Random translation by up to ``pad`` pixels in each direction, zero fill, per example (no flip: for digits,
+    where a mirror image is another symbol). The window of :func:`augment_cifar` without its flip: zero-pad H and
+    W by ``pad`` and take the H x W window at an offset drawn uniformly from ``{0..2 pad}^2``. Jittable.
+
+    Args:
+      key: a ``jax.random`` key; the same key gives the same augmentation.
+      images: ``(B, H, W, C)`` array.
+    """
+    return _crop(key, images, pad=pad, flip=False, name="augment_translate")
+
+
+def _crop(key, images, *, pad: int, flip: bool, name: str):
     import jax
     import jax.numpy as jnp
 
     if images.ndim != 4:
-        raise ValueError(f"augment_cifar expects a batch (B, H, W, C), got shape {images.shape}")
+        raise ValueError(f"{name} expects a batch (B, H, W, C), got shape {images.shape}")
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
+        raise ValueError(f"{name}: pad must be a non-negative integer, got {pad!r}")
     images = jnp.asarray(images)
     b, h, w, c = images.shape
     k_crop, k_flip = jax.random.split(key)
     offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
-    flips = jax.random.bernoulli(k_flip, 0.5, (b,))
+    flips = jax.random.bernoulli(k_flip, 0.5, (b,)) if flip else jnp.zeros((b,), bool)
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
-    def one(img, off, flip):
+    def one(img, off, fl):
         crop = jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
-        return jnp.where(flip, crop[:, ::-1], crop)
+        return jnp.where(fl, crop[:, ::-1], crop)
 
     return jax.vmap(one)(padded, offsets, flips)

@@ -406,3 +406,48 @@ def test_augment_cifar_shape_and_errors():
     assert D.augment_cifar(jax.random.PRNGKey(0), x).shape == (4, 32, 32, 3)
     with pytest.raises(ValueError, match="B, H, W, C"):
         D.augment_cifar(jax.random.PRNGKey(0), np.zeros((32, 32, 3), np.float32))
+
+
+def test_augment_translate_is_a_zero_filled_shift_without_flips():
+    b, h, w, pad = 40, 7, 9, 2
+    x = np.random.default_rng(1).uniform(0.05, 1.0, size=(b, h, w, 1)).astype(np.float32)
+    y = np.asarray(jax.jit(D.augment_translate)(jax.random.PRNGKey(3), x))
+    assert y.shape == x.shape and y.dtype == np.float32
+
+    def shifted(img, dy, dx):  # the image moved by (dy, dx) pixels, zeros where nothing moved in
+        out = np.zeros_like(img)
+        out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            img[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+        return out
+
+    shifts = set()
+    for i in range(b):
+        found = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
+                 if np.array_equal(y[i], shifted(x[i], dy, dx))]
+        assert len(found) == 1, (i, found)  # exactly one shift, and never a mirror image
+        shifts.add(found[0])
+    assert len(shifts) >= 12 and {s[0] for s in shifts} == set(range(-pad, pad + 1))
+    np.testing.assert_array_equal(np.asarray(D.augment_translate(jax.random.PRNGKey(3), x, pad=0)), x)
+    with pytest.raises(ValueError, match="pad"):
+        D.augment_translate(jax.random.PRNGKey(0), x, pad=-1)
+
+
+def test_data_augmentation_from_the_config():
+    from lcnn_jax.configs import default_config
+    from lcnn_jax.errors import ConfigError
+    from lcnn_jax.train.setup import data_augmentation
+
+    d = default_config().data
+    assert data_augmentation(d) is None
+    d.translate = 2
+    x = np.random.default_rng(0).uniform(size=(6, 5, 5, 1)).astype(np.float32)
+    k = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(np.asarray(data_augmentation(d)(k, x)), np.asarray(D.augment_translate(k, x)))
+    d.augment = True
+    with pytest.raises(ConfigError, match="one of them"):
+        data_augmentation(d)
+    d.augment, d.translate = False, -1
+    with pytest.raises(ConfigError, match="translate"):
+        data_augmentation(d)
+    d.translate, d.augment = 0, True
+    assert data_augmentation(d) is D.augment_cifar

@@ -15,7 +15,28 @@ from lcnn_jax.train.distributed import data_mesh, maybe_initialize_distributed
 from lcnn_jax.train.state import make_eval_step, make_optimizer, make_train_step
 from lcnn_jax.types import Batch, PyTree
 
-__all__ = ["build_regularizers", "check_regularizers_fit_model", "RunSetup", "prepare_run", "check_model_fits_data"]
+__all__ = ["build_regularizers", "check_regularizers_fit_model", "RunSetup", "prepare_run", "check_model_fits_data",
+           "data_augmentation"]
+
+
+def data_augmentation(dcfg):
+    """The augmentation ``(key, images) -> images`` that ``config.data`` asks for, or None: ``augment=True``
+    (CIFAR's random crop with 4-pixel padding and horizontal flip, :func:`lcnn_jax.data.augment_cifar`) or
+    ``translate=k`` (random translation by up to ``k`` pixels, no flip: :func:`lcnn_jax.data.augment_translate`).
+    Raises :class:`lcnn_jax.errors.ConfigError` for a bad ``translate`` or both at once."""
+    import functools
+
+    from lcnn_jax import data as data_lib
+
+    translate = dcfg.get("translate", 0) or 0
+    if isinstance(translate, bool) or not isinstance(translate, (int, np.integer)) or translate < 0:
+        raise ConfigError(f"data.translate must be a non-negative integer (pixels), got {translate!r}; "
+                          "e.g. --config.data.translate=2.")
+    if translate and dcfg.get("augment", False):
+        raise ConfigError("data.augment (crop + flip) and data.translate are two augmentations; set one of them.")
+    if translate:
+        return functools.partial(data_lib.augment_translate, pad=int(translate))
+    return data_lib.augment_cifar if dcfg.get("augment", False) else None
 
 
 def build_regularizers(reg_cfg, info, pool_images: np.ndarray | None = None) -> list[Regularizer]:
@@ -65,7 +86,7 @@ class RunSetup:
       batch_size, local_bs: the global batch and this process's share of it.
       steps_per_epoch, total_steps: the loop's length (``train.num_steps`` or ``num_epochs * steps_per_epoch``).
       sample: the first global batch, for initialisation (the same in every process).
-      step_fn: the un-jitted ``step(state, batch) -> (state, metrics)`` (with CIFAR augmentation when configured).
+      step_fn: the un-jitted ``step(state, batch) -> (state, metrics)`` (with the configured augmentation, see :func:`data_augmentation`).
       eval_fn: the un-jitted ``eval_step(state, batch) -> {"loss_sum", "correct", "count"}``.
     """
 
@@ -100,6 +121,7 @@ def prepare_run(config) -> RunSetup:
     validate_config(config)
     maybe_initialize_distributed()
     dcfg, tcfg = config.data, config.train
+    augment = data_augmentation(dcfg)  # checked before any data is loaded
     info = data_lib.dataset_info(dcfg.name)
     train = data_lib.load_split(dcfg.name, "train", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
     test = data_lib.load_split(dcfg.name, "test", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
@@ -138,8 +160,8 @@ def prepare_run(config) -> RunSetup:
     tx, schedule = make_optimizer(config.optim, total_steps, abstract_params)
 
     step_fn = make_train_step(model, regularizers)
-    if dcfg.get("augment", False):
-        base_step, augment = step_fn, data_lib.augment_cifar
+    if augment is not None:
+        base_step = step_fn
 
         def step_fn(st, b):  # augmentation inside the compiled step, keyed by the step
             k = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 10_007)
