@@ -3,6 +3,13 @@
     python experiments/bench_measures.py [--model small_cnn] [--width 1.0] [--batch_size 128] [--repeats 3]
     python experiments/bench_measures.py --model resnet18 --width 0.125          # 32x32x3 inputs (random pixels)
     python experiments/bench_measures.py --measure_workdir runs/quickstart [--config.measure.KEY=VALUE ...]
+    python experiments/bench_measures.py --one_shot --model resnet18 --width 0.125   # first call vs steady call
+
+One-shot mode (``--one_shot``): what a researcher pays to measure a trained network once, outside ``jit``: the
+wall time of the first call of ``hessian_trace`` (10 probes) and of ``hessian_top_eigenvalues`` (Lanczos, 20 steps)
+on the mean cross-entropy of the batch, compilation included (JAX's caches cleared before each measure), against a
+second call with the same loss (steady), and their ratio. The library picks its loop itself (on the CPU, for a loss that convolves: one compiled HVP called
+from the host per probe or Lanczos step, :func:`lcnn_jax.loops.host_loop`).
 
 Table mode: every measure is a ``jax.jit`` program whose arguments are the model variables and the batch (nothing
 large is closed over), called with the library's defaults (unrolling included). ``compile`` is the time of
@@ -92,7 +99,8 @@ def table_items(model, rows: str):
     return items
 
 
-def run_table(args) -> None:
+def _setup(args):
+    """``(model, variables, xs, ys)`` of the table and one-shot modes."""
     if args.model == "resnet18":
         xs = jax.random.uniform(jax.random.key(2), (args.batch_size, 32, 32, 3))
         ys = jnp.arange(args.batch_size) % 10
@@ -104,6 +112,40 @@ def run_table(args) -> None:
         xs, ys = jnp.asarray(split.images[:args.batch_size]), jnp.asarray(split.labels[:args.batch_size])
         model = make_model(args.model, 10, **({"width_mult": args.width} if args.width != 1.0 else {}))
     variables = model.init(jax.random.PRNGKey(0), xs[:1], **mode_kwargs(model, train=False))
+    return model, variables, xs, ys
+
+
+def run_one_shot(args) -> None:
+    model, variables, xs, ys = _setup(args)
+    eval_kw = mode_kwargs(model, train=False)
+
+    def loss(params):
+        logits = model.apply({**variables, "params": params}, xs, **eval_kw)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+
+    n_params = sum(a.size for a in jax.tree_util.tree_leaves(variables["params"]))
+    print(f"devices: {jax.devices()[0].platform}; model {args.model} width {args.width:g} ({n_params} parameters); "
+          f"batch {args.batch_size}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{'measure':<36}{'first call s':>14}{'steady s':>10}{'first / steady':>16}", flush=True)
+    items = {"Hessian trace, 10 probes": lambda: hessian_trace(loss, variables["params"], key=jax.random.PRNGKey(1),
+                                                                num_probes=10)[0],
+             "Hessian top eigenvalue, Lanczos 20": lambda: hessian_top_eigenvalues(
+                 loss, variables["params"], key=jax.random.PRNGKey(1), k=1, num_iters=20).eigenvalues}
+    for name, call in items.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        jax.clear_caches()  # each measure's first call compiles everything it needs, as in a fresh process
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - t0)
+        print(f"{name:<36}{times[0]:>14.2f}{times[1]:>10.2f}{times[0] / times[1]:>16.2f}", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+def run_table(args) -> None:
+    model, variables, xs, ys = _setup(args)
     key = jax.random.PRNGKey(1)
     n_params = sum(a.size for a in jax.tree_util.tree_leaves(variables["params"]))
     print(f"devices: {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); model {args.model} width "
@@ -185,11 +227,14 @@ def main() -> None:
     p.add_argument("--rows", choices=("all", "cost"), default="all",
                    help="'cost': only the gradient, PGD, APGD and Hessian rows")
     p.add_argument("--only", nargs="*", help="substrings of the row names to run (the gradient always runs)")
+    p.add_argument("--one_shot", action="store_true", help="first call vs steady call of the Hessian measures")
     p.add_argument("--measure_workdir")
     p.add_argument("--compilation_cache")
     args = p.parse_args(argv)
     if args.measure_workdir:
         run_measure(args, overrides)
+    elif args.one_shot:
+        run_one_shot(args)
     else:
         run_table(args)
 

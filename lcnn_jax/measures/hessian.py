@@ -95,10 +95,13 @@ def _hvp(loss_fn: Callable[[Params], Array], params: Params) -> Callable[[Params
 
 
 def _jitted_hvp(loss_fn: Callable[[Params], Array], params: Params) -> Callable[[Params], Params]:
-    """``v -> H v`` as ONE compiled program (forward-over-reverse), for loops driven from the host."""
+    """``v -> H v`` as ONE compiled program (forward-over-reverse), for loops driven from the host; compiled once
+    per ``loss_fn`` object (a second measure of the same loss reuses it)."""
     _check_params(params)
-    hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss_fn), (p,), (v,))[1])
-    return lambda v: hvp(params, v)
+    return lambda v: _hvp_static(loss_fn, params, v)
+
+
+_hvp_static = jax.jit(lambda loss_fn, p, v: jax.jvp(jax.grad(loss_fn), (p,), (v,))[1], static_argnums=0)
 
 
 # ----------------------------------------------------------------------------------------------
