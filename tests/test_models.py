@@ -154,6 +154,30 @@ def test_pool2d_closed_form():
         layers.pool2d(jnp.asarray(x), "median")
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_max_pool_blocks_has_select_and_scatters_derivative_ties_included(k):
+    """Oracle: flax.linen.max_pool (XLA's reduce-window, differentiated by select-and-scatter). Integer-valued
+    inputs make ties common, so the first-maximum rule is checked where it matters, in float64 to the bit."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(k)
+        x = rng.integers(0, 3, size=(4, 3 * k, 2 * k, 2)).astype(np.float64)
+        ref = lambda z: nn.max_pool(z, (k, k), strides=(k, k))  # noqa: E731
+        new = lambda z: layers.max_pool_blocks(z, k)  # noqa: E731
+        np.testing.assert_array_equal(np.asarray(new(x)), np.asarray(ref(x)))
+        g = rng.normal(size=np.asarray(ref(x)).shape)
+        np.testing.assert_array_equal(np.asarray(jax.vjp(new, x)[1](g)[0]), np.asarray(jax.vjp(ref, x)[1](g)[0]))
+        t = rng.normal(size=x.shape)
+        np.testing.assert_array_equal(np.asarray(jax.jvp(new, (x,), (t,))[1]), np.asarray(jax.jvp(ref, (x,), (t,))[1]))
+        # forward over reverse (what input-Hessian measures do) through a smooth function of the pooled map
+        xf = rng.normal(size=x.shape)
+        hvp = lambda f: jax.jvp(jax.grad(lambda z: jnp.sum(jnp.tanh(f(z)) ** 2)), (xf,), (t,))[1]  # noqa: E731
+        np.testing.assert_allclose(np.asarray(hvp(new)), np.asarray(hvp(ref)), rtol=1e-12, atol=1e-14)
+    # pool2d takes the block path only where the windows tile the image; elsewhere reduce-window as before
+    odd = jnp.asarray(rng.normal(size=(1, 5, 5, 1)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(layers.pool2d(odd, "max", padding="SAME")),
+                                  np.asarray(nn.max_pool(odd, (2, 2), strides=(2, 2), padding="SAME")))
+
+
 # ------------------------------------------------------------------------------------------------
 # models: shapes, registry
 # ------------------------------------------------------------------------------------------------

@@ -236,6 +236,31 @@ class Dense(nn.Dense):
 # --------------------------------------------------------------------------------------------
 # Pooling (fixed, not pluggable by factory; both kinds have Lipschitz constant <= 1 per window)
 # --------------------------------------------------------------------------------------------
+def _blocks(x: Array, k: int) -> Array:
+    """``(B, H, W, C) -> (B, H/k, W/k, k*k, C)``: the non-overlapping ``k x k`` windows, row-major inside each."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // k, w // k, k * k, c)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def max_pool_blocks(x: Array, k: int) -> Array:
+    """Max pooling over non-overlapping ``k x k`` windows of an NHWC array whose H and W are multiples of ``k``:
+    the values of ``flax.linen.max_pool(x, (k, k), strides=(k, k))`` and the same derivative (all of a window's
+    tangent / cotangent goes to its first maximum in row-major order, as XLA's select-and-scatter gives it), at a
+    fraction of the cost of the backward pass on XLA:CPU: the gradient is a mask product, not select-and-scatter
+    (input gradient of the small CNN at width 0.5, 256 MNIST images, 2 CPU cores: 123 -> 69 ms). Defined by its
+    JVP (``jax.custom_jvp``), so forward mode, reverse mode and forward-over-reverse (HVPs) all work."""
+    return _blocks(x, k).max(axis=3)
+
+
+@max_pool_blocks.defjvp
+def _max_pool_blocks_jvp(k, primals, tangents):
+    (x,), (t,) = primals, tangents
+    xb = _blocks(x, k)
+    first = jax.nn.one_hot(jnp.argmax(xb, axis=3), k * k, axis=3, dtype=t.dtype)  # argmax: the first maximum
+    return xb.max(axis=3), jnp.sum(_blocks(t, k) * first, axis=3)
+
+
 def pool2d(x: Array, kind: str = "max", window: int = 2, stride: Optional[int] = None,
            padding: str = "VALID") -> Array:
     """2-D max or average pooling of an NHWC array over ``window x window`` patches.
@@ -248,5 +273,7 @@ def pool2d(x: Array, kind: str = "max", window: int = 2, stride: Optional[int] =
     stride = window if stride is None else stride
     shape, strides = (window, window), (stride, stride)
     if kind == "max":
+        if stride == window and x.ndim == 4 and x.shape[1] % window == 0 and x.shape[2] % window == 0:
+            return max_pool_blocks(x, window)  # SAME and VALID agree: the windows tile the image
         return nn.max_pool(x, shape, strides=strides, padding=padding)
     return nn.avg_pool(x, shape, strides=strides, padding=padding, count_include_pad=False)
