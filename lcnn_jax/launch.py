@@ -322,39 +322,48 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="lcnn_jax_launch_")
     os.makedirs(log_dir, exist_ok=True)
 
-    procs, logs = [], []
-    for i in range(n):
-        env = child_env(os.environ, process_id=i, num_processes=n, port=port, devices_per_process=m,
-                        platform=args.platform)
-        fh = None if i == 0 else open(os.path.join(log_dir, f"process_{i}.log"), "w")
-        logs.append(fh)
-        out = (fh, subprocess.STDOUT) if fh else (subprocess.PIPE, subprocess.PIPE)  # process 0: the relay
-        procs.append(subprocess.Popen(command, env=env, stdout=out[0], stderr=out[1], start_new_session=True))
-    group = _Group(procs, logs)
-    relay = _Relay(procs[0], os.path.join(log_dir, "process_0.log"), group)
-    devices = f"{m} CPU device(s)" if args.platform == "cpu" else "the inherited platform"
-    print(f"launch: {n} processes x {devices}, coordinator 127.0.0.1:{port}, pids "
-          f"{' '.join(str(p.pid) for p in procs)}; logs (process_<i>.log) in {log_dir}", file=sys.stderr, flush=True)
-
     received: list[int] = []
+    started: dict = {}
 
     def forward(signum, frame):  # noqa: ARG001
-        if received:  # a second signal: no more waiting
+        group = started.get("group")
+        if group is not None and received:  # a second signal: no more waiting
             group.send(signal.SIGKILL)
-        else:  # SIGINT for both: each process stops at its next step as after Ctrl-C (JAX ignores SIGTERM)
+        elif group is not None:  # SIGINT for both: each stops at its next step as after Ctrl-C (JAX ignores SIGTERM)
             group.send(signal.SIGINT)
         received.append(signum)
 
+    # The handlers go in before the first process starts: a signal that arrives while the processes start (a
+    # process can be up and running before the launcher gets the CPU back) is forwarded once they all exist.
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        procs, logs = [], []
+        for i in range(n):
+            env = child_env(os.environ, process_id=i, num_processes=n, port=port, devices_per_process=m,
+                            platform=args.platform)
+            fh = None if i == 0 else open(os.path.join(log_dir, f"process_{i}.log"), "w")
+            logs.append(fh)
+            out = (fh, subprocess.STDOUT) if fh else (subprocess.PIPE, subprocess.PIPE)  # process 0: the relay
+            procs.append(subprocess.Popen(command, env=env, stdout=out[0], stderr=out[1], start_new_session=True))
+        group = _Group(procs, logs)
+        relay = _Relay(procs[0], os.path.join(log_dir, "process_0.log"), group)
+        started.update(group=group, relay=relay)
+        if received:  # signalled while starting: forward it now
+            group.send(signal.SIGINT)
+        devices = f"{m} CPU device(s)" if args.platform == "cpu" else "the inherited platform"
+        print(f"launch: {n} processes x {devices}, coordinator 127.0.0.1:{port}, pids "
+              f"{' '.join(str(p.pid) for p in procs)}; logs (process_<i>.log) in {log_dir}", file=sys.stderr,
+              flush=True)
         return _supervise(group, relay, args.grace, received, log_dir)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        relay.finish()
-        relay.release()
-        relay.close()
-        group.close()
+        if "relay" in started:
+            started["relay"].finish()
+            started["relay"].release()
+            started["relay"].close()
+        if "group" in started:
+            started["group"].close()
 
 
 def _first_failure(failures: list[tuple[int, int]], consequence) -> tuple[int, int]:
