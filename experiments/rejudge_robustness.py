@@ -286,6 +286,8 @@ def judge(study: Study, rows: dict) -> list[dict]:
         if base not in rows or reg not in rows:
             continue
         for radius in study.radii:
+            if any(radius.name not in s for s in rows[base]["per_seed"] + rows[reg]["per_seed"]):
+                continue  # a radius one of the two rows was not attacked at
             entry = {"claim": claim, "radius": radius.name}
             for col in ("pgd", "apgd_ce", "aa", "worst"):
                 entry[col] = verdict([s[radius.name][col] for s in rows[base]["per_seed"]],
@@ -316,6 +318,8 @@ def markdown(study: Study, rows: dict, verdicts: list[dict], command: str, wall_
                   "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
         for row, res in rows.items():
             per = res["per_seed"]
+            if any(name not in s for s in per):
+                continue  # this row was not attacked at this radius (--radii)
             broken = [sum(s[name]["broken_by"].get(k, 0) for s in per) for k in ("apgd-ce", "apgd-t", "fab-t",
                                                                                  "square")]
             same = [s["same_network"] for s in per]
@@ -346,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--rows", default=None, help="comma-separated rows (default: every row of the study)")
     p.add_argument("--num_examples", type=int, default=None,
                    help="official test images attacked (default: the study's PGD count)")
+    p.add_argument("--radii", default=None,
+                   help="comma-separated radius names to attack (default: every radius of the study, e.g. l2_1,l2_2)")
     p.add_argument("--workdir", default="runs", help="parent of the studies' workdirs (their defaults: runs/...)")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
@@ -356,6 +362,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bad = [r for r in rows if r not in study.rows]
     if bad:
         p.error(f"unknown row(s) {bad} of study {args.study}; choose among {list(study.rows)}")
+    all_radii = list(study.radii)
+    if args.radii is not None:
+        names = [r for r in args.radii.split(",") if r]
+        known = [r.name for r in study.radii]
+        if not names or any(r not in known for r in names):
+            p.error(f"--radii {args.radii!r}: choose among {known}")
+        study.radii = [r for r in study.radii if r.name in names]
     try:
         official = data_lib.load_split("mnist", "test", data_dir=args.mnist_test_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -370,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if row not in done and os.path.exists(path):
             done[row] = _read_json(path)
     done = {r: done[r] for r in study.rows if r in done}
+    study.radii = all_radii  # the tables and verdicts show every radius some row was attacked at
     verdicts = judge(study, done)
     command = "python experiments/rejudge_robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lio.write_json_atomic(os.path.join(study.results_dir, "autoattack.json"),

@@ -95,6 +95,11 @@ def test_run_row_checks_the_network_caches_and_judges(tmp_path):
     verdicts = rj.judge(study, rows)
     assert [v["claim"] for v in verdicts] == ["reg more robust than base"]
     assert all(verdicts[0][c]["verdict"] == "not supported" for c in ("pgd", "aa", "worst"))  # same networks
+    # a radius one row was not attacked at gets no verdict and no table line for that row
+    study.radii = list(study.radii) + [rj.Radius("l2_y", "l2", 2 * eps, {})]
+    rows["base"]["per_seed"] = [{**s, "l2_y": s["l2_x"]} for s in rows["base"]["per_seed"]]
+    assert [v["radius"] for v in rj.judge(study, rows)] == ["l2_x"]
+    assert rj.markdown(study, rows, [], "cmd", 1.0).count("| reg | 32 | 2 |") == 1
     text = rj.markdown(study, rows, verdicts, "cmd", 1.0)
     assert "| reg | 32 | 2 |" in text and "NO |" in text
 
@@ -106,6 +111,9 @@ def test_cli_rejects_bad_rows_and_counts_before_any_work(capsys):
     with pytest.raises(SystemExit) as e:
         rj.main(["lcnn", "--mnist_test_dir", "/nonexistent", "--num_examples", "0"])
     assert e.value.code == 2 and "--num_examples" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        rj.main(["lcnn", "--mnist_test_dir", "/nonexistent", "--radii", "l2_2,l2_7"])
+    assert e.value.code == 2 and "l2_7" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         rj.main(["lcnn", "--mnist_test_dir", "/nonexistent"])
     assert e.value.code == 2 and "/nonexistent" in capsys.readouterr().err
