@@ -26,7 +26,9 @@ of the seed means, *contradicted* when it falls below by as much, *not supported
 so one sees which verdicts flip under the stronger attack.
 
 Same networks: for every seed the script recomputes the clean accuracy on the whole official test set and stores
-it beside the value in the study's row file (``same_network``: equal to within one image).
+it beside the value in the study's row file (``same_network``: equal to within one image). A retrained network can
+differ from the study's when the library's arithmetic changed since the study ran (another order of floating-point
+operations changes the trajectory); the table then says by how much the official accuracy moved.
 
 Files: ``<study results>/autoattack_rows/<row>.json`` per row (cached: a row whose file holds the same settings is
 skipped), ``<study results>/autoattack.{json,md}`` (study results: ``experiments/results/clip``,
@@ -323,7 +325,13 @@ def markdown(study: Study, rows: dict, verdicts: list[dict], command: str, wall_
             broken = [sum(s[name]["broken_by"].get(k, 0) for s in per) for k in ("apgd-ce", "apgd-t", "fab-t",
                                                                                  "square")]
             same = [s["same_network"] for s in per]
-            same_txt = "not checked" if any(v is None for v in same) else ("yes" if all(same) else "NO")
+            if any(v is None for v in same):
+                same_txt = "not checked"
+            elif all(same):
+                same_txt = "yes"
+            else:  # retrained, not bitwise the same: say by how much the official accuracy moved
+                moved = max(abs(s["official_acc"] - s["study_official_acc"]) for s in per)
+                same_txt = f"NO: official accuracy off by up to {moved * 100:.2f} points"
             lines.append(f"| {row} | {res['settings']['n']} | {len(per)} | "
                          + " | ".join(_ms(s[name][c] for s in per) for c in COLUMNS)
                          + f" | {' / '.join(map(str, broken))} | {same_txt} |")

@@ -101,7 +101,7 @@ def test_run_row_checks_the_network_caches_and_judges(tmp_path):
     assert [v["radius"] for v in rj.judge(study, rows)] == ["l2_x"]
     assert rj.markdown(study, rows, [], "cmd", 1.0).count("| reg | 32 | 2 |") == 1
     text = rj.markdown(study, rows, verdicts, "cmd", 1.0)
-    assert "| reg | 32 | 2 |" in text and "NO |" in text
+    assert "| reg | 32 | 2 |" in text and "NO: official accuracy off by up to 10.00 points |" in text
 
 
 def test_cli_rejects_bad_rows_and_counts_before_any_work(capsys):
