@@ -444,12 +444,11 @@ def claim_verdict(base: Sequence[dict], reg: Sequence[dict], columns: Sequence[s
         b = [r[c] for r in reg if r.get(c) is not None]
         if not a or not b:
             continue
-        diff = float(np.mean(b) - np.mean(a))
-        se = float(np.sqrt((np.var(a, ddof=1) / len(a) if len(a) > 1 else 0.0)
-                           + (np.var(b, ddof=1) / len(b) if len(b) > 1 else 0.0)))
+        diff, se, move = table_runner.mean_difference(a, b)
         moves.append({"column": c, "baseline": float(np.mean(a)), "regularized": float(np.mean(b)), "diff": diff,
                       "se": se})
-        verdicts.append("for" if sign * diff > 2 * se else ("against" if -sign * diff > 2 * se else "none"))
+        claimed, opposite = ("up", "down") if sign > 0 else ("down", "up")
+        verdicts.append("for" if move == claimed else ("against" if move == opposite else "none"))
     if not verdicts:
         verdict = "not measured"
     elif all(v == "for" for v in verdicts):

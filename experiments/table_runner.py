@@ -25,10 +25,11 @@ import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
+import numpy as np
 
 from lcnn_jax import io
 
-__all__ = ["cached_row", "train_and_evaluate", "aggregate", "write_table", "device_description"]
+__all__ = ["cached_row", "train_and_evaluate", "aggregate", "mean_difference", "write_table", "device_description"]
 
 
 def cached_row(path: str, settings: Mapping, compute: Callable[[], dict], *, force: bool = False,
@@ -72,6 +73,18 @@ def aggregate(per_seed: Sequence[Mapping], metrics: Iterable[str]) -> dict:
     for m in metrics:
         out[f"{m}_mean"], out[f"{m}_std"] = io.mean_std([s.get(m) for s in per_seed])
     return out
+
+
+def mean_difference(base: Sequence[float], other: Sequence[float]) -> tuple[float, float, str]:
+    """``(diff, se, move)`` of two sets of per-seed values: ``diff = mean(other) - mean(base)``, ``se`` the standard
+    error of that difference, ``sqrt(var(base) / n_base + var(other) / n_other)`` (sample variances; a set of one
+    value adds 0), and ``move`` the studies' significance rule: ``"up"`` when ``diff > 2 se``, ``"down"`` when
+    ``diff < -2 se``, else ``"none"``."""
+    a, b = np.asarray(base, np.float64), np.asarray(other, np.float64)
+    diff = float(b.mean() - a.mean())
+    se = float(np.sqrt((a.var(ddof=1) / len(a) if len(a) > 1 else 0.0)
+                       + (b.var(ddof=1) / len(b) if len(b) > 1 else 0.0)))
+    return diff, se, "up" if diff > 2 * se else ("down" if -diff > 2 * se else "none")
 
 
 def write_table(out_dir: str, stem: str, *, obj, columns: Sequence[str], rows: Iterable[Mapping],
