@@ -85,8 +85,12 @@ class Study:
     claims: Sequence[tuple]
     #: ``networks(row, workdir) -> (model, [(seed, variables, study's official clean accuracy or None)], note)``
     networks: Callable
-    command: str = ""
     notes: list = field(default_factory=list)
+    #: ``row -> images attacked`` where a row's study attacked fewer than ``num_examples`` (None: all rows alike)
+    examples_of: Callable | None = None
+
+    def n_examples(self, row: str) -> int:
+        return self.num_examples if self.examples_of is None else self.examples_of(row)
 
 
 # ------------------------------------------------------------------------------------------------ the studies
@@ -160,11 +164,10 @@ def smalldata_study(num_examples: int | None) -> Study:
                            f"{model}__{reading}"))
     radii = [Radius("linf_0.1", "linf", sd.PGD_LINF["eps"], {k: v for k, v in sd.PGD_LINF.items() if k != "eps"}),
              Radius("l2_1", "l2", sd.PGD_L2["eps"], {k: v for k, v in sd.PGD_L2.items() if k != "eps"})]
-    study = Study("smalldata", os.path.join(RESULTS, "smalldata"), rows, radii, num_examples or 500, claims,
-                  networks)
-    study.notes.append("small_cnn rows: 200 images (the study's pgd_n for that model), 3 seeds, 5 epochs")
-    study.num_examples_of = lambda row: min(study.num_examples, settings_of(row.replace("__", "/"))[2])
-    return study
+    n = num_examples or 500
+    return Study("smalldata", os.path.join(RESULTS, "smalldata"), rows, radii, n, claims, networks,
+                 notes=["small_cnn rows: 200 images (the study's pgd_n for that model), 3 seeds, 5 epochs"],
+                 examples_of=lambda row: min(n, settings_of(row.replace("__", "/"))[2]))
 
 
 STUDIES = {"clip": clip_study, "lcnn": lcnn_study, "smalldata": smalldata_study}
@@ -239,7 +242,7 @@ def run_row(study: Study, row: str, *, xs_all, ys_all, workdir: str, force: bool
             aa_kwargs=None) -> dict:
     """The row's result: its networks (``study.networks``) attacked at every radius, cached in
     ``<results_dir>/autoattack_rows/<row>.json``."""
-    n = study.num_examples_of(row) if hasattr(study, "num_examples_of") else study.num_examples
+    n = study.n_examples(row)
     xs, ys = xs_all[:n], ys_all[:n]
     settings = {"version": VERSION, "n": int(n), "radii": [r.__dict__ for r in study.radii],
                 "autoattack": "standard", "autoattack_kwargs": dict(aa_kwargs or {})}
@@ -274,11 +277,8 @@ def run_row(study: Study, row: str, *, xs_all, ys_all, workdir: str, force: bool
 # ------------------------------------------------------------------------------------------------ verdicts
 def verdict(base: Sequence[float], reg: Sequence[float]) -> dict:
     """The significance rule (module docstring) on per-seed values: ``{"verdict", "diff", "se"}``."""
-    a, b = np.asarray(base, np.float64), np.asarray(reg, np.float64)
-    diff = float(b.mean() - a.mean())
-    se = float(np.sqrt((a.var(ddof=1) / len(a) if len(a) > 1 else 0.0) + (b.var(ddof=1) / len(b) if len(b) > 1
-                                                                          else 0.0)))
-    v = "supported" if diff > 2 * se else ("contradicted" if -diff > 2 * se else "not supported")
+    diff, se, move = table_runner.mean_difference(base, reg)
+    v = {"up": "supported", "down": "contradicted", "none": "not supported"}[move]
     return {"verdict": v, "diff": diff, "se": se}
 
 
@@ -306,7 +306,8 @@ def _ms(values) -> str:
 def markdown(study: Study, rows: dict, verdicts: list[dict], command: str, wall_s: float) -> str:
     radii = {r.name: r for r in study.radii}
     lines = [f"# Robustness claims of the {study.name} study, re-judged with AutoAttack", "",
-             f"`{command}` ({wall_s / 60:.1f} min of training or loading and attacking, summed over rows; {table_runner.device_description()}; 2 CPU cores). "
+             f"`{command}` ({wall_s / 60:.1f} min of training or loading and attacking, summed over rows; "
+             f"{table_runner.device_description()}; 2 CPU cores). "
              "Networks: the study's own (same configs, seeds and workdir naming; same_network below). Images: the "
              "first N official MNIST test images. Robust accuracy in %, mean ± std over seeds; columns as in "
              "`experiments/rejudge_robustness.py`: the study's PGD on these images, APGD-CE, APGD-CE then APGD-T, "
