@@ -323,10 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(log_dir, exist_ok=True)
 
     received: list[int] = []
-    started: dict = {}
+    group = relay = None  # set once every process has started; forward reads them when a signal comes
 
     def forward(signum, frame):  # noqa: ARG001
-        group = started.get("group")
         if group is not None and received:  # a second signal: no more waiting
             group.send(signal.SIGKILL)
         elif group is not None:  # SIGINT for both: each stops at its next step as after Ctrl-C (JAX ignores SIGTERM)
@@ -347,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(subprocess.Popen(command, env=env, stdout=out[0], stderr=out[1], start_new_session=True))
         group = _Group(procs, logs)
         relay = _Relay(procs[0], os.path.join(log_dir, "process_0.log"), group)
-        started.update(group=group, relay=relay)
         if received:  # signalled while starting: forward it now
             group.send(signal.SIGINT)
         devices = f"{m} CPU device(s)" if args.platform == "cpu" else "the inherited platform"
@@ -358,12 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if "relay" in started:
-            started["relay"].finish()
-            started["relay"].release()
-            started["relay"].close()
-        if "group" in started:
-            started["group"].close()
+        if relay is not None:
+            relay.finish()
+            relay.release()
+            relay.close()
+        if group is not None:
+            group.close()
 
 
 def _first_failure(failures: list[tuple[int, int]], consequence) -> tuple[int, int]:
