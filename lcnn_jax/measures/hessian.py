@@ -96,12 +96,15 @@ def _hvp(loss_fn: Callable[[Params], Array], params: Params) -> Callable[[Params
 
 def _jitted_hvp(loss_fn: Callable[[Params], Array], params: Params) -> Callable[[Params], Params]:
     """``v -> H v`` as ONE compiled program (forward-over-reverse), for loops driven from the host; compiled once
-    per ``loss_fn`` object (a second measure of the same loss reuses it)."""
+    per ``loss_fn`` object among the last few used (a second measure of the same loss reuses it)."""
     _check_params(params)
-    return lambda v: _hvp_static(loss_fn, params, v)
+    hvp = _compiled_hvp(loss_fn)
+    return lambda v: hvp(params, v)
 
 
-_hvp_static = jax.jit(lambda loss_fn, p, v: jax.jvp(jax.grad(loss_fn), (p,), (v,))[1], static_argnums=0)
+@functools.lru_cache(maxsize=8)  # bounded: a loss closure holds its batch, and the cache keeps it alive
+def _compiled_hvp(loss_fn: Callable[[Params], Array]):
+    return jax.jit(lambda p, v: jax.jvp(jax.grad(loss_fn), (p,), (v,))[1])
 
 
 # ----------------------------------------------------------------------------------------------
