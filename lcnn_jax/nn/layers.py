@@ -248,8 +248,9 @@ def max_pool_blocks(x: Array, k: int) -> Array:
     the values of ``flax.linen.max_pool(x, (k, k), strides=(k, k))`` and the same derivative (all of a window's
     tangent / cotangent goes to its first maximum in row-major order, as XLA's select-and-scatter gives it), at a
     fraction of the cost of the backward pass on XLA:CPU: the gradient is a mask product, not select-and-scatter
-    (input gradient of the small CNN at width 0.5, 256 MNIST images, 2 CPU cores: 123 -> 69 ms). Defined by its
-    JVP (``jax.custom_jvp``), so forward mode, reverse mode and forward-over-reverse (HVPs) all work."""
+    (input gradient of the small CNN at width 0.5, 256 MNIST images, 2 CPU cores: 109 -> 58 ms, in
+    ``experiments/results/attack_speed.md``). Defined by its JVP (``jax.custom_jvp``), so forward mode, reverse
+    mode and forward-over-reverse (HVPs) all work."""
     return _blocks(x, k).max(axis=3)
 
 
