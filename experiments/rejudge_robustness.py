@@ -31,7 +31,9 @@ differ from the study's when the library's arithmetic changed since the study ra
 operations changes the trajectory); the table then says by how much the official accuracy moved.
 
 Files: ``<study results>/autoattack_rows/<row>.json`` per row (cached: a row whose file holds the same settings is
-skipped), ``<study results>/autoattack.{json,md}`` (study results: ``experiments/results/clip``,
+skipped); while a row runs, ``autoattack_rows/parts/<row>/seed<k>__<radius>.json`` for each finished seed and
+radius (an interrupted run resumes from them; a network whose official accuracy changed is attacked again; they
+are removed once the row is written); ``<study results>/autoattack.{json,md}`` (study results: ``experiments/results/clip``,
 ``experiments/results/lcnn_e15``, ``experiments/results/smalldata``).
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -241,11 +244,14 @@ def evaluate_seed(model, variables, xs, ys, radius: Radius, *, key, aa_kwargs=No
 def run_row(study: Study, row: str, *, xs_all, ys_all, workdir: str, force: bool = False,
             aa_kwargs=None) -> dict:
     """The row's result: its networks (``study.networks``) attacked at every radius, cached in
-    ``<results_dir>/autoattack_rows/<row>.json``."""
+    ``<results_dir>/autoattack_rows/<row>.json``; each finished (seed, radius) is saved under
+    ``autoattack_rows/parts/<row>/`` until then, so an interrupted row resumes where it stopped."""
     n = study.n_examples(row)
     xs, ys = xs_all[:n], ys_all[:n]
     settings = {"version": VERSION, "n": int(n), "radii": [r.__dict__ for r in study.radii],
                 "autoattack": "standard", "autoattack_kwargs": dict(aa_kwargs or {})}
+
+    parts = os.path.join(study.results_dir, "autoattack_rows", "parts", row)
 
     def compute():
         t0 = time.time()
@@ -259,9 +265,14 @@ def run_row(study: Study, row: str, *, xs_all, ys_all, workdir: str, force: bool
             rec = {"seed": int(seed), "official_acc": acc, "study_official_acc": saved_acc,
                    "same_network": None if saved_acc is None else bool(abs(acc - saved_acc) <= 1.5 / len(ys_all))}
             for i, radius in enumerate(study.radii):
-                r = evaluate_seed(model, variables, xs, ys, radius,
-                                  key=jax.random.fold_in(jax.random.PRNGKey(3000 + int(seed)), i),
-                                  aa_kwargs=aa_kwargs)
+                part = os.path.join(parts, f"seed{int(seed)}__{radius.name}.json")
+                part_settings = {**settings, "seed": int(seed), "radius": radius.name, "official_acc": acc}
+                r = None if force else _load_part(part, part_settings)
+                if r is None:
+                    r = evaluate_seed(model, variables, xs, ys, radius,
+                                      key=jax.random.fold_in(jax.random.PRNGKey(3000 + int(seed)), i),
+                                      aa_kwargs=aa_kwargs)
+                    _save_part(part, part_settings, r)
                 rec[radius.name] = r
                 print(f"[rejudge {study.name}] {row} seed {seed} {radius.name}: clean {r['clean']:.3f} pgd "
                       f"{r['pgd']:.3f} apgd-ce {r['apgd_ce']:.3f} aa {r['aa']:.3f} worst {r['worst']:.3f} "
@@ -271,7 +282,20 @@ def run_row(study: Study, row: str, *, xs_all, ys_all, workdir: str, force: bool
                 "eval_s": time.time() - t0 - train_s}
 
     path = os.path.join(study.results_dir, "autoattack_rows", f"{row}.json")
-    return table_runner.cached_row(path, settings, compute, force=force, tag=f"rejudge {study.name}", name=row)
+    result = table_runner.cached_row(path, settings, compute, force=force, tag=f"rejudge {study.name}", name=row)
+    shutil.rmtree(parts, ignore_errors=True)  # the row holds them now
+    return result
+
+
+def _save_part(path: str, settings: dict, result: dict) -> None:
+    """One finished (seed, radius) of a row, with what made it: an interrupted row resumes from its parts."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lio.write_json_atomic(path, {"settings": settings, "result": result})
+
+
+def _load_part(path: str, settings: dict) -> dict | None:
+    saved = lio.load_if_matches(path, settings)
+    return None if saved is None else saved["result"]
 
 
 # ------------------------------------------------------------------------------------------------ verdicts

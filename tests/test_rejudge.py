@@ -117,3 +117,37 @@ def test_cli_rejects_bad_rows_and_counts_before_any_work(capsys):
     with pytest.raises(SystemExit) as e:
         rj.main(["lcnn", "--mnist_test_dir", "/nonexistent"])
     assert e.value.code == 2 and "/nonexistent" in capsys.readouterr().err
+
+
+def test_an_interrupted_row_resumes_from_its_finished_seeds(tmp_path, monkeypatch):
+    """Each (seed, radius) is saved when done; a rerun attacks only what is missing, and a network that changed
+    (another official accuracy) is attacked again. The parts go once the row is written."""
+    model, variables, xs, ys, dist = _linear_case(n=16)
+    eps = float(np.quantile(dist[dist > 0], 0.5))
+    study = rj.Study("toy", str(tmp_path), ("base",),
+                     [rj.Radius("l2_x", "l2", eps, dict(norm="l2", step_size=eps / 4, num_steps=3))], len(ys), [],
+                     lambda row, wd: (model, [(0, variables, None), (1, variables, None)], ""))
+    kw = dict(xs_all=xs, ys_all=ys, workdir=str(tmp_path), aa_kwargs=dict(num_steps=5, num_queries=10,
+                                                                           n_target_classes=2))
+    real, seen = rj.evaluate_seed, []
+
+    def dies_on_the_second(*a, **k):
+        seen.append(k["key"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rj, "evaluate_seed", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        rj.run_row(study, "base", **kw)
+    parts = tmp_path / "autoattack_rows" / "parts" / "base"
+    assert sorted(p.name for p in parts.iterdir()) == ["seed0__l2_x.json"]
+    seen.clear()
+    monkeypatch.setattr(rj, "evaluate_seed", lambda *a, **k: seen.append(k["key"]) or real(*a, **k))
+    row = rj.run_row(study, "base", **kw)
+    assert len(seen) == 1 and [s["seed"] for s in row["per_seed"]] == [0, 1]  # only seed 1 was attacked
+    assert not parts.exists()
+    # a part made on another network (its official accuracy differs) is not reused
+    rj._save_part(str(tmp_path / "p.json"), {"n": 1}, {"clean": 1.0})
+    assert rj._load_part(str(tmp_path / "p.json"), {"n": 1}) == {"clean": 1.0}
+    assert rj._load_part(str(tmp_path / "p.json"), {"n": 2}) is None
