@@ -17,7 +17,7 @@ from lcnn_jax.measures import certified, curvature_bound, function_bound
 from lcnn_jax.nn.lipschitz import training_bounds
 from lcnn_jax.nn.models import make_model
 from lcnn_jax.regularizers import make_regularizer
-from lcnn_jax.regularizers.certifiable import curvature_penalty, lipschitz_margin, margin_logits
+from lcnn_jax.regularizers.certifiable import curvature_penalty, lipschitz_margin, margin_logits, trades_kl
 
 SHAPE = (7, 7, 1)
 
@@ -114,6 +114,40 @@ def test_margin_logits_argmax_is_the_lipschitz_certificate():
     for variant in ("gloro", "tsuzuku"):
         ok = np.asarray(jnp.argmax(margin_logits(z, y, pair, eps, variant), -1) == y)
         np.testing.assert_array_equal(ok, r > eps)
+
+
+def test_trades_kl_is_the_kl_from_the_clean_to_the_bottom_logit_distribution():
+    """Oracle: KL(p || q) in float64 from its definition, p = softmax(z) with a 0 appended, q = softmax of z and the
+    bottom logit of the *predicted* class c, max_{j != c} (z_j + eps L_cj) (GloRo's TRADES loss)."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(64, 6)) * 3
+    a = rng.uniform(0.2, 1.5, (6, 6))
+    pair = (a + a.T) * (1 - np.eye(6))
+    eps = 0.7
+    c = z.argmax(1)
+    bot = np.array([max(z[i, j] + eps * pair[c[i], j] for j in range(6) if j != c[i]) for i in range(64)])
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    full = np.concatenate([z, bot[:, None]], 1)
+    logq = full - full.max(1, keepdims=True)
+    logq -= np.log(np.exp(logq).sum(1, keepdims=True))
+    oracle = (p * (np.log(p) - logq[:, :6])).sum(1)
+    got = trades_kl(jnp.asarray(z, jnp.float32), jnp.asarray(pair, jnp.float32), eps)
+    np.testing.assert_allclose(np.asarray(got), oracle, rtol=1e-5, atol=1e-6)
+    # The regularizer's term is coeff * the batch mean, and its "certified" metric is the pairwise certificate.
+    net = _net()
+    xs, ys = _data(32)
+    v = net.init(jax.random.PRNGKey(0), xs[:1])
+    reg = lipschitz_margin(eps=eps, coeff=2.0, variant="trades")
+    s = reg.init(jax.random.PRNGKey(0), v["params"], None)
+    apply_fn = lambda p_, x: net.apply({"params": p_}, x)  # noqa: E731
+    value, _, metrics = reg.loss(v["params"], s, {"image": xs, "label": ys}, jax.random.PRNGKey(0), apply_fn)
+    logits = np.asarray(apply_fn(v["params"], xs), np.float64)
+    pair_l = np.asarray(training_bounds(v["params"], "head")[0], np.float64)
+    expect = 2.0 * np.asarray(trades_kl(jnp.asarray(logits), jnp.asarray(pair_l), eps)).mean()
+    np.testing.assert_allclose(float(value), expect, rtol=1e-5)
+    ok = np.asarray(jnp.argmax(margin_logits(jnp.asarray(logits), ys, jnp.asarray(pair_l), eps), -1) == ys)
+    np.testing.assert_allclose(float(metrics["certified"]), ok.mean())
 
 
 @pytest.mark.parametrize("activation,kind", [("minmax", "aol_mlp"), ("centered_softplus", "aol_mlp"),

@@ -11,6 +11,12 @@ certification can use.
   ``coeff * CE([z_1, ..., z_K, z_bot], y)``. ``z_y > z_bot`` is exactly the Lipschitz-margin certificate at radius
   ``eps``, so the loss is small only for examples certified at ``eps``. ``variant="tsuzuku"`` instead adds
   ``eps L_yj`` to every ``z_j``, ``j != y`` (Tsuzuku, Sato & Sugiyama, NeurIPS 2018, with pairwise constants).
+  ``variant="trades"`` is GloRo's TRADES loss (the one its best published results use): the term is
+  ``coeff * KL(p || q)`` with ``p = softmax(z)`` (0 for the bottom class) and ``q = softmax([z, z_bot])``, the
+  bottom logit taken for the *predicted* class ``c``, ``max_{j != c} (z_j + eps L_cj)``; in closed form
+  ``KL = softplus(z_bot - logsumexp(z))`` (:func:`trades_kl`). It asks the network to be certifiably consistent
+  with its own prediction and leaves accuracy to the cross-entropy, where ``gloro`` asks for certified *correct*
+  predictions.
   ``eps`` can grow linearly over the first ``warmup_epochs`` epochs (GloRo anneals it), by the ``epoch_end`` hook.
   The term is added to the step's plain cross-entropy (the trainer always has it); a ``coeff`` of a few makes the
   margin loss dominate.
@@ -48,9 +54,10 @@ from lcnn_jax.nn.lipschitz import check_lipschitz_params, is_smooth, training_bo
 from lcnn_jax.regularizers.base import Regularizer
 from lcnn_jax.types import ApplyFn, Array, Batch, Params, PRNGKey
 
-__all__ = ["lipschitz_margin", "curvature_penalty", "margin_logits"]
+__all__ = ["lipschitz_margin", "curvature_penalty", "margin_logits", "trades_kl"]
 
-VARIANTS = ("gloro", "tsuzuku")
+VARIANTS = ("gloro", "tsuzuku")  # of margin_logits
+LOSS_VARIANTS = VARIANTS + ("trades",)  # of lipschitz_margin
 
 
 def _check_number(value: Any, name: str, *, positive: bool = False) -> None:
@@ -83,21 +90,37 @@ def margin_logits(logits: Array, labels: Array, pair_l: Array, eps: Array, varia
     return jnp.concatenate([logits, bottom], axis=-1)
 
 
+def trades_kl(logits: Array, pair_l: Array, eps: Array) -> Array:
+    """Per example ``KL(softmax(z) || softmax([z, z_bot]))``, ``z_bot`` the bottom logit of the predicted class.
+
+    With ``c = argmax z`` and ``z_bot = max_{j != c} (z_j + eps L_cj)``, every ratio ``p_i / q_i`` of the two
+    distributions is ``(S + e^{z_bot}) / S`` with ``S = sum_i e^{z_i}``, so the KL is
+    ``log(1 + e^{z_bot} / S) = softplus(z_bot - logsumexp(z))``: small iff the bottom logit is far below the
+    logits' log-partition, i.e. the prediction is certified at ``eps`` with room to spare. ``c`` carries no
+    gradient (an argmax). Shape ``(B,)``.
+    """
+    predicted = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
+    bottom = margin_logits(logits, predicted, pair_l, eps, "gloro")[:, -1]
+    return jax.nn.softplus(bottom - jax.nn.logsumexp(logits, axis=-1))
+
+
 def lipschitz_margin(eps: float = 1.0, coeff: float = 1.0, *, variant: str = "gloro", warmup_epochs: int = 0,
                      head: str = "head") -> Regularizer:
-    """The Lipschitz-margin loss ``coeff * CE(margin_logits(z, y, L_pair, eps), y)`` (see the module docstring).
+    """The Lipschitz-margin loss ``coeff * CE(margin_logits(z, y, L_pair, eps), y)`` (see the module docstring;
+    ``variant="trades"``: ``coeff * mean trades_kl(z, L_pair, eps)``).
 
     ``eps``: the training radius (L2, inputs in [0, 1]); ``warmup_epochs``: eps grows as
     ``eps * min(1, (epoch + 1) / warmup_epochs)`` after each epoch, starting at ``eps / warmup_epochs`` (0: fixed).
-    State ``{"coeff", "eps", "eps_target"}`` (float32 arrays). Metrics: ``margin_ce`` (unweighted),
+    State ``{"coeff", "eps", "eps_target"}`` (float32 arrays). Metrics: ``margin_ce`` (unweighted; ``margin_kl``
+    for trades),
     ``certified`` (batch fraction certified at the current eps by the training bound), ``eps``,
     ``bound_max`` (the largest ``L_ij``). ``init`` raises ``ValueError`` when the model is not built from the
     1-Lipschitz layers of :mod:`lcnn_jax.nn.lipschitz`.
     """
     _check_number(eps, "lipschitz_margin: eps", positive=True)
     _check_number(coeff, "lipschitz_margin: coeff")
-    if variant not in VARIANTS:
-        raise ValueError(f"lipschitz_margin: variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in LOSS_VARIANTS:
+        raise ValueError(f"lipschitz_margin: variant must be one of {LOSS_VARIANTS}, got {variant!r}")
     if not isinstance(warmup_epochs, int) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
         raise ValueError(f"lipschitz_margin: warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
     eps0 = float(eps) / warmup_epochs if warmup_epochs else float(eps)
@@ -113,11 +136,14 @@ def lipschitz_margin(eps: float = 1.0, coeff: float = 1.0, *, variant: str = "gl
         xs, labels = batch["image"], batch["label"]
         logits = apply_fn(params, xs)
         pair_l, _ = training_bounds(params, head)
-        z = margin_logits(logits, labels, pair_l, state["eps"], variant)
-        ce = optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
+        z = margin_logits(logits, labels, pair_l, state["eps"], "gloro" if variant == "trades" else variant)
         certified = jnp.mean(jnp.argmax(z, axis=-1) == labels)
-        metrics = {"margin_ce": ce, "certified": certified, "eps": state["eps"], "bound_max": jnp.max(pair_l)}
-        return state["coeff"] * ce, state, metrics
+        if variant == "trades":
+            term, name = trades_kl(logits, pair_l, state["eps"]).mean(), "margin_kl"
+        else:
+            term, name = optax.softmax_cross_entropy_with_integer_labels(z, labels).mean(), "margin_ce"
+        metrics = {name: term, "certified": certified, "eps": state["eps"], "bound_max": jnp.max(pair_l)}
+        return state["coeff"] * term, state, metrics
 
     def epoch_end(state: dict, train_accuracy: Array, epoch: int) -> dict:
         del train_accuracy
