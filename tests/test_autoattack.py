@@ -240,6 +240,8 @@ def test_plus_version_runs_its_six_stages_in_the_reference_order():
     for prev, nxt in zip(log, log[1:]):
         assert nxt["points"] == prev["points"] - prev["broken"]
     assert log[0]["points"] == 12 and (~res.robust).sum() == sum(r["broken"] for r in log)
+    # the points of a run (one chunk, <= BS) are padded by fewer than BS / 8 rows (powers of two padded 12 to 16)
+    assert all(0 <= r["padded"] - r["points"] < BS // 8 for r in log if r["points"])
 
 
 @pytest.mark.slow  # a long oracle test: CI runs it with -m slow (the default suite stays < 3 min)

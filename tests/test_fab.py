@@ -41,6 +41,10 @@ def test_project_hyperplane_matches_a_bisection_on_its_definition(norm, x64):
     assert np.all(t + out >= -1e-12) and np.all(t + out <= 1 + 1e-12)
     reached = np.abs(np.einsum("nd,nd->n", w, t + out) - b) < 1e-9
     assert 0.2 < reached.mean() < 1.0  # both cases occur
+    # the float32 path (bisection on 32-bit patterns): the same steps to float32 rounding (inputs O(1), d = 12)
+    out32 = np.asarray(proj(*(jnp.asarray(v, jnp.float32) for v in (t, w, b))))
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, ref, atol=1e-5)
 
 
 def _binary(seed, n, d=64):

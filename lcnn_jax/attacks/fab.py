@@ -58,10 +58,11 @@ def project_hyperplane(t: Array, w: Array, b: Array, *, norm: str, clip: Clip = 
     Orient ``w`` so that ``c = <w, t> - b >= 0``; the step moves each coordinate against ``sign(w_i)`` by
     ``min(lam |w_i|, cap_i)`` (L2) or ``min(lam, cap_i)`` (L-inf), ``cap_i`` the room left in the box in that
     direction. The decrease ``R(lam) = sum_i a_i min(lam, r_i)`` (L2: ``a = w^2``, ``r = cap / |w|``; L-inf:
-    ``a = |w|``, ``r = cap``) is piecewise linear and increasing; ``R(lam) = c`` is solved exactly by sorting the
-    breakpoints ``r`` (the KKT conditions of the box-constrained problem). When the hyperplane is out of the box's
-    reach the step goes to the box's extreme point (``lam = inf``), as the reference does. Coordinates with
-    ``w_i = 0`` (L2: ``|w_i| <= 1e-8``, the reference's threshold) do not move. Cost: one sort of ``d`` numbers.
+    ``a = |w|``, ``r = cap``) is piecewise linear and increasing; ``R(lam) = c`` (the KKT conditions of the
+    box-constrained problem) is solved by :func:`_breakpoint_root`. When the hyperplane is out of the box's reach
+    the step goes to the box's extreme point (``lam = inf``), as the reference does. Coordinates with ``w_i = 0``
+    (L2: ``|w_i| <= 1e-8``, the reference's threshold) do not move. Cost: ``O(d)`` per bisection step, 31 steps in
+    float32 (63 in float64), no sort.
     """
     lo, hi = (-jnp.inf, jnp.inf) if clip is None else clip
     dtype = t.dtype
@@ -75,22 +76,46 @@ def project_hyperplane(t: Array, w: Array, b: Array, *, norm: str, clip: Clip = 
     safe_aw = jnp.where(zero, 1.0, aw)
     a = jnp.where(zero, 0.0, w * w if norm == "l2" else aw)
     r = jnp.where(zero, jnp.inf, cap / safe_aw if norm == "l2" else cap)
-    order = jnp.argsort(r)
-    rs, as_ = r[order], a[order]
-    cum_a = jnp.cumsum(as_)
-    cum_b = jnp.cumsum(jnp.where(as_ > 0, as_ * jnp.where(jnp.isfinite(rs), rs, 0.0), 0.0))
-    total = cum_a[-1]
-    rest = total - cum_a
-    reach = cum_b + jnp.where(rest > 0, rs * rest, 0.0) >= c  # R at each breakpoint
-    feasible = jnp.any(reach)
-    k = jnp.argmax(reach)
-    prev_a = jnp.where(k > 0, cum_a[jnp.maximum(k - 1, 0)], 0.0)
-    prev_b = jnp.where(k > 0, cum_b[jnp.maximum(k - 1, 0)], 0.0)
-    slope = total - prev_a
-    lam = jnp.where(slope > 0, (c - prev_b) / jnp.where(slope > 0, slope, 1.0), 0.0)
-    lam = jnp.where(feasible, jnp.maximum(lam, 0.0), jnp.inf)
+    lam = jnp.where(c > 0, _breakpoint_root(a, r, c), 0.0)
     move = jnp.minimum(lam * safe_aw, cap) if norm == "l2" else jnp.minimum(lam, cap)
     return jnp.where(zero, 0.0, -jnp.sign(w) * move)
+
+
+def _breakpoint_root(a: Array, r: Array, c: Array) -> Array:
+    """The root of ``R(lam) = sum_i a_i min(lam, r_i) = c`` (``a >= 0``, ``c > 0``), ``inf`` when ``R`` never reaches
+    ``c``.
+
+    The reference (and our first version) sorts the breakpoints ``r`` and walks their partial sums; XLA:CPU's sort
+    is a comparator loop (~28 ms for 256 x 784 numbers on this machine, two per FAB iteration, as much as the
+    network's forward and backward pass). Instead: bisection on the bit pattern of ``lam`` (non-negative floats
+    order like their bits), which ends at two adjacent floats ``lo < hi`` with ``R(lo) < c <= R(hi)`` after as many
+    steps as the float has bits below the sign; no breakpoint lies strictly between them, so the linear piece
+    through ``lo`` is known (``S = {i: r_i <= lo}``) and ``lam = (c - sum_S a_i r_i) / sum_{not S} a_i``, kept in
+    ``[lo, hi]``: the exact root, up to the rounding of the sums.
+    """
+    dtype = r.dtype
+    itype = jnp.int32 if dtype == jnp.float32 else jnp.int64
+    steps = 31 if dtype == jnp.float32 else 63
+    finite = jnp.isfinite(r)
+    reach = jnp.sum(jnp.where(finite, a * jnp.where(finite, r, 0.0), 0.0)) + jnp.where(
+        jnp.any(~finite & (a > 0)), jnp.inf, 0.0)
+    as_float = lambda bits: jax.lax.bitcast_convert_type(bits, dtype)  # noqa: E731
+    decrease = lambda lam: jnp.sum(a * jnp.minimum(lam, r))  # noqa: E731
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        up = decrease(as_float(mid)) >= c
+        return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+
+    top = jax.lax.bitcast_convert_type(jnp.asarray(jnp.finfo(dtype).max, dtype), itype)
+    lo, hi = jax.lax.fori_loop(0, steps, halve, (jnp.zeros((), itype), top))
+    lo, hi = as_float(lo), as_float(hi)
+    below = r <= lo
+    rest = jnp.sum(jnp.where(below, 0.0, a))
+    lam = (c - jnp.sum(jnp.where(below, a * r, 0.0))) / jnp.where(rest > 0, rest, 1.0)
+    lam = jnp.where(rest > 0, jnp.clip(lam, lo, hi), hi)
+    return jnp.where(reach >= c, lam, jnp.inf)
 
 
 class _FabStatic(NamedTuple):
