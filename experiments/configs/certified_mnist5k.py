@@ -63,6 +63,7 @@ def get_config(variant: str = "gloro_mlp"):
         config.regularizers.lipschitz_margin = _margin(warmup_epochs=20)
         return config
     _certifiable(config, "aol_mlp")
+    config.model.kwargs.widths = (256, 256, 256)  # explicit, so --config.model.kwargs.widths='(512,512,512)' works
     if variant in ("gloro_mlp", "gloro_mlp_translate"):
         config.regularizers.lipschitz_margin = _margin()
         if variant == "gloro_mlp_translate":
