@@ -94,8 +94,9 @@ def _breakpoint_root(a: Array, r: Array, c: Array) -> Array:
     ``[lo, hi]``: the exact root, up to the rounding of the sums.
     """
     dtype = r.dtype
-    itype = jnp.int32 if dtype == jnp.float32 else jnp.int64
-    steps = 31 if dtype == jnp.float32 else 63
+    bits = jnp.dtype(dtype).itemsize * 8
+    itype = {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[bits]
+    steps = bits - 1  # the exponent and mantissa bits: halving them this often leaves adjacent floats
     finite = jnp.isfinite(r)
     reach = jnp.sum(jnp.where(finite, a * jnp.where(finite, r, 0.0), 0.0)) + jnp.where(
         jnp.any(~finite & (a > 0)), jnp.inf, 0.0)
