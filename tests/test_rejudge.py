@@ -122,13 +122,14 @@ def test_cli_rejects_bad_rows_and_counts_before_any_work(capsys):
 def test_an_interrupted_row_resumes_from_its_finished_seeds(tmp_path, monkeypatch):
     """Each (seed, radius) is saved when done; a rerun attacks only what is missing, and a network that changed
     (another official accuracy) is attacked again. The parts go once the row is written."""
-    model, variables, xs, ys, dist = _linear_case(n=16)
+    # the shapes and settings of test_run_row_checks_the_network_caches_and_judges: its compiled programs serve
+    model, variables, xs, ys, dist = _linear_case(n=32)
     eps = float(np.quantile(dist[dist > 0], 0.5))
     study = rj.Study("toy", str(tmp_path), ("base",),
-                     [rj.Radius("l2_x", "l2", eps, dict(norm="l2", step_size=eps / 4, num_steps=3))], len(ys), [],
+                     [rj.Radius("l2_x", "l2", eps, dict(norm="l2", step_size=eps / 4, num_steps=5))], len(ys), [],
                      lambda row, wd: (model, [(0, variables, None), (1, variables, None)], ""))
-    kw = dict(xs_all=xs, ys_all=ys, workdir=str(tmp_path), aa_kwargs=dict(num_steps=5, num_queries=10,
-                                                                           n_target_classes=2))
+    kw = dict(xs_all=xs, ys_all=ys, workdir=str(tmp_path), aa_kwargs=dict(num_steps=10, num_queries=20,
+                                                                           n_target_classes=3))
     real, seen = rj.evaluate_seed, []
 
     def dies_on_the_second(*a, **k):
