@@ -33,8 +33,8 @@ operations changes the trajectory); the table then says by how much the official
 Files: ``<study results>/autoattack_rows/<row>.json`` per row (cached: a row whose file holds the same settings is
 skipped); while a row runs, ``autoattack_rows/parts/<row>/seed<k>__<radius>.json`` for each finished seed and
 radius (an interrupted run resumes from them; a network whose official accuracy changed is attacked again; they
-are removed once the row is written); ``<study results>/autoattack.{json,md}`` (study results: ``experiments/results/clip``,
-``experiments/results/lcnn_e15``, ``experiments/results/smalldata``).
+are removed once the row is written); ``<study results>/autoattack.{json,md}`` (study results:
+``experiments/results/clip``, ``experiments/results/lcnn_e15``, ``experiments/results/smalldata``).
 """
 from __future__ import annotations
 
@@ -265,15 +265,15 @@ def run_row(study: Study, row: str, *, xs_all, ys_all, workdir: str, force: bool
             rec = {"seed": int(seed), "official_acc": acc, "study_official_acc": saved_acc,
                    "same_network": None if saved_acc is None else bool(abs(acc - saved_acc) <= 1.5 / len(ys_all))}
             for i, radius in enumerate(study.radii):
-                part = os.path.join(parts, f"seed{int(seed)}__{radius.name}.json")
-                part_settings = {**settings, "seed": int(seed), "radius": radius.name, "official_acc": acc}
-                r = None if force else _load_part(part, part_settings)
-                if r is None:
-                    r = evaluate_seed(model, variables, xs, ys, radius,
-                                      key=jax.random.fold_in(jax.random.PRNGKey(3000 + int(seed)), i),
-                                      aa_kwargs=aa_kwargs)
-                    _save_part(part, part_settings, r)
-                rec[radius.name] = r
+                # one finished (seed, radius), saved with what made it (the network's official accuracy among it)
+                part = table_runner.cached_row(
+                    os.path.join(parts, f"seed{int(seed)}__{radius.name}.json"),
+                    {**settings, "seed": int(seed), "radius": radius.name, "official_acc": acc},
+                    lambda: evaluate_seed(
+                        model, variables, xs, ys, radius, aa_kwargs=aa_kwargs,
+                        key=jax.random.fold_in(jax.random.PRNGKey(3000 + int(seed)), i)),
+                    force=force, tag=f"rejudge {study.name}", name=f"{row} seed {seed} {radius.name}")
+                r = rec[radius.name] = {k: v for k, v in part.items() if k != "settings"}
                 print(f"[rejudge {study.name}] {row} seed {seed} {radius.name}: clean {r['clean']:.3f} pgd "
                       f"{r['pgd']:.3f} apgd-ce {r['apgd_ce']:.3f} aa {r['aa']:.3f} worst {r['worst']:.3f} "
                       f"(aa {r['aa_seconds']:.0f} s)", flush=True)
@@ -286,16 +286,6 @@ def run_row(study: Study, row: str, *, xs_all, ys_all, workdir: str, force: bool
     shutil.rmtree(parts, ignore_errors=True)  # the row holds them now
     return result
 
-
-def _save_part(path: str, settings: dict, result: dict) -> None:
-    """One finished (seed, radius) of a row, with what made it: an interrupted row resumes from its parts."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lio.write_json_atomic(path, {"settings": settings, "result": result})
-
-
-def _load_part(path: str, settings: dict) -> dict | None:
-    saved = lio.load_if_matches(path, settings)
-    return None if saved is None else saved["result"]
 
 
 # ------------------------------------------------------------------------------------------------ verdicts

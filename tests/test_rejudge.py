@@ -4,6 +4,7 @@ Oracles: the rule's difference and standard error written out with the statistic
 exact L2 distance to its decision boundary (no attack can break a point farther than eps; APGD breaks every point
 much closer), so the AutoAttack and worst-case columns are bounded in closed form.
 """
+import json
 import statistics
 
 import flax.linen as nn
@@ -145,10 +146,11 @@ def test_an_interrupted_row_resumes_from_its_finished_seeds(tmp_path, monkeypatc
     assert sorted(p.name for p in parts.iterdir()) == ["seed0__l2_x.json"]
     seen.clear()
     monkeypatch.setattr(rj, "evaluate_seed", lambda *a, **k: seen.append(k["key"]) or real(*a, **k))
+    # a part made on another network (its official accuracy differs) is not reused
+    other = parts / "seed1__l2_x.json"
+    saved = json.loads((parts / "seed0__l2_x.json").read_text())
+    other.write_text(json.dumps({**saved, "settings": {**saved["settings"], "seed": 1, "official_acc": 0.5}}))
     row = rj.run_row(study, "base", **kw)
     assert len(seen) == 1 and [s["seed"] for s in row["per_seed"]] == [0, 1]  # only seed 1 was attacked
+    assert "settings" not in row["per_seed"][0]["l2_x"] and row["per_seed"][0]["l2_x"]["clean"] == saved["clean"]
     assert not parts.exists()
-    # a part made on another network (its official accuracy differs) is not reused
-    rj._save_part(str(tmp_path / "p.json"), {"n": 1}, {"clean": 1.0})
-    assert rj._load_part(str(tmp_path / "p.json"), {"n": 1}) == {"clean": 1.0}
-    assert rj._load_part(str(tmp_path / "p.json"), {"n": 2}) is None

@@ -98,8 +98,7 @@ def _breakpoint_root(a: Array, r: Array, c: Array) -> Array:
     itype = {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[bits]
     steps = bits - 1  # the exponent and mantissa bits: halving them this often leaves adjacent floats
     finite = jnp.isfinite(r)
-    reach = jnp.sum(jnp.where(finite, a * jnp.where(finite, r, 0.0), 0.0)) + jnp.where(
-        jnp.any(~finite & (a > 0)), jnp.inf, 0.0)
+    reach = jnp.sum(a * jnp.where(finite, r, 0.0)) + jnp.where(jnp.any(~finite & (a > 0)), jnp.inf, 0.0)
     as_float = lambda bits: jax.lax.bitcast_convert_type(bits, dtype)  # noqa: E731
     decrease = lambda lam: jnp.sum(a * jnp.minimum(lam, r))  # noqa: E731
 
