@@ -97,7 +97,7 @@ def trades_kl(logits: Array, pair_l: Array, eps: Array) -> Array:
     distributions is ``(S + e^{z_bot}) / S`` with ``S = sum_i e^{z_i}``, so the KL is
     ``log(1 + e^{z_bot} / S) = softplus(z_bot - logsumexp(z))``: small iff the bottom logit is far below the
     logits' log-partition, i.e. the prediction is certified at ``eps`` with room to spare. ``c`` carries no
-    gradient (an argmax). Shape ``(B,)``.
+    gradient (an argmax). Shape ``(B,)``; cost ``O(B K)`` beyond the logits and the pairwise bounds.
     """
     predicted = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
     bottom = margin_logits(logits, predicted, pair_l, eps, "gloro")[:, -1]
