@@ -15,6 +15,7 @@ import importlib
 
 from lcnn_jax.regularizers.adversarial import adversarial_training
 from lcnn_jax.regularizers.base import Regularizer, apply_epoch_end, empty_state
+from lcnn_jax.regularizers.certifiable import curvature_penalty, lipschitz_margin
 from lcnn_jax.regularizers.gradient import (confidence_penalty, datagrad, jacobian_penalty, jacreg,
                                             penalty_regularizer, spectreg)
 from lcnn_jax.regularizers.lcnn import cure, lcnn_gradnorm, lcnn_penalty, lcnn_terms
