@@ -271,15 +271,22 @@ def hutchinson_samples(
     return lax.map(sample, jnp.arange(num_probes), batch_size=batch_size)
 
 
-# The host loop's probe as one compiled program (drawn eagerly, each random op compiled on its own per leaf shape).
-_probe_jit = jax.jit(lambda key, i, like: tree_rademacher(jax.random.fold_in(key, i), like))
-_vdot_jit = jax.jit(tree_vdot)
+# The host loop's probe: the flat draw of tree_rademacher as one compiled program, cut into leaves and the product
+# raveled on the host (see _unravel_rows: compiled, that is a kernel per leaf on XLA:CPU).
+_flat_probe_jit = jax.jit(lambda key, i, n, dtype: jax.random.rademacher(
+    jax.random.fold_in(key, i), (n,), dtype=jnp.int32).astype(dtype), static_argnums=(2, 3))
+_dot_jit = jax.jit(jnp.dot)
 
 
 def _host_sample(matvec: MatVec, key: PRNGKey, like: PyTree, i) -> Array:
-    """``z^T A z`` for the probe ``z`` of ``fold_in(key, i)``, outside a trace (the host loop's probe)."""
-    z = _probe_jit(key, jnp.asarray(i, jnp.uint32), like)
-    return _vdot_jit(z, matvec(z))
+    """``z^T A z`` for the probe ``z = tree_rademacher(fold_in(key, i), like)``, outside a trace (the host loop's
+    probe), in the dtype ``ravel_pytree`` gives ``like``."""
+    leaves = jax.tree_util.tree_leaves(like)
+    dtype = jnp.result_type(*leaves)
+    n = sum(int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in leaves)
+    z = _flat_probe_jit(key, jnp.asarray(i, jnp.uint32), n, dtype)
+    az = _ravel_host(matvec(_unravel_rows(z[None], like, leading=False)), dtype)
+    return _dot_jit(z, az)
 
 
 def hutchinson_summary(samples: Array) -> tuple[Array, Array]:
@@ -422,9 +429,10 @@ def _lanczos_init(key, like, v0, num_iters):
     """The empty basis with ``q_1 = v0 / ||v0||`` in its first row, the alphas, betas and breakdown tolerance."""
     flat_like, _ = ravel_pytree(like)
     n, dtype = flat_like.shape[0], flat_like.dtype
-    if v0 is None:
-        v0 = tree_rademacher(key, like)
-    q0, _ = ravel_pytree(v0)
+    if v0 is None:  # the same values as ravel_pytree(tree_rademacher(key, like)), without the round trip via leaves
+        q0 = jax.random.rademacher(key, (n,), dtype=jnp.int32)
+    else:
+        q0, _ = ravel_pytree(v0)
     q0 = lax.stop_gradient(q0.astype(dtype))
     q0 = q0 / jnp.maximum(jnp.linalg.norm(q0), jnp.finfo(dtype).tiny)
     # Rounding left after two Gram-Schmidt passes against j <= m vectors is ~ sqrt(m) eps ||A q||;
@@ -440,9 +448,12 @@ def _lanczos_init(key, like, v0, num_iters):
 # of programs besides the matvec however many steps it runs, and an eager call does not run op by op.
 # Inside an outer jit they are simply inlined.
 _lanczos_init_jit = jax.jit(_lanczos_init, static_argnums=3)
-_row_as_tree_jit = jax.jit(lambda basis, j, like: ravel_pytree(like)[1](basis[j]))
-_lanczos_step_tree_jit = jax.jit(lambda j, basis, alphas, betas, w, tol: _lanczos_step(
-    j, basis, alphas, betas, ravel_pytree(w)[0].astype(basis.dtype), tol))
+# The host loop converts between the flat basis rows and the matvec's pytrees on the host (NumPy), not in compiled
+# programs: on XLA:CPU each leaf is a kernel of its own, and for ResNet-18's 62 leaves the two conversions took
+# longer to compile than its HVP (the host loop is the CPU's choice; a copy there is a memcpy).
+_row_jit = jax.jit(lambda basis, j: basis[j])
+_lanczos_step_jit = jax.jit(lambda j, basis, alphas, betas, w, tol: _lanczos_step(
+    j, basis, alphas, betas, w.astype(basis.dtype), tol))
 
 
 def lanczos(
@@ -476,8 +487,8 @@ def lanczos(
     if host_loop:
         steps = m
         for j in range(m):
-            w = matvec(_row_as_tree_jit(basis, j, like))
-            basis, alphas, betas = _lanczos_step_tree_jit(j, basis, alphas, betas, w, tol)
+            w = _ravel_host(matvec(_unravel_rows(_row_jit(basis, j)[None], like, leading=False)), basis.dtype)
+            basis, alphas, betas = _lanczos_step_jit(j, basis, alphas, betas, w, tol)
             if stop is not None and bool(stop(alphas, betas, j + 1)):
                 steps = j + 1
                 break
@@ -610,20 +621,47 @@ def lanczos_top_eigenvalues(
     if tol is not None:
         stop = lambda alphas, betas, steps: _top_k_converged_jit(alphas, betas, steps, k, which, tol)  # noqa: E731
     res = lanczos(matvec, key, like, num_iters, v0=v0, unroll=unroll, host_loop=host_loop, stop=stop)
-    out = _top_ritz_pairs_jit(res, like, k, which)
+    out = _top_ritz_pairs_jit(res, k, which)
+    out = out._replace(eigenvectors=_unravel_rows(out.eigenvectors, like))
     if tol is None:
         return out
     converged = jnp.all(out.residuals <= tol * jnp.abs(out.eigenvalues))
     return out._replace(converged=converged)
 
 
-def _top_ritz_pairs(res: LanczosResult, like: PyTree, k: int, which: str) -> EigenResult:
+def _unravel_rows(rows: Array, like: PyTree, *, leading: bool = True) -> PyTree:
+    """The rows of ``rows`` (k, n) as a pytree shaped like ``like`` with a leading k axis (``leading=False``: the
+    single row of a (1, n) array, without the axis). Traced: inside the caller's program. Concrete: cut on the
+    host (NumPy views, then one transfer per leaf), because a compiled unravel is a kernel per leaf on XLA:CPU
+    (0.4-0.8 s of compilation for ResNet-18's 62 leaves, for one call)."""
+    if isinstance(rows, jax.core.Tracer):
+        unravel = ravel_pytree(like)[1]
+        return jax.vmap(unravel)(rows) if leading else unravel(rows[0])
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    host = np.asarray(rows)
+    out, start = [], 0
+    for leaf in leaves:
+        shape, size = jnp.shape(leaf), int(np.prod(jnp.shape(leaf), dtype=np.int64))
+        part = host[:, start:start + size]
+        out.append(jnp.asarray(part.reshape((host.shape[0],) + shape) if leading else part.reshape(shape),
+                               dtype=jnp.result_type(leaf)))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _ravel_host(tree: PyTree, dtype) -> Array:
+    """``ravel_pytree(tree)[0]`` in ``dtype``, concatenated on the host (see :func:`_unravel_rows`)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.asarray(np.concatenate([np.asarray(leaf, dtype=dtype).ravel() for leaf in leaves]))
+
+
+def _top_ritz_pairs(res: LanczosResult, k: int, which: str) -> EigenResult:
+    """The top-``k`` Ritz pairs, the eigenvectors as flat rows (k, n)."""
     theta, s, live = _ritz(res)
     order = _select(theta, live, k, which)
     theta = jnp.where(live, theta, jnp.nan)  # only if k exceeds the dimension of the Krylov space
     theta_k, s_k = theta[order], s[:, order]
-    _, unravel = ravel_pytree(like)
-    eigvecs = jax.vmap(unravel)((res.basis.T @ s_k).T)
+    eigvecs = (res.basis.T @ s_k).T
     # the residual couples the last live row (the last step run) to the next Lanczos vector
     steps = jnp.sum(jnp.any(res.basis != 0, axis=1))
     residuals = jnp.abs(res.last_beta * s_k[jnp.maximum(steps - 1, 0), :])
@@ -631,7 +669,7 @@ def _top_ritz_pairs(res: LanczosResult, like: PyTree, k: int, which: str) -> Eig
                        num_iters=steps.astype(jnp.int32))
 
 
-_top_ritz_pairs_jit = jax.jit(_top_ritz_pairs, static_argnums=(2, 3))
+_top_ritz_pairs_jit = jax.jit(_top_ritz_pairs, static_argnums=(1, 2))
 _top_k_converged_jit = jax.jit(_top_k_converged, static_argnums=(3, 4))
 
 

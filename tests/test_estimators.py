@@ -236,6 +236,21 @@ def test_lanczos_tol_stops_early_and_its_residual_bounds_the_error(x64):
         assert abs(theta - true) <= float(res.residuals[i]) + 1e-12
 
 
+def test_host_lanczos_equals_the_traced_one(x64):
+    # the host loop converts rows and products between flat vectors and pytrees with NumPy; same arithmetic as the
+    # traced loop, and the same first vector (one flat Rademacher draw equals the raveled tree draw)
+    a, matvec, like, to_flat, key = _tol_lanczos_problem()
+    traced = jax.jit(lambda: est.lanczos_top_eigenvalues(matvec, key, like, k=2, num_iters=12))()
+    host = est.lanczos_top_eigenvalues(jax.jit(matvec), key, like, k=2, num_iters=12, host_loop=True)
+    np.testing.assert_allclose(host.eigenvalues, traced.eigenvalues, rtol=1e-12)
+    for i in range(2):
+        y_host, y_traced = (to_flat(jax.tree_util.tree_map(lambda x: x[i], r.eigenvectors)) for r in (host, traced))
+        np.testing.assert_allclose(y_host, y_traced, atol=1e-10)
+    assert jax.tree_util.tree_structure(host.eigenvectors) == jax.tree_util.tree_structure(like)
+    first = est.lanczos(matvec, key, like, 1).basis[0]
+    np.testing.assert_allclose(first * np.sqrt(a.shape[0]), to_flat(est.tree_rademacher(key, like)), atol=1e-12)
+
+
 @pytest.mark.slow
 def test_tol_in_host_loops_matches_the_traced_loops(x64):
     # the host loops (for a matvec that cannot be traced, e.g. a data set) stop at the same probe / step
