@@ -138,10 +138,12 @@ def _refuse_sweep_in_train(config, args) -> None:
 
 
 def _summary(results: dict, workdir: str) -> str:
+    trained_on = ("  (a training figure: data.train_split=train+test trained on the test split too)"
+                  if (results.get("config") or {}).get("data", {}).get("train_split") == "train+test" else "")
     text = (f"done: {results['steps']} steps in {results['wall_time_s']:.1f} s on {results['num_devices']} "
             f"{results['devices']} device(s)\n"
             f"  train accuracy {results['train_accuracy']:.4f}  loss {results['train_loss']:.4f}\n"
-            f"  test  accuracy {results['test_accuracy']:.4f}  loss {results['test_loss']:.4f}\n"
+            f"  test  accuracy {results['test_accuracy']:.4f}  loss {results['test_loss']:.4f}{trained_on}\n"
             f"  results: {workdir}/results.json")
     if results.get("dead"):
         text += ("\n  WARNING: dead network (the same output for every input, see the warning above and "

@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
         download=False,  # let TFDS download + prepare (needs network and the tfds-prepare extra)
         augment=False,  # random crop (pad 4) + horizontal flip, for CIFAR
         translate=0,  # random translation by up to this many pixels, zero fill, no flip (digits); 0: off
+        # train | train+test: mnist5k's two splits (5000 images), for runs evaluated on another set (certify)
+        train_split="train",
         train_size=ml_collections.FieldReference(None, field_type=int),  # stratified subset of the train split
         subset_seed=0,
         pair_pool_size=0,  # hold out this many training images as CLIP's pair pool (0: pairs from the batches)
@@ -250,6 +252,12 @@ def validate_config(config) -> None:
     if model_ok and config.data.name in data_lib.DATASETS:
         problems.extend(_model_kwargs_problems(config.model.name, config.model.get("kwargs"),
                                                data_lib.dataset_info(config.data.name).num_classes))
+    try:
+        from lcnn_jax.train.setup import check_train_split
+
+        check_train_split(config.data)
+    except ConfigError as e:
+        problems.append(str(e))
     t, o = config.train, config.optim
     if not isinstance(t.batch_size, int) or t.batch_size <= 0:
         problems.append(f"train.batch_size={t.batch_size!r} must be a positive integer.")

@@ -1,6 +1,7 @@
 """``lcnn-jax certify``: argument errors exit 2 before anything is loaded; a model the bounds cannot handle exits 2
 naming the operation before any data is read; an end-to-end run writes the JSON of the issue (slow)."""
 import json
+import os
 import types
 
 import flax.linen as nn
@@ -71,7 +72,8 @@ def test_train_then_certify_with_apgd_writes_the_report(tmp_path, capsys):
                    "--config.train.num_steps=40", "--config.model.kwargs.widths=(32, 32)",
                    "--config.train.progress=False"])
     assert rc == 0
-    capsys.readouterr()
+    assert json.load(open(os.path.join(wd, "results.json")))["num_train"] == 5000  # data.train_split=train+test
+    assert "a training figure" in capsys.readouterr().out
     out = str(tmp_path / "cert.json")
     rc, text, err = _run(["certify", "--workdir", wd, "--radii", "0.1,0.5", "--num_examples", "40",
                           "--attack", "apgd", "--out", out], capsys)

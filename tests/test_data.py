@@ -451,3 +451,29 @@ def test_data_augmentation_from_the_config():
         data_augmentation(d)
     d.translate, d.augment = 0, True
     assert data_augmentation(d) is D.augment_cifar
+
+
+def test_train_split_train_plus_test_trains_on_all_of_mnist5k_and_is_refused_elsewhere():
+    """``data.train_split="train+test"`` trains on both mnist5k splits (every test image among the training
+    images, nothing else added); refused for a dataset whose test split is the one people report, and for an
+    unknown value, before any data is loaded."""
+    from lcnn_jax.configs import default_config
+    from lcnn_jax.errors import ConfigError
+    from lcnn_jax.train.setup import check_train_split, training_split
+
+    d = default_config().data
+    train, test = D.load_split("mnist5k", "train"), D.load_split("mnist5k", "test")
+    assert training_split(d, train, test) is train  # the default: the train split alone
+    d.train_split = "train+test"
+    assert check_train_split(d) == "train+test"
+    both = training_split(d, train, test)
+    assert len(both.images) == len(train.images) + len(test.images) == 5000
+    keys = lambda s: {(im.tobytes(), int(y)) for im, y in zip(s.images, s.labels)}  # noqa: E731
+    assert keys(both) == keys(train) | keys(test)
+    for name in ("mnist", "cifar10"):
+        d.name = name
+        with pytest.raises(ConfigError, match=r"train\+test.*mnist5k"):
+            check_train_split(d)
+    d.name, d.train_split = "mnist5k", "all"
+    with pytest.raises(ConfigError, match="data.train_split='all'"):
+        check_train_split(d)
