@@ -320,7 +320,9 @@ def _ms(values) -> str:
 def markdown(study: Study, rows: dict, verdicts: list[dict], command: str, wall_s: float) -> str:
     radii = {r.name: r for r in study.radii}
     lines = [f"# Robustness claims of the {study.name} study, re-judged with AutoAttack", "",
-             f"`{command}` ({wall_s / 60:.1f} min of training or loading and attacking, summed over rows; "
+             f"Last command: `{command}`. The tables hold every row whose result exists, from that call and earlier "
+             f"ones ({wall_s / 60:.1f} min of training or loading and attacking, summed over all these rows, each "
+             f"row's own time in its JSON, including any time the job was paused; "
              f"{table_runner.device_description()}; 2 CPU cores). "
              "Networks: the study's own (same configs, seeds and workdir naming; same_network below). Images: the "
              "first N official MNIST test images. Robust accuracy in %, mean ± std over seeds; columns as in "
