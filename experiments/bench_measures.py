@@ -5,11 +5,14 @@
     python experiments/bench_measures.py --measure_workdir runs/quickstart [--config.measure.KEY=VALUE ...]
     python experiments/bench_measures.py --one_shot --model resnet18 --width 0.125   # first call vs steady call
 
-One-shot mode (``--one_shot``): what a researcher pays to measure a trained network once, outside ``jit``: the
-wall time of the first call of ``hessian_trace`` (10 probes) and of ``hessian_top_eigenvalues`` (Lanczos, 20 steps)
-on the mean cross-entropy of the batch, compilation included (JAX's caches cleared before each measure), against a
-second call with the same loss (steady), and their ratio. The library picks its loop itself (on the CPU, for a loss that convolves: one compiled HVP called
-from the host per probe or Lanczos step, :func:`lcnn_jax.loops.host_loop`).
+One-shot mode (``--one_shot``): what a researcher pays to measure a trained network once, outside ``jit``: the wall
+time of the first call of ``hessian_trace`` (10 probes) and of ``hessian_top_eigenvalues`` (Lanczos, 20 steps) on the
+mean cross-entropy of the batch, compilation included (JAX's caches cleared before each measure), against a second
+call with the same loss (steady), and their ratio. ``--compilation_cache DIR`` turns on JAX's persistent cache there
+(what the CLI does by default): run the command twice and the second run shows a fresh process whose programs were
+compiled before (``jax.clear_caches`` empties only the in-memory caches). The library picks its loop itself (on the
+CPU, for a loss that convolves: one compiled HVP called from the host per probe or Lanczos step,
+:func:`lcnn_jax.loops.host_loop`).
 
 Table mode: every measure is a ``jax.jit`` program whose arguments are the model variables and the batch (nothing
 large is closed over), called with the library's defaults (unrolling included). ``compile`` is the time of
@@ -116,6 +119,8 @@ def _setup(args):
 
 
 def run_one_shot(args) -> None:
+    if args.compilation_cache:  # JAX's persistent cache at its default thresholds, as the CLI sets it
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     model, variables, xs, ys = _setup(args)
     eval_kw = mode_kwargs(model, train=False)
 
@@ -229,7 +234,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="substrings of the row names to run (the gradient always runs)")
     p.add_argument("--one_shot", action="store_true", help="first call vs steady call of the Hessian measures")
     p.add_argument("--measure_workdir")
-    p.add_argument("--compilation_cache")
+    p.add_argument("--compilation_cache", help="a directory for JAX's persistent compilation cache (default: off)")
     args = p.parse_args(argv)
     if args.measure_workdir:
         run_measure(args, overrides)
