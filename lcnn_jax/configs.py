@@ -234,6 +234,23 @@ def _model_keywords(name: str) -> list[str] | None:
     return None if keywords is None else list(keywords)
 
 
+TRAIN_SPLITS = ("train", "train+test")
+
+
+def check_train_split(dcfg) -> str:
+    """``config.data.train_split``, checked (see :func:`lcnn_jax.train.setup.training_split`); raises
+    :class:`lcnn_jax.errors.ConfigError` before any data is loaded."""
+    choice = dcfg.get("train_split", "train")
+    if choice not in TRAIN_SPLITS:
+        raise ConfigError(f"data.train_split={choice!r} is unknown; use one of {list(TRAIN_SPLITS)}.")
+    if choice == "train+test" and dcfg.name != "mnist5k":
+        raise ConfigError(f"data.train_split='train+test' trains on the test split too; it is allowed for mnist5k "
+                          f"only (evaluated elsewhere, e.g. on the official MNIST test set), not for "
+                          f"data.name={dcfg.name!r}, whose test split is where results are reported. "
+                          f"Use data.train_split='train'.")
+    return choice
+
+
 def validate_config(config) -> None:
     """Raise ConfigError naming every problem found in ``config`` (before any data is loaded)."""
     from lcnn_jax import data as data_lib
@@ -253,8 +270,6 @@ def validate_config(config) -> None:
         problems.extend(_model_kwargs_problems(config.model.name, config.model.get("kwargs"),
                                                data_lib.dataset_info(config.data.name).num_classes))
     try:
-        from lcnn_jax.train.setup import check_train_split
-
         check_train_split(config.data)
     except ConfigError as e:
         problems.append(str(e))

@@ -459,7 +459,8 @@ def test_train_split_train_plus_test_trains_on_all_of_mnist5k_and_is_refused_els
     unknown value, before any data is loaded."""
     from lcnn_jax.configs import default_config
     from lcnn_jax.errors import ConfigError
-    from lcnn_jax.train.setup import check_train_split, training_split
+    from lcnn_jax.configs import check_train_split
+    from lcnn_jax.train.setup import training_split
 
     d = default_config().data
     train, test = D.load_split("mnist5k", "train"), D.load_split("mnist5k", "test")

@@ -28,9 +28,11 @@ def _oracle(model, variables, xs, ys, key, n):
     flat, unravel = ravel_pytree(params)
     logits = lambda f: model.apply({"params": unravel(f)}, xs)  # noqa: E731
     ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, ys).mean()  # noqa: E731
-    hess = np.asarray(jax.hessian(lambda f: ce(logits(f)))(flat))
-    jac = np.asarray(jax.jacfwd(logits)(flat)).reshape(-1, flat.size)  # (B * classes, P)
-    h_out = np.asarray(jax.hessian(lambda z: ce(z.reshape(len(xs), -1)))(np.asarray(logits(flat)).ravel()))
+    # each piece as one compiled program (run eagerly, jax.hessian dispatched hundreds of small ops: 7 s)
+    hess = np.asarray(jax.jit(jax.hessian(lambda f: ce(logits(f))))(flat))
+    jac = np.asarray(jax.jit(jax.jacfwd(logits))(flat)).reshape(-1, flat.size)  # (B * classes, P)
+    h_out = np.asarray(jax.jit(jax.hessian(lambda z: ce(z.reshape(len(xs), -1))))(
+        np.asarray(jax.jit(logits)(flat)).ravel()))
     ggn = jac.T @ h_out @ jac
     k1 = jax.random.split(key)[0]
     zs = [np.asarray(ravel_pytree(tree_rademacher(jax.random.fold_in(k1, i), params))[0]) for i in range(n)]

@@ -39,30 +39,14 @@ def data_augmentation(dcfg):
     return data_lib.augment_cifar if dcfg.get("augment", False) else None
 
 
-TRAIN_SPLITS = ("train", "train+test")
-
-
-def check_train_split(dcfg) -> str:
-    """``config.data.train_split``, checked (see :func:`training_split`); raises
-    :class:`lcnn_jax.errors.ConfigError` before any data is loaded."""
-    choice = dcfg.get("train_split", "train")
-    if choice not in TRAIN_SPLITS:
-        raise ConfigError(f"data.train_split={choice!r} is unknown; use one of {list(TRAIN_SPLITS)}.")
-    if choice == "train+test" and dcfg.name != "mnist5k":
-        raise ConfigError(f"data.train_split='train+test' trains on the test split too; it is allowed for mnist5k "
-                          f"only (evaluated elsewhere, e.g. on the official MNIST test set), not for "
-                          f"data.name={dcfg.name!r}, whose test split is where results are reported. "
-                          f"Use data.train_split='train'.")
-    return choice
-
-
 def training_split(dcfg, train, test):
     """The examples to train on, as ``config.data.train_split`` says: ``"train"`` (the default) or ``"train+test"``,
     both splits of ``mnist5k`` (5000 images instead of 4000). The second is for runs evaluated on another set, such
     as the certified runs judged on the official MNIST test set, which shares no image with mnist5k; the run's own
     "test" figures are then figures on training images. Refused for every other dataset, whose test split is the
-    one results are reported on (:func:`check_train_split`)."""
+    one results are reported on (:func:`lcnn_jax.configs.check_train_split`)."""
     from lcnn_jax import data as data_lib
+    from lcnn_jax.configs import check_train_split
 
     if check_train_split(dcfg) == "train":
         return train
@@ -145,7 +129,7 @@ def prepare_run(config) -> RunSetup:
       lcnn_jax.data.DatasetError: the dataset cannot be found.
     """
     from lcnn_jax import data as data_lib
-    from lcnn_jax.configs import validate_config
+    from lcnn_jax.configs import check_train_split, validate_config
     from lcnn_jax.nn import make_model
 
     validate_config(config)
