@@ -106,7 +106,8 @@ from experiments.random_labels_report import (DIAGNOSTICS, MEASURE_LABELS, MEASU
                                               write_protocol_comparison)
 from experiments.random_labels_train import (Measurer, accuracy, generalization_gap, make_chunk_trainer,
                                              make_member_logits, make_weighted_chunk_trainer, mean_cross_entropy,
-                                             member_loop, reference_optimizer, train_fixed_budget, train_group)
+                                             member_loop, reference_optimizer, steps_from_host, train_fixed_budget,
+                                             train_group)
 from lcnn_jax import io
 from lcnn_jax import train as training
 from lcnn_jax.data import Split, load_split, shuffle_labels, subset
@@ -223,10 +224,10 @@ def programs(model_name: str, cfg, num_members: int) -> dict:
     if key not in _PROGRAMS:
         if getattr(cfg, "protocol", "ours") == "reference":
             tx = reference_optimizer(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_decay)
-            trainer = make_weighted_chunk_trainer(model, loop)
+            trainer = make_weighted_chunk_trainer(model, loop, host_steps=steps_from_host(model))
         else:
             tx = optax.sgd(cfg.lr, momentum=cfg.momentum)
-            trainer = make_chunk_trainer(model, loop)
+            trainer = make_chunk_trainer(model, loop, host_steps=steps_from_host(model))
         _PROGRAMS[key] = {"model": model, "tx": tx, "trainer": trainer, "loop": loop,
                           "logits": make_member_logits(model, loop=loop), "measurer": Measurer(model, cfg)}
     return _PROGRAMS[key]

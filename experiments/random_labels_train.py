@@ -113,27 +113,38 @@ def init_members(model, tx, seeds: Sequence[int], example) -> TrainState:
         for s in seeds])
 
 
+def model_convolves(model, image_shape=(1, 28, 28, 1)) -> bool:
+    """Whether ``model`` convolves, read from its traced program (:func:`lcnn_jax.loops.uses_convolution`)."""
+    x = jnp.zeros(image_shape, jnp.float32)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
+    return loops.uses_convolution(lambda p, xs: model.apply({"params": p}, xs, train=False), params, x)
+
+
 def member_loop(model, choice: str, num_members: int, image_shape=(1, 28, 28, 1)) -> str:
     """``"vmap"`` or ``"unroll"`` for ``choice`` (``auto``/``vmap``/``unroll``): the library's rule
     (:func:`lcnn_jax.train.resolve_member_loop`) for ``num_members`` members on one device, with "does the model
-    convolve" read from its traced program (:func:`lcnn_jax.train.uses_convolution`)."""
+    convolve" from :func:`model_convolves`."""
     layout = training.sweep_layout(Mesh(np.asarray(jax.devices()[:1]), ("data",)), int(num_members))
+    return training.resolve_member_loop(choice, layout, lambda: model_convolves(model, image_shape))
 
-    def convolves():
-        x = jnp.zeros(image_shape, jnp.float32)
-        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
-        return loops.uses_convolution(lambda p, xs: model.apply({"params": p}, xs, train=False), params, x)
 
-    return training.resolve_member_loop(choice, layout, convolves)
+def steps_from_host(model, image_shape=(1, 28, 28, 1)) -> bool:
+    """Whether the trainers below should run their steps from the host (one compiled step called per step) instead
+    of as a ``lax.scan``: on the CPU for a model that convolves. There a scanned (rolled) step runs the backward
+    convolutions on XLA:CPU's slow path: LeNet's reference-protocol step (3 members, batch 1024) took 3.7-3.9 s
+    scanned against 0.42 s called from the host (the library's rule for its estimators:
+    :func:`lcnn_jax.loops.host_loop`)."""
+    return loops.default_platform() == "cpu" and model_convolves(model, image_shape)
 
 
 def _cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_chunk_trainer(model, loop: str = "vmap"):
+def make_chunk_trainer(model, loop: str = "vmap", host_steps: bool = False):
     """Jitted ``(state, done (T,), images, labels (T, N), idx (S, T, B)) -> state``: S steps of all T members of a
-    stacked state in one program (``lax.scan`` over steps of :func:`lcnn_jax.train.map_members` over members).
+    stacked state in one program (``lax.scan`` over steps of :func:`lcnn_jax.train.map_members` over members);
+    ``host_steps``: the S steps from the host instead, one compiled step each (:func:`steps_from_host`).
 
     Members with ``done`` keep their state (they already fit their training set).
     """
@@ -145,18 +156,36 @@ def make_chunk_trainer(model, loop: str = "vmap"):
 
     step_all = training.map_members(member_step, (0, 0, 0, 0), loop)
 
-    def chunk(state, done, images, labels, idx):
-        def body(state, idx_t):  # idx_t (T, B)
-            return step_all(state, done, images[idx_t], jnp.take_along_axis(labels, idx_t, axis=1)), None
+    def one_step(state, done, images, labels, idx_t):  # idx_t (T, B)
+        return step_all(state, done, images[idx_t], jnp.take_along_axis(labels, idx_t, axis=1))
 
-        return lax.scan(body, state, idx)[0]
+    if host_steps:
+        return _host_chunk(jax.jit(one_step, donate_argnums=0), steps_axis_args=(4,))
+
+    def chunk(state, done, images, labels, idx):
+        return lax.scan(lambda st, idx_t: (one_step(st, done, images, labels, idx_t), None), state, idx)[0]
 
     return jax.jit(chunk)
 
 
-def make_weighted_chunk_trainer(model, loop: str = "vmap"):
+def _host_chunk(step, steps_axis_args: tuple):
+    """``chunk(state, *args)`` calling ``step(state, *args)`` once per row of the arguments at ``steps_axis_args``
+    (their leading axis is the steps), from the host."""
+
+    def chunk(state, *args):
+        num_steps = args[steps_axis_args[0] - 1].shape[0]
+        state = jax.tree.map(jnp.copy, state)  # the step donates its state; the caller's stays valid
+        for k in range(num_steps):
+            state = step(state, *[a[k] if i + 1 in steps_axis_args else a for i, a in enumerate(args)])
+        return state
+
+    return chunk
+
+
+def make_weighted_chunk_trainer(model, loop: str = "vmap", host_steps: bool = False):
     """Jitted ``(state, images, labels (T, N), idx (S, T, B), w (S, T, B)) -> state``: S steps of every member on
-    the weighted mean cross-entropy of its batch (``sum w ce / sum w``; padding has weight 0)."""
+    the weighted mean cross-entropy of its batch (``sum w ce / sum w``; padding has weight 0); ``host_steps`` as in
+    :func:`make_chunk_trainer`."""
 
     def member_step(state, x, y, w):
         def loss(q):
@@ -167,12 +196,14 @@ def make_weighted_chunk_trainer(model, loop: str = "vmap"):
 
     step_all = training.map_members(member_step, (0, 0, 0, 0), loop)
 
-    def chunk(state, images, labels, idx, w):
-        def body(state, inputs):
-            idx_t, w_t = inputs  # (T, B) each
-            return step_all(state, images[idx_t], jnp.take_along_axis(labels, idx_t, axis=1), w_t), None
+    def one_step(state, images, labels, idx_t, w_t):  # (T, B) each
+        return step_all(state, images[idx_t], jnp.take_along_axis(labels, idx_t, axis=1), w_t)
 
-        return lax.scan(body, state, (idx, w))[0]
+    if host_steps:
+        return _host_chunk(jax.jit(one_step, donate_argnums=0), steps_axis_args=(3, 4))
+
+    def chunk(state, images, labels, idx, w):
+        return lax.scan(lambda st, iw: (one_step(st, images, labels, *iw), None), state, (idx, w))[0]
 
     return jax.jit(chunk)
 

@@ -222,6 +222,13 @@ def test_chunk_trainer_freezes_finished_members_and_unroll_matches_vmap():
     assert logits.shape == (2, 24, 10)
     np.testing.assert_allclose(logits[1], np.asarray(model.apply({"params": member(out["vmap"])}, images)),
                                rtol=1e-5, atol=1e-5)
+    # steps from the host (the CPU's choice for convolutional models) take the same steps as the scanned chunk
+    host = rl.make_chunk_trainer(model, "vmap", host_steps=True)(state, done, images, labels, idx)
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(out["vmap"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert rlt.steps_from_host(model) is False
+    if jax.default_backend() == "cpu":
+        assert rlt.steps_from_host(make_model("lenet", 10)) is True
     # the member loop is the library's rule: convolutional members unrolled on CPU, dense ones vmapped
     assert rlt.member_loop(model, "auto", 2) == "vmap" and rlt.member_loop(model, "unroll", 2) == "unroll"
     if jax.default_backend() == "cpu":
@@ -441,6 +448,10 @@ def test_weighted_trainer_padding_has_no_effect():
                                                  jnp.asarray(w_pad)).params
     want = rl.make_chunk_trainer(model)(state, jnp.asarray([False]), images, labels,
                                         jnp.asarray(real[None, None])).params
+    host = rl.make_weighted_chunk_trainer(model, host_steps=True)(state, images, labels, jnp.asarray(idx_pad),
+                                                                   jnp.asarray(w_pad)).params
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(got)):  # steps from the host: the same step
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     for a, b, p0 in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         assert not np.allclose(np.asarray(a), np.asarray(p0))
