@@ -73,7 +73,7 @@ def test_attack_columns_on_a_linear_classifier_obey_the_exact_boundary_distances
 
 
 def test_run_row_checks_the_network_caches_and_judges(tmp_path):
-    model, variables, xs, ys, dist = _linear_case(n=32)
+    model, variables, xs, ys, dist = _linear_case()  # the shapes of the test above: its compiled attacks
     acc = float(np.mean(dist > 0))
     calls = []
 
@@ -100,9 +100,9 @@ def test_run_row_checks_the_network_caches_and_judges(tmp_path):
     study.radii = list(study.radii) + [rj.Radius("l2_y", "l2", 2 * eps, {})]
     rows["base"]["per_seed"] = [{**s, "l2_y": s["l2_x"]} for s in rows["base"]["per_seed"]]
     assert [v["radius"] for v in rj.judge(study, rows)] == ["l2_x"]
-    assert rj.markdown(study, rows, [], "cmd", 1.0).count("| reg | 32 | 2 |") == 1
+    assert rj.markdown(study, rows, [], "cmd", 1.0).count("| reg | 48 | 2 |") == 1
     text = rj.markdown(study, rows, verdicts, "cmd", 1.0)
-    assert "| reg | 32 | 2 |" in text and "NO: official accuracy off by up to 10.00 points |" in text
+    assert "| reg | 48 | 2 |" in text and "NO: official accuracy off by up to 10.00 points |" in text
 
 
 def test_cli_rejects_bad_rows_and_counts_before_any_work(capsys):
@@ -124,7 +124,7 @@ def test_an_interrupted_row_resumes_from_its_finished_seeds(tmp_path, monkeypatc
     """Each (seed, radius) is saved when done; a rerun attacks only what is missing, and a network that changed
     (another official accuracy) is attacked again. The parts go once the row is written."""
     # the shapes and settings of test_run_row_checks_the_network_caches_and_judges: its compiled programs serve
-    model, variables, xs, ys, dist = _linear_case(n=32)
+    model, variables, xs, ys, dist = _linear_case()  # the shapes of the test above: its compiled attacks
     eps = float(np.quantile(dist[dist > 0], 0.5))
     study = rj.Study("toy", str(tmp_path), ("base",),
                      [rj.Radius("l2_x", "l2", eps, dict(norm="l2", step_size=eps / 4, num_steps=5))], len(ys), [],
