@@ -160,7 +160,7 @@ def make_chunk_trainer(model, loop: str = "vmap", host_steps: bool = False):
         return step_all(state, done, images[idx_t], jnp.take_along_axis(labels, idx_t, axis=1))
 
     if host_steps:
-        return _host_chunk(jax.jit(one_step, donate_argnums=0), steps_axis_args=(4,))
+        return _host_chunk(jax.jit(one_step, donate_argnums=0), num_stepped=1)
 
     def chunk(state, done, images, labels, idx):
         return lax.scan(lambda st, idx_t: (one_step(st, done, images, labels, idx_t), None), state, idx)[0]
@@ -168,15 +168,15 @@ def make_chunk_trainer(model, loop: str = "vmap", host_steps: bool = False):
     return jax.jit(chunk)
 
 
-def _host_chunk(step, steps_axis_args: tuple):
-    """``chunk(state, *args)`` calling ``step(state, *args)`` once per row of the arguments at ``steps_axis_args``
-    (their leading axis is the steps), from the host."""
+def _host_chunk(step, num_stepped: int):
+    """``chunk(state, *fixed, *stepped)`` calling ``step(state, *fixed, *row k of each stepped)`` for every row k of
+    the last ``num_stepped`` arguments (their leading axis is the steps), from the host."""
 
     def chunk(state, *args):
-        num_steps = args[steps_axis_args[0] - 1].shape[0]
+        fixed, stepped = args[:-num_stepped], args[-num_stepped:]
         state = jax.tree.map(jnp.copy, state)  # the step donates its state; the caller's stays valid
-        for k in range(num_steps):
-            state = step(state, *[a[k] if i + 1 in steps_axis_args else a for i, a in enumerate(args)])
+        for k in range(stepped[0].shape[0]):
+            state = step(state, *fixed, *(a[k] for a in stepped))
         return state
 
     return chunk
@@ -200,7 +200,7 @@ def make_weighted_chunk_trainer(model, loop: str = "vmap", host_steps: bool = Fa
         return step_all(state, images[idx_t], jnp.take_along_axis(labels, idx_t, axis=1), w_t)
 
     if host_steps:
-        return _host_chunk(jax.jit(one_step, donate_argnums=0), steps_axis_args=(3, 4))
+        return _host_chunk(jax.jit(one_step, donate_argnums=0), num_stepped=2)
 
     def chunk(state, images, labels, idx, w):
         return lax.scan(lambda st, iw: (one_step(st, images, labels, *iw), None), state, (idx, w))[0]

@@ -285,7 +285,7 @@ def _host_sample(matvec: MatVec, key: PRNGKey, like: PyTree, i) -> Array:
     dtype = jnp.result_type(*leaves)
     n = sum(int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in leaves)
     z = _flat_probe_jit(key, jnp.asarray(i, jnp.uint32), n, dtype)
-    az = _ravel_host(matvec(_unravel_rows(z[None], like, leading=False)), dtype)
+    az = _ravel_host(matvec(_unravel_rows(z, like)), dtype)
     return _dot_jit(z, az)
 
 
@@ -487,7 +487,7 @@ def lanczos(
     if host_loop:
         steps = m
         for j in range(m):
-            w = _ravel_host(matvec(_unravel_rows(_row_jit(basis, j)[None], like, leading=False)), basis.dtype)
+            w = _ravel_host(matvec(_unravel_rows(_row_jit(basis, j), like)), basis.dtype)
             basis, alphas, betas = _lanczos_step_jit(j, basis, alphas, betas, w, tol)
             if stop is not None and bool(stop(alphas, betas, j + 1)):
                 steps = j + 1
@@ -629,22 +629,21 @@ def lanczos_top_eigenvalues(
     return out._replace(converged=converged)
 
 
-def _unravel_rows(rows: Array, like: PyTree, *, leading: bool = True) -> PyTree:
-    """The rows of ``rows`` (k, n) as a pytree shaped like ``like`` with a leading k axis (``leading=False``: the
-    single row of a (1, n) array, without the axis). Traced: inside the caller's program. Concrete: cut on the
-    host (NumPy views, then one transfer per leaf), because a compiled unravel is a kernel per leaf on XLA:CPU
-    (0.4-0.8 s of compilation for ResNet-18's 62 leaves, for one call)."""
+def _unravel_rows(rows: Array, like: PyTree) -> PyTree:
+    """``rows`` (k, n) as a pytree shaped like ``like`` with a leading k axis, or one flat vector (n,) as a pytree
+    shaped like ``like``. Traced: inside the caller's program. Concrete: cut on the host (NumPy views, then one
+    transfer per leaf), because a compiled unravel is a kernel per leaf on XLA:CPU (0.4-0.8 s of compilation for
+    ResNet-18's 62 leaves, for one call)."""
     if isinstance(rows, jax.core.Tracer):
         unravel = ravel_pytree(like)[1]
-        return jax.vmap(unravel)(rows) if leading else unravel(rows[0])
+        return jax.vmap(unravel)(rows) if rows.ndim == 2 else unravel(rows)
     leaves, treedef = jax.tree_util.tree_flatten(like)
     host = np.asarray(rows)
+    lead = host.shape[:-1]  # (k,) or ()
     out, start = [], 0
     for leaf in leaves:
         shape, size = jnp.shape(leaf), int(np.prod(jnp.shape(leaf), dtype=np.int64))
-        part = host[:, start:start + size]
-        out.append(jnp.asarray(part.reshape((host.shape[0],) + shape) if leading else part.reshape(shape),
-                               dtype=jnp.result_type(leaf)))
+        out.append(jnp.asarray(host[..., start:start + size].reshape(lead + shape), dtype=jnp.result_type(leaf)))
         start += size
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -457,9 +457,8 @@ def test_train_split_train_plus_test_trains_on_all_of_mnist5k_and_is_refused_els
     """``data.train_split="train+test"`` trains on both mnist5k splits (every test image among the training
     images, nothing else added); refused for a dataset whose test split is the one people report, and for an
     unknown value, before any data is loaded."""
-    from lcnn_jax.configs import default_config
+    from lcnn_jax.configs import check_train_split, default_config
     from lcnn_jax.errors import ConfigError
-    from lcnn_jax.configs import check_train_split
     from lcnn_jax.train.setup import training_split
 
     d = default_config().data

@@ -129,14 +129,13 @@ def prepare_run(config) -> RunSetup:
       lcnn_jax.data.DatasetError: the dataset cannot be found.
     """
     from lcnn_jax import data as data_lib
-    from lcnn_jax.configs import check_train_split, validate_config
+    from lcnn_jax.configs import validate_config
     from lcnn_jax.nn import make_model
 
     validate_config(config)
     maybe_initialize_distributed()
     dcfg, tcfg = config.data, config.train
-    augment = data_augmentation(dcfg)  # checked before any data is loaded
-    check_train_split(dcfg)  # likewise
+    augment = data_augmentation(dcfg)  # checked before any data is loaded (data.train_split: by validate_config)
     info = data_lib.dataset_info(dcfg.name)
     train = data_lib.load_split(dcfg.name, "train", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
     test = data_lib.load_split(dcfg.name, "test", data_dir=dcfg.get("data_dir"), download=dcfg.get("download", False))
