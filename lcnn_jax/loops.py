@@ -9,6 +9,13 @@ Why this module exists: the fastest way to run the same loop differs by backend,
   the compile time bounded. Power iterations, Lanczos, Hutchinson and the attacks all ask here.
 * **Long attack loops on convolutional nets run from the host** in compiled segments
   (:func:`lcnn_jax.attacks.apgd_stepwise`, :data:`HOST_SEGMENT` steps per compiled call), for the same reason.
+* **Some values are stored once** (:func:`materialize`). XLA:CPU fuses a value's producers (batch norms,
+  residual sums, the nonlinearity) into every consumer, the strided transposes of the weight-gradient
+  convolutions included, where a ResNet's whole residual chain is recomputed with a poor memory access pattern: a
+  softplus ResNet-18 step paid 1.25x a ReLU one for it. The plain ResNet's block outputs pass through
+  :func:`materialize`, which XLA cannot fuse across (``experiments/bench_resnet.py``'s ``_fused`` rows: the
+  library without it). Not everywhere: each stored value ends a fusion and can cost more than it saves (the
+  LCNN block, or a small CNN's activations, ran slower with it), so it goes where a benchmark shows a gain.
 * **A sweep's members** (:func:`member_loop`) are ``jax.vmap``-ped on accelerators and for dense nets; on the
   CPU a member-batched convolution becomes one grouped convolution, which XLA:CPU runs 3-4x slower per member
   than K plain ones, so there the members of a convolutional net are unrolled inside the one compiled step
@@ -23,11 +30,12 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lcnn_jax.errors import ConfigError
 
-__all__ = ["MAX_AUTO_UNROLL", "HOST_SEGMENT", "MEMBER_LOOPS", "MAX_UNROLLED_MEMBERS", "auto_unroll",
+__all__ = ["MAX_AUTO_UNROLL", "HOST_SEGMENT", "MATERIALIZE", "materialize", "MEMBER_LOOPS", "MAX_UNROLLED_MEMBERS", "auto_unroll",
            "default_platform", "uses_convolution", "check_member_loop", "member_loop", "is_traced", "host_loop"]
 
 #: Loops of at most this many iterations are unrolled by default (see :func:`auto_unroll`). Tests set it to 0,
@@ -36,6 +44,10 @@ MAX_AUTO_UNROLL = 20
 
 #: Steps per compiled call of a host-driven attack loop (APGD on the host, ``attacks.apgd_stepwise``).
 HOST_SEGMENT = 5
+
+#: Whether :func:`materialize` stores its value on the CPU (read while tracing; ``bench_resnet.py`` turns it off
+#: for its ``_fused`` rows, to show the difference in one run).
+MATERIALIZE = True
 
 #: How the K members of one compiled sweep step are computed: ``"vmap"`` (``jax.vmap`` over the member axis),
 #: ``"unroll"`` (K copies of the single-model step inside the one program: K x the compile time; ``lax.map``
@@ -51,6 +63,37 @@ def auto_unroll(num_iters: int, unroll: int | bool | None = None) -> int | bool:
     """The ``unroll`` a loop of ``num_iters`` iterations gets: the caller's choice if given, else a full unroll
     for short loops (``num_iters <= MAX_AUTO_UNROLL``) and a rolled loop beyond (bounded compilation time)."""
     return (num_iters <= MAX_AUTO_UNROLL) if unroll is None else unroll
+
+
+def _stored(x):
+    # A while loop that XLA cannot remove and does not fuse across: it runs once only when the first element is
+    # NaN, and then adds the counter's first value, 0, so it returns x in every case (the sign of a zero aside).
+    # lax.optimization_barrier would say this directly, but XLA:CPU expands the barrier before it fuses.
+    n = jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
+    return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] + c[0].astype(c[1].dtype)),
+                              (jnp.int32(0), x))[1]
+
+
+@jax.custom_jvp
+def _materialized(x):
+    return jax.lax.platform_dependent(x, cpu=_stored, default=lambda v: v)
+
+
+@_materialized.defjvp
+def _materialized_jvp(primals, tangents):
+    return _materialized(primals[0]), tangents[0]
+
+
+def materialize(x):
+    """``x`` unchanged, computed once and stored on the CPU instead of recomputed inside each consumer.
+
+    The identity in value and in every derivative (the tangent passes through untouched, so gradients, HVPs and
+    higher derivatives are those of the function without it), under ``jit``, ``vmap`` and ``grad``. On XLA:CPU
+    it ends fusion: the consumers read the stored value. On other platforms, or with :data:`MATERIALIZE` off,
+    it is nothing at all. Why: see the module docstring (activations are stored once)."""
+    if not MATERIALIZE or not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:
+        return x
+    return _materialized(x)
 
 
 def default_platform(devices=None) -> str:

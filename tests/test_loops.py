@@ -78,3 +78,62 @@ def test_report_parameter_hessian_host_path_equals_the_one_program_path():
         out[host] = report.parameter_hessian(model, variables, xs, ys, cfg, jax.random.PRNGKey(2))
     for item in ("hessian_trace", "hessian_top_eigenvalue"):
         np.testing.assert_allclose(out[True][item]["mean"], out[False][item]["mean"], rtol=2e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ materialize
+def test_materialize_is_the_identity_in_value_and_every_derivative(x64):
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4), jnp.float64)
+
+    def f(v, store):
+        h = jnp.tanh(1.5 * v) * v
+        return jnp.sum(jnp.sin(loops.materialize(h) if store else h) ** 3)
+
+    np.testing.assert_array_equal(jax.jit(lambda v: loops.materialize(jnp.exp(v)))(x), jnp.exp(x))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(loops.materialize))(x), x)
+    odd = x.at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)  # the loop runs once when the first element is NaN
+    np.testing.assert_array_equal(jax.jit(loops.materialize)(odd), odd)
+    for transform in (jax.grad, jax.hessian):  # oracle: the same function without it (float64; fusion may reorder)
+        np.testing.assert_allclose(jax.jit(transform(lambda v: f(v, True)))(x), transform(lambda v: f(v, False))(x),
+                                   rtol=1e-12, atol=1e-14)
+    t = jnp.ones_like(x)
+    np.testing.assert_array_equal(jax.jvp(lambda v: f(v, True), (x,), (t,))[1],
+                                  jax.jvp(lambda v: f(v, False), (x,), (t,))[1])
+    ints = jnp.arange(3)
+    assert loops.materialize(ints) is ints  # only inexact arrays are stored
+
+
+def test_materialize_stores_on_the_cpu_only(monkeypatch):
+    x = jnp.ones((2, 3))
+    lowered = jax.jit(loops.materialize).trace(x)
+    assert "while" in lowered.lower().as_text()
+    assert "while" not in lowered.lower(lowering_platforms=("tpu",)).as_text()  # nothing at all elsewhere
+    monkeypatch.setattr(loops, "MATERIALIZE", False)
+    assert loops.materialize(x) is x
+
+
+def _forward_ops_in_transposes(monkeypatch, materialize: bool) -> int:
+    """Activation-shaped forward-pass operations that XLA:CPU fused into the transposes of a ResNet's gradient."""
+    import re
+    monkeypatch.setattr(loops, "MATERIALIZE", materialize)
+    from lcnn_jax.nn import layers, models
+    model = models.ResNet(num_classes=10, stage_sizes=(2, 1), width_mult=1 / 16,
+                          act=layers.activation("softplus", beta=5.0))
+    x = jnp.zeros((4, 8, 8, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    return sum(len(re.findall(r'= f32\[4,\d+,\d+,\d+\]\S* \w+\(.*op_name="jit\(loss\)/jvp\(', block))
+               for block in hlo.split("\n\n") if block.startswith("%fused") and "transpose(" in block)
+
+
+def test_resnet_blocks_are_not_recomputed_inside_the_backward_transposes(monkeypatch):
+    # The ResNet stores each block's output (loops.materialize); without it XLA:CPU recomputed the residual chain
+    # (batch norms, softplus) inside the strided transposes of the weight gradients (bench_resnet.py's _fused rows).
+    fused = _forward_ops_in_transposes(monkeypatch, False)
+    if fused == 0:
+        pytest.skip("this XLA does not fuse the forward pass into the transposes; nothing to check")
+    assert _forward_ops_in_transposes(monkeypatch, True) <= fused / 2
