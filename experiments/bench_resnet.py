@@ -127,6 +127,16 @@ def round_robin(steps: dict, *, repeats: int, warmup: int = 2) -> dict:
     return times
 
 
+def _gflop(compiled) -> float | None:
+    """Floating-point operations of one call of ``compiled`` by XLA's cost analysis (GFLOP), None if it has none."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 (a backend without cost analysis: the column is left empty)
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) / 1e9 if cost and cost.get("flops") else None
+
+
 def profile_kinds(step, state, batch, *, steps: int, top: int = 6) -> tuple[dict, object]:
     """``({kind: ms per step}, state)``: ``steps`` steps under ``jax.profiler``, the executed XLA thunks' durations
     summed by kind (the name without its trailing number), the ``top`` largest kinds."""
@@ -151,11 +161,15 @@ def to_markdown(res: dict) -> str:
              f"`{meta['command']}`", "",
              f"Batch {meta['batch_size']} of 32x32x3, {meta['classes']} classes, width x{meta['width']}, "
              f"{meta['repeats']} round-robin rounds; median and quartiles of the step time; ratio = median / plain's "
-             f"median, all from this one run.", "",
-             "| row | median ms | q25-q75 ms | / plain | compile s |", "|---|---:|---:|---:|---:|"]
+             f"median, all from this one run. GFLOP per step: XLA's cost analysis of the compiled step; GFLOP/s: "
+             f"that over the median step time.", "",
+             "| row | median ms | q25-q75 ms | / plain | compile s | GFLOP per step | GFLOP/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
+        gflop = r.get("gflop")
         lines.append(f"| {r['row']} | {r['median_ms']:.1f} | {r['q25_ms']:.1f}-{r['q75_ms']:.1f} | "
-                     f"{r['ratio_to_plain']:.2f} | {r['compile_s']:.1f} |")
+                     f"{r['ratio_to_plain']:.2f} | {r['compile_s']:.1f} | "
+                     + (f"{gflop:.1f} | {gflop / r['median_ms'] * 1e3:.0f} |" if gflop else "- | - |"))
     profiled = [r for r in res["rows"] if r.get("profile_ms")]
     if profiled:
         lines += ["", f"Where the time went ({meta['profile_steps']} profiled steps per row, `jax.profiler`): the "
@@ -196,7 +210,7 @@ def main(argv=None) -> dict:
     ref = float(np.median(times["plain"]))
     out_rows = [{"row": r, "median_ms": 1e3 * float(np.median(t)), "q25_ms": 1e3 * float(np.percentile(t, 25)),
                  "q75_ms": 1e3 * float(np.percentile(t, 75)), "ratio_to_plain": float(np.median(t)) / ref,
-                 "compile_s": compile_s[r]} for r, t in times.items()]
+                 "compile_s": compile_s[r], "gflop": _gflop(steps[r][0])} for r, t in times.items()]
     for r in out_rows if args.profile else ():
         step, state, placed = steps[r["row"]]
         r["profile_ms"], steps[r["row"]][1] = profile_kinds(step, state, placed, steps=args.profile)

@@ -66,10 +66,11 @@ def auto_unroll(num_iters: int, unroll: int | bool | None = None) -> int | bool:
 
 
 def _stored(x):
-    # A while loop that XLA cannot remove and does not fuse across: it runs once only when the first element is
-    # NaN, and then adds the counter's first value, 0, so it returns x in every case (the sign of a zero aside).
-    # lax.optimization_barrier would say this directly, but XLA:CPU expands the barrier before it fuses.
-    n = jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
+    # A while loop that runs zero times, which XLA cannot see (its trip count hides behind an optimization barrier),
+    # so it neither removes the loop nor fuses across it. lax.optimization_barrier on x itself would say this
+    # directly, but XLA:CPU expands barriers before it fuses. The count depends on no data, so a sharded x needs no
+    # collective; the body (x + 0 on its first iteration) would return x anyway.
+    n = jax.lax.optimization_barrier(jnp.int32(0))
     return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] + c[0].astype(c[1].dtype)),
                               (jnp.int32(0), x))[1]
 
