@@ -214,9 +214,9 @@ def main(argv=None) -> dict:
     for r in out_rows if args.profile else ():
         step, state, placed = steps[r["row"]]
         r["profile_ms"], steps[r["row"]][1] = profile_kinds(step, state, placed, steps=args.profile)
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
     res = {"rows": out_rows, "meta": {"batch_size": args.batch_size, "classes": args.classes, "width": args.width,
-                                      "repeats": args.repeats, "profile_steps": args.profile, "device": f"{jax.device_count()} x "
-                                      f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})",
+                                      "repeats": args.repeats, "profile_steps": args.profile, "device": device,
                                       "command": "python experiments/bench_resnet.py " + " ".join(argv or sys.argv[1:])}}
     text = to_markdown(res)
     print(text)

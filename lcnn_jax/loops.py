@@ -11,8 +11,8 @@ Why this module exists: the fastest way to run the same loop differs by backend,
   (:func:`lcnn_jax.attacks.apgd_stepwise`, :data:`HOST_SEGMENT` steps per compiled call), for the same reason.
 * **Some values are stored once** (:func:`materialize`). XLA:CPU fuses a value's producers (batch norms,
   residual sums, the nonlinearity) into every consumer, the strided transposes of the weight-gradient
-  convolutions included, where a ResNet's whole residual chain is recomputed with a poor memory access pattern: a
-  softplus ResNet-18 step paid 1.25x a ReLU one for it. The plain ResNet's block outputs pass through
+  convolutions included, where a ResNet's whole residual chain is recomputed with a poor memory access pattern (a
+  softplus ResNet-18 step paid about a fifth more than a ReLU one for it). The plain ResNet's block outputs pass through
   :func:`materialize`, which XLA cannot fuse across (``experiments/bench_resnet.py``'s ``_fused`` rows: the
   library without it). Not everywhere: each stored value ends a fusion and can cost more than it saves (the
   LCNN block, or a small CNN's activations, ran slower with it), so it goes where a benchmark shows a gain.
@@ -35,8 +35,9 @@ import numpy as np
 
 from lcnn_jax.errors import ConfigError
 
-__all__ = ["MAX_AUTO_UNROLL", "HOST_SEGMENT", "MATERIALIZE", "materialize", "MEMBER_LOOPS", "MAX_UNROLLED_MEMBERS", "auto_unroll",
-           "default_platform", "uses_convolution", "check_member_loop", "member_loop", "is_traced", "host_loop"]
+__all__ = ["MAX_AUTO_UNROLL", "HOST_SEGMENT", "MATERIALIZE", "materialize", "MEMBER_LOOPS", "MAX_UNROLLED_MEMBERS",
+           "auto_unroll", "default_platform", "uses_convolution", "check_member_loop", "member_loop", "is_traced",
+           "host_loop"]
 
 #: Loops of at most this many iterations are unrolled by default (see :func:`auto_unroll`). Tests set it to 0,
 #: since they compile unoptimised and unrolling only multiplies their compile time.
@@ -91,7 +92,7 @@ def materialize(x):
     The identity in value and in every derivative (the tangent passes through untouched, so gradients, HVPs and
     higher derivatives are those of the function without it), under ``jit``, ``vmap`` and ``grad``. On XLA:CPU
     it ends fusion: the consumers read the stored value. On other platforms, or with :data:`MATERIALIZE` off,
-    it is nothing at all. Why: see the module docstring (activations are stored once)."""
+    it is nothing at all. Why: see the module docstring (some values are stored once)."""
     if not MATERIALIZE or not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:
         return x
     return _materialized(x)

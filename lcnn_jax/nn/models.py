@@ -266,8 +266,8 @@ class ResNet(nn.Module):
         if self.norm is not None:
             x = self.norm(name="stem_norm")(x, train=train)
         # With the plain block, each block's input is stored once (loops.materialize, the identity): XLA:CPU would
-        # otherwise recompute the residual chain inside the backward pass's transposes (bench_resnet.py: the step
-        # 1.04x faster with ReLU, 1.18x with softplus). The LCNN block gains nothing from it and loses 4-12 %.
+        # otherwise recompute the residual chain inside the backward pass's transposes (bench_resnet.py's _fused rows,
+        # experiments/results/resnet/materialize). The LCNN block gained nothing from it and ran slower.
         store = loops.materialize if self.block is BasicBlock else (lambda v: v)
         x = store(self.act(name="stem_act")(x, train=train))
         for i, n_blocks in enumerate(self.stage_sizes):
