@@ -24,7 +24,7 @@ Rows:
   plain batch norm, ReLU, or the plain residual block, one at a time: the step time each LCNN component costs.
 * ``softplus``: ``plain`` with softplus (beta 10, the LCNN table's ``softplus10`` network) instead of ReLU.
 * ``plain_fused`` / ``softplus_fused``: those rows traced with ``lcnn_jax.loops.MATERIALIZE`` off, so the
-  ResNet's block outputs are not stored and XLA:CPU fuses them into every consumer, the backward pass's
+  ResNet blocks' inputs are not stored and XLA:CPU fuses them into every consumer, the backward pass's
   transposes included (the library before ``loops.materialize``; the LCNN block never stores them).
 
 ``--profile N``: after the timing, each row runs N more steps under ``jax.profiler`` and the table gains where

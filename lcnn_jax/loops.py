@@ -12,8 +12,8 @@ Why this module exists: the fastest way to run the same loop differs by backend,
 * **Some values are stored once** (:func:`materialize`). XLA:CPU fuses a value's producers (batch norms,
   residual sums, the nonlinearity) into every consumer, the strided transposes of the weight-gradient
   convolutions included, where a ResNet's whole residual chain is recomputed with a poor memory access pattern (a
-  softplus ResNet-18 step paid about a fifth more than a ReLU one for it). The plain ResNet's block outputs pass through
-  :func:`materialize`, which XLA cannot fuse across (``experiments/bench_resnet.py``'s ``_fused`` rows: the
+  softplus ResNet-18 step paid about a fifth more than a ReLU one for it). The plain ResNet block's input passes
+  through :func:`materialize`, which XLA cannot fuse across (``experiments/bench_resnet.py``'s ``_fused`` rows: the
   library without it). Not everywhere: each stored value ends a fusion and can cost more than it saves (the
   LCNN block, or a small CNN's activations, ran slower with it), so it goes where a benchmark shows a gain.
 * **A sweep's members** (:func:`member_loop`) are ``jax.vmap``-ped on accelerators and for dense nets; on the

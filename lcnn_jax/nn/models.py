@@ -211,7 +211,9 @@ class BasicBlock(nn.Module):
     The shortcut is the identity, or a strided 1x1 conv + norm when the stride or channel count changes.
     The block protocol (what :class:`ResNet` passes, all by keyword):
     ``block(features=int, strides=int, conv=factory, norm=factory|None, act=factory, name=str)``, then
-    ``block(x, train=train)``. An LCNN block with the same constructor is a drop-in.
+    ``block(x, train=train)``. An LCNN block with the same constructor is a drop-in. The block's input goes through
+    :func:`lcnn_jax.loops.materialize` (the identity; on the CPU it is stored once instead of recomputed in the
+    backward pass).
     """
 
     features: int
@@ -225,6 +227,11 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        # The input feeds both convolutions' weight gradients and the residual sum: stored once (the identity),
+        # since XLA:CPU would otherwise recompute the residual chain of the previous blocks inside the backward pass's
+        # transposes (bench_resnet.py's _fused rows, experiments/results/resnet/materialize). The LCNN block gained
+        # nothing from it and ran slower, so it does not.
+        x = loops.materialize(x)
         bias = self.norm is None
         y = _conv(self.conv, self.features, 3, self.strides, "SAME", bias, "conv1")(x, train=train)
         y = self.act(name="act1")(self._norm(y, "norm1", train), train=train)
@@ -245,8 +252,6 @@ class ResNet(nn.Module):
     stages 2-4 has stride 2. ``block`` is a factory following the :class:`BasicBlock` protocol.
     With the defaults (ResNet-18, BatchNorm, 10 classes) there are 11,173,962 parameters, as in the
     PyTorch CIFAR ResNet-18: bias-free convs, BN scale and bias, a 512x10 dense head with bias.
-    With :class:`BasicBlock`, each block's output goes through :func:`lcnn_jax.loops.materialize` (the identity;
-    on the CPU it is stored once instead of recomputed in the backward pass).
     """
 
     num_classes: int = 10
@@ -265,17 +270,13 @@ class ResNet(nn.Module):
                   "stem_conv")(x, train=train)
         if self.norm is not None:
             x = self.norm(name="stem_norm")(x, train=train)
-        # With the plain block, each block's input is stored once (loops.materialize, the identity): XLA:CPU would
-        # otherwise recompute the residual chain inside the backward pass's transposes (bench_resnet.py's _fused rows,
-        # experiments/results/resnet/materialize). The LCNN block gained nothing from it and ran slower.
-        store = loops.materialize if self.block is BasicBlock else (lambda v: v)
-        x = store(self.act(name="stem_act")(x, train=train))
+        x = self.act(name="stem_act")(x, train=train)
         for i, n_blocks in enumerate(self.stage_sizes):
             for j in range(n_blocks):
-                x = store(self.block(features=_scaled(64 * 2 ** i, self.width_mult),
-                                     strides=2 if (i > 0 and j == 0) else 1,
-                                     conv=self.conv, norm=self.norm, act=self.act,
-                                     name=f"stage{i + 1}_block{j}")(x, train=train))
+                x = self.block(features=_scaled(64 * 2 ** i, self.width_mult),
+                               strides=2 if (i > 0 and j == 0) else 1,
+                               conv=self.conv, norm=self.norm, act=self.act,
+                               name=f"stage{i + 1}_block{j}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))  # global average pool: Lipschitz 1/sqrt(HW) <= 1
         return self.dense(features=self.num_classes, use_bias=True, name="head")(x, train=train)
 
