@@ -130,6 +130,7 @@ def _forward_ops_in_transposes(monkeypatch, materialize: bool) -> int:
                for block in hlo.split("\n\n") if block.startswith("%fused") and "transpose(" in block)
 
 
+@pytest.mark.slow  # two optimised ResNet compilations (~5 s): CI runs it with -m slow (default suite < 3 min)
 def test_resnet_blocks_are_not_recomputed_inside_the_backward_transposes(monkeypatch):
     # The ResNet stores each block's output (loops.materialize); without it XLA:CPU recomputed the residual chain
     # (batch norms, softplus) inside the strided transposes of the weight gradients (bench_resnet.py's _fused rows).
