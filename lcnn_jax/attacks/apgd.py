@@ -52,6 +52,7 @@ from lcnn_jax.attacks.base import (Clip, LogitsFn, NO_PARAMS, attack_unroll, bin
                                    check_nonneg, check_step_count, chunks, cross_entropy, pad, per_example, project,
                                    SEGMENT)
 from lcnn_jax.autodiff import check_positive_int, safe_norm
+from lcnn_jax.loops import materialize
 from lcnn_jax.types import Array, PRNGKey
 
 __all__: list = []
@@ -286,7 +287,9 @@ def apgd_machine(logits_fn, x0, ys, targets, eps, *, norm, loss, num_steps, rho=
             return jnp.sum(values), (values, logits)
 
         g, (values, logits) = jax.grad(total, has_aux=True)(x)
-        return values, g, jnp.argmax(logits, axis=-1) != ys
+        # stored: XLA would otherwise fuse the gradient's last operations into each of its uses, and across
+        # unrolled steps the whole chain of earlier updates into each later one (lcnn_jax.loops.materialize)
+        return values, materialize(g), jnp.argmax(logits, axis=-1) != ys
 
     def direction(g):
         if norm == "linf":
@@ -331,7 +334,7 @@ def apgd_machine(logits_fn, x0, ys, targets, eps, *, norm, loss, num_steps, rho=
         a = jnp.where(i == 0, jnp.asarray(1.0, dtype), alpha)
         eta = per_example(s["eta"], s["x"])
         z = proj(s["x"] + eta * direction(s["g"]))
-        x_new = proj(s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["x_prev"]))
+        x_new = materialize(proj(s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["x_prev"])))
         f_new, g_new, wrong = loss_grad(x_new)
         take = wrong if reference else wrong & ~s["fooled"]  # the last misclassified iterate, or the first
         x_adv = jnp.where(per_example(take, x_new), x_new, s["x_adv"])

@@ -34,6 +34,7 @@ from jax import lax
 from lcnn_jax.attacks.base import (Clip, LogitsFn, NO_PARAMS, attack_unroll, bind, box, check_clip, check_inputs,
                                    check_nonneg, chunks, cross_entropy, input_grad, pad, per_example, project)
 from lcnn_jax.autodiff import check_example_batch, check_positive_int, safe_norm
+from lcnn_jax.loops import materialize
 from lcnn_jax.types import Array, PRNGKey
 
 __all__ = ["fgsm", "pgd", "gaussian_noise", "accuracy", "robust_accuracy"]
@@ -123,7 +124,8 @@ def pgd(
         else:
             gn = safe_norm(g.reshape(g.shape[0], -1), axis=1)
             direction = g * per_example(jnp.where(gn > 0, 1.0 / jnp.where(gn > 0, gn, 1.0), 0.0), g)
-        return project(x + step_size * direction, x0, eps, norm, clip)
+        # stored: unrolled, XLA would fuse every earlier step's update (and its gradient) into each later one
+        return materialize(project(x + step_size * direction, x0, eps, norm, clip))
 
     return lax.fori_loop(0, int(num_steps), body, x, unroll=attack_unroll(num_steps, unroll))
 
@@ -265,7 +267,7 @@ def pgd_l2_clip_reference(
         g, logits = jax.grad(loss_and_logits, has_aux=True)(xs + delta)
         still_correct = jnp.argmax(logits, axis=-1) == ys
         proposal = onto_sphere(into_box(delta + alpha * jnp.sign(g)))
-        return jnp.where(per_example(still_correct, delta), proposal, delta)
+        return materialize(jnp.where(per_example(still_correct, delta), proposal, delta))  # see pgd
 
     delta = onto_sphere(into_box(jax.random.uniform(key, xs.shape, xs.dtype, -eps, eps)))
     delta = lax.fori_loop(0, int(num_steps), body, delta, unroll=attack_unroll(num_steps, unroll))

@@ -382,6 +382,13 @@ class _Interpreter:
                                            "index): the output is then not a smooth function of the input")
         if name in _CALLS:
             return self.call(eqn, vals, path)
+        if name == "cond" and "branches_platforms" in eqn.params:
+            # lax.platform_dependent: every branch computes the same function (a faster form for one backend, as
+            # lcnn_jax.nn.conv and loops.materialize use it), so the bound is read from the portable default one
+            default = [b for b, p in zip(eqn.params["branches"], eqn.params["branches_platforms"]) if p is None]
+            if not default:
+                raise _unsupported(name, path, "a platform-dependent branch without a default cannot be read")
+            return self.run(default[0].jaxpr, default[0].consts, vals[1:], prefix=path)
         # elementwise-scale folding: these keep a pending diagonal, within one module
         s = vals[sym_idx[0]]
         if s.diag is not None and (s.diag_path != path):

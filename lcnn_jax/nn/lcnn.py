@@ -58,6 +58,7 @@ from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from lcnn_jax.loops import auto_unroll
+from lcnn_jax.nn.conv import conv_nhwc
 from lcnn_jax.nn.layers import ModuleFactory
 from lcnn_jax.types import Array
 
@@ -198,12 +199,6 @@ def _pair(value: Union[int, Sequence[int]], what: str) -> tuple:
     return value
 
 
-def conv_nhwc(x: Array, kernel: Array, strides: Sequence[int], padding: Any) -> Array:
-    """``lax.conv_general_dilated`` on NHWC input with an HWIO kernel (Flax ``Conv``'s convention)."""
-    return lax.conv_general_dilated(x, kernel, tuple(strides), padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _unit(v: Array, eps: float) -> Array:
     sq = jnp.sum(jnp.square(v))
     return v * lax.rsqrt(jnp.maximum(sq, eps * eps))
@@ -218,17 +213,18 @@ def _safe_norm(v: Array) -> Array:
 def power_iterate(fwd: Callable[[Array], Array], v: Array, num_iters: int, eps: float = 1e-12) -> Array:
     """``num_iters`` steps of ``v <- A^T A v / ||A^T A v||`` for the linear map ``A = fwd``.
 
-    ``A^T`` is the exact transpose of ``fwd`` (``jax.linear_transpose``), so for a convolution it is the
-    transposed convolution with the same strides and padding, on the same image shape. The top right
+    ``A^T`` is the exact transpose of ``fwd`` (its VJP: for a linear map the transpose, taken through the
+    derivative rules so that a convolution defined by its JVP, as :func:`lcnn_jax.nn.conv.conv_nhwc` is on the
+    CPU, transposes by its fast rule), so for a convolution it is the transposed convolution with the same strides
+    and padding, on the same image shape. The top right
     singular vector is the fixed point; ``||A v||`` then estimates ``||A||_2`` from below.
     Cost: ``num_iters`` applications of ``A`` and of ``A^T``. A short loop (the one step per training call) is
     unrolled, a long one is a ``lax.fori_loop`` (:func:`lcnn_jax.loops.auto_unroll`): the transposed convolution
     is a backward convolution, which XLA:CPU runs on a slow path inside a ``while`` loop.
     """
-    transpose = jax.linear_transpose(fwd, jax.ShapeDtypeStruct(v.shape, v.dtype))
-
     def body(_, u):
-        (w,) = transpose(fwd(u))
+        out, transpose = jax.vjp(fwd, u)
+        (w,) = transpose(out)
         return _unit(w, eps)
 
     if auto_unroll(num_iters) is True:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lcnn_jax.nn.conv import conv_nhwc
 from lcnn_jax.nn.lcnn import CenteredSoftplus, beta_from_log
 from lcnn_jax.types import Array
 
@@ -137,8 +138,7 @@ class AOLConv(nn.Module):
         del train
         kh, kw = self.kernel_size
         w = self.param("kernel", _center_orthogonal, (kh, kw, x.shape[-1], self.features), jnp.float32)
-        y = lax.conv_general_dilated(x, aol_conv_kernel(w).astype(x.dtype), window_strides=tuple(self.strides),
-                                     padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv_nhwc(x, aol_conv_kernel(w).astype(x.dtype), tuple(self.strides), self.padding)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(x.dtype)
         return y
