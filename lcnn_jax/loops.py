@@ -14,8 +14,11 @@ Why this module exists: the fastest way to run the same loop differs by backend,
   convolutions included, where a ResNet's whole residual chain is recomputed with a poor memory access pattern (a
   softplus ResNet-18 step paid about a fifth more than a ReLU one for it). The plain ResNet block's input passes
   through :func:`materialize`, which XLA cannot fuse across (``experiments/bench_resnet.py``'s ``_fused`` rows: the
-  library without it). Not everywhere: each stored value ends a fusion and can cost more than it saves (the
-  LCNN block, or a small CNN's activations, ran slower with it), so it goes where a benchmark shows a gain.
+  library without it). The attacks store each iterate and gradient: unrolled, XLA would otherwise fuse every
+  earlier step's update into each later step (PGD-20 ran slower than its 20 gradients before this); the input of
+  a first-layer convolution computed as shifted sums (:mod:`lcnn_jax.nn.conv`) is stored for the same reason. Not
+  everywhere: each stored value ends a fusion and can cost more than it saves (the LCNN block, or a small CNN's
+  activations, ran slower with it), so it goes where a benchmark shows a gain.
 * **A sweep's members** (:func:`member_loop`) are ``jax.vmap``-ped on accelerators and for dense nets; on the
   CPU a member-batched convolution becomes one grouped convolution, which XLA:CPU runs 3-4x slower per member
   than K plain ones, so there the members of a convolutional net are unrolled inside the one compiled step

@@ -1,5 +1,6 @@
 """Flax linen building blocks and models (see ``layers`` for the plug-in convention); your own
 ``flax.linen.Module`` joins them with :func:`register_model` or an import path as ``config.model.name``."""
+from lcnn_jax.nn import conv
 from lcnn_jax.nn.layers import (ACTIVATIONS, NORMS, POOLS, Activation, BatchNorm, Conv, Dense, Identity,
                                 ModuleFactory, activation, normalization, pool2d, resolve_activation,
                                 resolve_norm, softplus_beta)
@@ -9,7 +10,7 @@ from lcnn_jax.nn.models import (MLP, MODE_ARGUMENTS, MODELS, VGG11, BasicBlock, 
                                 SmallCNN, is_builtin_model, make_lcnn_model, make_model, mode_kwargs, model_keywords, register_model,
                                 registered_models, resolve_model)
 
-__all__ = ["ACTIVATIONS", "NORMS", "POOLS", "Activation", "BatchNorm", "Conv", "Dense", "Identity", "ModuleFactory",
+__all__ = ["conv", "ACTIVATIONS", "NORMS", "POOLS", "Activation", "BatchNorm", "Conv", "Dense", "Identity", "ModuleFactory",
            "activation", "normalization", "pool2d", "resolve_activation", "resolve_norm", "softplus_beta", "MLP",
            "MODELS", "VGG11", "BasicBlock", "LeNet", "MSLeNet", "ResNet", "ResNet18", "SmallCNN", "make_model",
            "register_model", "registered_models", "resolve_model", "model_keywords", "is_builtin_model", "mode_kwargs",
