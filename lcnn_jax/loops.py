@@ -15,7 +15,7 @@ Why this module exists: the fastest way to run the same loop differs by backend,
   softplus ResNet-18 step paid about a fifth more than a ReLU one for it). The plain ResNet block's input passes
   through :func:`materialize`, which XLA cannot fuse across (``experiments/bench_resnet.py``'s ``_fused`` rows: the
   library without it). The attacks store each iterate and gradient: unrolled, XLA would otherwise fuse every
-  earlier step's update into each later step (PGD-20 ran slower than its 20 gradients before this); the input of
+  earlier step's update into each later step (with first-layer shifted sums, PGD-20 ran 1.5x slower); the input of
   a first-layer convolution computed as shifted sums (:mod:`lcnn_jax.nn.conv`) is stored for the same reason. Not
   everywhere: each stored value ends a fusion and can cost more than it saves (the LCNN block, or a small CNN's
   activations, ran slower with it), so it goes where a benchmark shows a gain.
