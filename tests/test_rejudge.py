@@ -53,6 +53,7 @@ def _linear_case(n=48, seed=0):
     return model, variables, np.asarray(xs), ys, dist  # dist < 0: misclassified
 
 
+@pytest.mark.slow  # the whole AutoAttack cascade compiled for one tiny model (~15-20 s): CI runs it with -m slow
 def test_attack_columns_on_a_linear_classifier_obey_the_exact_boundary_distances():
     model, variables, xs, ys, dist = _linear_case()
     eps = float(np.quantile(dist[dist > 0], 0.5))
@@ -73,7 +74,7 @@ def test_attack_columns_on_a_linear_classifier_obey_the_exact_boundary_distances
 
 
 def test_run_row_checks_the_network_caches_and_judges(tmp_path):
-    model, variables, xs, ys, dist = _linear_case()  # the shapes of the test above: its compiled attacks
+    model, variables, xs, ys, dist = _linear_case()
     acc = float(np.mean(dist > 0))
     calls = []
 
@@ -124,7 +125,7 @@ def test_an_interrupted_row_resumes_from_its_finished_seeds(tmp_path, monkeypatc
     """Each (seed, radius) is saved when done; a rerun attacks only what is missing, and a network that changed
     (another official accuracy) is attacked again. The parts go once the row is written."""
     # the shapes and settings of test_run_row_checks_the_network_caches_and_judges: its compiled programs serve
-    model, variables, xs, ys, dist = _linear_case()  # the shapes of the test above: its compiled attacks
+    model, variables, xs, ys, dist = _linear_case()
     eps = float(np.quantile(dist[dist > 0], 0.5))
     study = rj.Study("toy", str(tmp_path), ("base",),
                      [rj.Radius("l2_x", "l2", eps, dict(norm="l2", step_size=eps / 4, num_steps=5))], len(ys), [],
