@@ -37,13 +37,15 @@ ROWS = {  # name: (model factory, batch, image shape)
 
 
 def _programs(model, variables, xs, ys):
-    def loss(z, v):
-        return optax.softmax_cross_entropy_with_integer_labels(model.apply(v, z, train=False), ys).sum()
+    def apply(v, u):  # a new function per flag: apgd_stepwise caches its programs by it
+        return model.apply(v, u, train=False)
 
-    pgd = jax.jit(lambda v, z, k: attacks.pgd(lambda u: model.apply(v, u, train=False), z, ys, norm="linf",
-                                              eps=0.1, step_size=0.0125, num_steps=20, key=k))
+    def loss(z, v):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(v, z), ys).sum()
+
+    pgd = jax.jit(lambda v, z, k: attacks.pgd(lambda u: apply(v, u), z, ys, norm="linf", eps=0.1, step_size=0.0125,
+                                              num_steps=20, key=k))
     key = jax.random.PRNGKey(2)
-    apply = lambda v, u: model.apply(v, u, train=False)  # noqa: E731 (a new function per flag: its own programs)
     apgd = functools.partial(attacks.apgd_stepwise, apply, xs, ys, norm="l2", eps=1.0, num_steps=100, loss="ce",
                              key=key)
     progs = {"forward": (jax.jit(loss), (xs, variables)),

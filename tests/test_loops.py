@@ -132,7 +132,7 @@ def _forward_ops_in_transposes(monkeypatch, materialize: bool) -> int:
 
 @pytest.mark.slow  # two optimised ResNet compilations (~5 s): CI runs it with -m slow (default suite < 3 min)
 def test_resnet_blocks_are_not_recomputed_inside_the_backward_transposes(monkeypatch):
-    # The ResNet stores each block's output (loops.materialize); without it XLA:CPU recomputed the residual chain
+    # The plain ResNet block stores its input (loops.materialize); without it XLA:CPU recomputed the residual chain
     # (batch norms, softplus) inside the strided transposes of the weight gradients (bench_resnet.py's _fused rows).
     fused = _forward_ops_in_transposes(monkeypatch, False)
     if fused == 0:

@@ -2,14 +2,19 @@
 
 Why this module exists: XLA:CPU hands a convolution with one or three input channels (the first layer on grey or
 RGB images) to a generic loop instead of its fast convolution library, and its input gradient (one or three
-*output* channels) likewise. On the small CNN's first layer (5x5, 1 -> 16 channels, 256 MNIST images, 2 CPU cores)
-these two took about a third of an attack's input gradient. A convolution with ``C_in * kh * kw`` taps is also
+*output* channels) likewise: on the small CNN (first layer 5x5, 1 -> 16 channels) the profiler showed these two
+among the largest costs of an attack's input gradient. A convolution with ``C_in * kh * kw`` taps is also
 
     y[n, h, w, :] = sum_{i, j, c} x_pad[n, h + i, w + j, c] * W[i, j, c, :],
 
 a sum of ``C_in * kh * kw`` shifted copies of the image, each times one row of the kernel: XLA:CPU fuses that
-into one pass over the output (the forward pass about 6x faster there). Its transpose, the input gradient, is a
-matrix product ``dy @ W^T`` (``kh * kw * C_in`` columns) followed by a sum of shifted slices of that product.
+into one pass over the output. Its transpose, the input gradient, is a matrix product ``dy @ W^T``
+(``kh * kw * C_in`` columns) followed by a sum of shifted slices of that product.
+
+Cost (the same multiply-adds as the convolution, ``N H' W' C_out C_in kh kw``, in other kernels): forward, one
+fused pass over the output reading the stored input ``C_in kh kw`` times, plus one stored copy each of the input and
+the output; input gradient, one matmul into ``N H' W' x (C_in kh kw)`` values (memory for them) and one fused pass
+summing ``kh kw`` shifted slices; weight gradient, ``lax``'s.
 
 :func:`conv_nhwc` (and :func:`conv_general_dilated`, the same as Flax's ``Conv`` hook) takes that path when the
 kernel has at most :data:`MAX_TAPS` taps, stride 1, no dilation and zero padding no wider than the kernel; other
@@ -22,9 +27,11 @@ those of the convolution to float rounding (tests/test_conv.py checks them again
   *slices*: the fast direction on XLA:CPU (the transpose of a sum of slices is a sum of pads, which it runs slowly);
 * the tangent in the kernel is ``lax``'s convolution, so weight gradients are what they were;
 * the output is stored once (:func:`lcnn_jax.loops.materialize`): without it XLA fuses the sum of shifted images
-  into every consumer (max pooling's argmax recomputed it, and the forward pass ran slower than the convolution).
+  into every consumer (max pooling's argmax recomputed it, and the forward pass ran slower than the convolution);
+  the input too, so that the taps read it instead of each recomputing what produced it (an attack's earlier steps).
 
-Figures: ``experiments/results/attack_speed.md``; :data:`FEW_CHANNEL_CONV` switches the path off for comparisons.
+Figures: ``experiments/bench_conv.py`` (``experiments/results/conv/bench.md``) and
+``experiments/results/attack_speed.md``; :data:`FEW_CHANNEL_CONV` switches the path off for comparisons.
 """
 from __future__ import annotations
 
